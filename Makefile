@@ -1,0 +1,29 @@
+# igt_robot — the two commands: `make demo` (the simulated procedure) and `make test` (the test suite).
+# Both set the environment up first if needed (`make setup`, idempotent).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# Isolated ROS graph for every run: loopback only, a per-run domain id, logs inside the build tree.
+ROS_ENV = ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-$$(( ($$$$ % 90) + 10 ))} \
+          ROS_LOG_DIR=$(CURDIR)/build/ros_log MUJOCO_GL=$${MUJOCO_GL:-egl} PYTHONUNBUFFERED=1
+
+.PHONY: setup demo test bench colcon-check clean
+
+setup:
+	@bash tools/setup.sh
+
+demo: setup
+	@$(ROS_ENV) $(PY) -m igt_robot.demo $(DEMO_ARGS)
+
+test: setup
+	@$(ROS_ENV) $(PY) -m pytest test $(PYTEST_ARGS)
+
+bench: setup
+	@rc=0; for b in bench/*.py; do echo "== $$b"; $(ROS_ENV) $(PY) $$b || rc=1; done; exit $$rc
+
+# Check that colcon (from PyPI) finds and builds every ROS package of the repository.
+colcon-check: setup
+	@bash tools/colcon_check.sh
+
+clean:
+	rm -rf build

@@ -1,0 +1,218 @@
+"""Helpers for tests and benchmarks that run a real, isolated ROS 2 graph.
+
+Isolation: every run gets its own ``ROS_DOMAIN_ID``, discovery limited to
+localhost (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``) and ``ROS_LOG_DIR``
+inside the build tree. Processes started here are put in their own process
+group and always reaped; Fast DDS shared-memory files left by processes that
+were killed on purpose (SIGKILL tests) are removed by
+:func:`remove_stale_fastdds_shm`.
+
+Waiting is on conditions (:func:`wait_for`), never on fixed sleeps.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Iterable, Optional
+
+SHM_DIR = pathlib.Path('/dev/shm')
+FASTDDS_SHM_PREFIXES = ('fastrtps_', 'fastdds_', 'sem.fastrtps_', 'sem.fastdds_')
+
+
+class ConditionTimeout(AssertionError):
+    """A waited-for condition did not become true in time."""
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = 'condition',
+             poll: float = 0.002, on_poll: Optional[Callable[[], None]] = None):
+    """Poll ``predicate`` until it returns a truthy value; return that value.
+
+    ``on_poll`` runs between polls (e.g. to spin a node once). Raises
+    :class:`ConditionTimeout` naming ``what`` after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise ConditionTimeout(f'timed out after {timeout:.1f} s waiting for {what}')
+        if on_poll is not None:
+            on_poll()
+        else:
+            time.sleep(poll)  # a poll interval, not a wait for an outcome
+
+
+def pick_domain_id() -> int:
+    """A domain id for this run (10..99, inside the range every platform maps to ports)."""
+    return random.SystemRandom().randint(10, 99)
+
+
+def isolated_ros_env(log_dir: os.PathLike, domain_id: Optional[int] = None, base: Optional[dict] = None) -> dict:
+    """Environment for a process that must stay on an isolated, loopback-only ROS graph."""
+    env = dict(os.environ if base is None else base)
+    env['ROS_DOMAIN_ID'] = str(pick_domain_id() if domain_id is None else domain_id)
+    env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    env.pop('ROS_STATIC_PEERS', None)
+    env['ROS_LOG_DIR'] = str(log_dir)
+    env['PYTHONUNBUFFERED'] = '1'
+    env.setdefault('RCUTILS_COLORIZED_OUTPUT', '0')
+    pathlib.Path(log_dir).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def apply_env(env: dict) -> None:
+    """Make ``env``'s ROS isolation variables current for this process (before rclpy.init)."""
+    for key in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE', 'ROS_LOG_DIR'):
+        os.environ[key] = env[key]
+    os.environ.pop('ROS_STATIC_PEERS', None)
+
+
+class ManagedProcess:
+    """A child process in its own process group, with output captured to a file."""
+
+    def __init__(self, argv: list, env: dict, log_path: os.PathLike, name: str = ''):
+        self.name = name or pathlib.Path(argv[0]).name
+        self.log_path = pathlib.Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, 'wb')
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors='replace')
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the whole process group (used by fault-injection tests)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 5.0) -> Optional[int]:
+        """SIGINT, then SIGTERM, then SIGKILL the process group; always reap. Returns the exit code."""
+        for sig, grace in ((signal.SIGINT, timeout), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
+            if self.proc.poll() is not None:
+                break
+            self.kill(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(grace)
+        # Children that outlived the leader in the same group.
+        self.kill(signal.SIGKILL)
+        self._log.close()
+        return self.proc.returncode
+
+
+def python_process(module_or_script: str, args: Iterable[str], env: dict, log_path: os.PathLike,
+                   name: str = '') -> ManagedProcess:
+    """Start ``python -m module`` (or a script path) with this interpreter."""
+    if module_or_script.endswith('.py'):
+        argv = [sys.executable, module_or_script, *args]
+    else:
+        argv = [sys.executable, '-m', module_or_script, *args]
+    return ManagedProcess(argv, env, log_path, name=name or module_or_script)
+
+
+def fastdds_shm_entries() -> set:
+    """Names of Fast DDS shared-memory files currently in /dev/shm."""
+    if not SHM_DIR.is_dir():
+        return set()
+    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(FASTDDS_SHM_PREFIXES)}
+
+
+def _mapped_shm_names(ignore_pids: Iterable[int] = ()) -> set:
+    """/dev/shm files mapped by any live process but ``ignore_pids`` (those are in use and must stay)."""
+    names = set()
+    ignored = {str(pid) for pid in ignore_pids}
+    for maps in pathlib.Path('/proc').glob('[0-9]*/maps'):
+        if maps.parent.name in ignored:
+            continue
+        with contextlib.suppress(OSError):
+            for line in maps.read_text().splitlines():
+                if '/dev/shm/' in line:
+                    names.add(line.rsplit('/dev/shm/', 1)[1].split(' ')[0])
+    return names
+
+
+def remove_stale_fastdds_shm(created_after: Iterable[str] = (), ignore_pids: Iterable[int] = ()) -> list:
+    """Remove Fast DDS shm files that appeared since ``created_after`` and no live process maps.
+
+    Only files not present in the ``created_after`` snapshot are considered, so
+    another program's segments are never touched. Lock files (``*_el``) go with
+    their segment. ``ignore_pids`` are processes about to exit (the test
+    runner itself at the end of a session): unlinking a name they still map is
+    harmless, the mapping lives on until they exit. Returns the removed names.
+    """
+    before = set(created_after)
+    in_use = _mapped_shm_names(ignore_pids)
+    removed = []
+    for name in sorted(fastdds_shm_entries() - before):
+        base = name[:-3] if name.endswith('_el') else name
+        if base in in_use or name in in_use:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            (SHM_DIR / name).unlink()
+            removed.append(name)
+    return removed
+
+
+class SpinningGraph:
+    """rclpy in this process: own Context, a multi-threaded executor spinning in a thread.
+
+    Usage::
+
+        with SpinningGraph() as graph:
+            node = graph.add(rclpy.create_node('probe', context=graph.context))
+    """
+
+    def __init__(self, threads: int = 4):
+        import rclpy
+        from rclpy.executors import MultiThreadedExecutor
+        self._rclpy = rclpy
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
+        self._nodes = []
+        self._thread = threading.Thread(target=self._spin, name='spinning-graph', daemon=True)
+        self._thread.start()
+
+    def _spin(self):
+        with contextlib.suppress(Exception):
+            self.executor.spin()
+
+    def add(self, node):
+        self._nodes.append(node)
+        self.executor.add_node(node)
+        return node
+
+    def create_node(self, name: str, **kwargs):
+        return self.add(self._rclpy.create_node(name, context=self.context, **kwargs))
+
+    def close(self):
+        self.executor.shutdown(timeout_sec=2.0)
+        for node in reversed(self._nodes):
+            with contextlib.suppress(Exception):
+                node.destroy_node()
+        self._nodes.clear()
+        with contextlib.suppress(Exception):
+            self._rclpy.shutdown(context=self.context)
+        self._thread.join(timeout=5.0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,90 @@
+"""Test-suite wide isolation: a private ROS graph, logs in the build tree, nothing left behind.
+
+Set before anything imports rclpy: a per-run ROS_DOMAIN_ID, localhost-only
+discovery and ROS_LOG_DIR under build/. At the end of the session, Fast DDS
+shared-memory files left by processes that tests killed on purpose are removed,
+and any child process still alive is reported and killed.
+"""
+import os
+import pathlib
+import signal
+import time
+
+import pytest
+
+from igt_robot import testing
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RUN_DIR = REPO / 'build' / 'test_runs' / time.strftime('%Y%m%d-%H%M%S')
+RUN_ENV = testing.isolated_ros_env(RUN_DIR / 'ros_log',
+                                   domain_id=int(os.environ['ROS_DOMAIN_ID']) if os.environ.get('ROS_DOMAIN_ID') else None)
+testing.apply_env(RUN_ENV)
+os.environ.setdefault('MUJOCO_GL', 'egl')
+SHM_AT_START = testing.fastdds_shm_entries()
+
+
+def _child_pids():
+    me = str(os.getpid())
+    pids = []
+    for stat in pathlib.Path('/proc').glob('[0-9]*/stat'):
+        try:
+            fields = stat.read_text().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def pytest_sessionfinish(session, exitstatus):
+    stray = _child_pids()
+    for pid in stray:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if stray:
+        print(f'\n[conftest] killed {len(stray)} stray child process(es): {stray}')
+    removed = testing.remove_stale_fastdds_shm(SHM_AT_START, ignore_pids=[os.getpid()])
+    if removed:
+        print(f'\n[conftest] removed {len(removed)} stale Fast DDS shm file(s) left by this run')
+
+
+@pytest.fixture(scope='session')
+def ros_env():
+    """Environment (dict) for child processes on this run's isolated graph."""
+    return dict(RUN_ENV)
+
+
+@pytest.fixture
+def run_dir(request):
+    """A per-test folder under build/test_runs for logs and artefacts."""
+    path = RUN_DIR / request.node.name.replace('/', '_').replace('[', '_').replace(']', '')
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def graph():
+    """An in-process rclpy graph (own context, executor spinning in a thread)."""
+    g = testing.SpinningGraph()
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+@pytest.fixture
+def processes(ros_env, run_dir):
+    """Factory starting OS processes on the isolated graph; all stopped and reaped at teardown."""
+    started = []
+
+    def start(module_or_script, *args, name=None, env=None):
+        name = name or pathlib.Path(module_or_script).stem.split('.')[-1]
+        proc = testing.python_process(module_or_script, args, env or ros_env, run_dir / f'{name}.log', name=name)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(started):
+        proc.stop()
