@@ -1,0 +1,159 @@
+"""In-process bringup: every node of the stack in one executor, configured from config/*.yaml.
+
+This is the same set of nodes, with the same YAML parameter files, that
+``launch/sim.launch.py`` starts as separate processes on a ROS 2 install; here it
+runs where ``ros2 launch`` is absent. Each node reads its own section of the
+parameter files exactly as under launch (``--ros-args --params-file``).
+Lifecycle nodes are configured and activated in order (as Nav2's lifecycle
+manager does) when ``autostart`` is set.
+
+    igt-bringup --backend mujoco --duration 5
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import pathlib
+import signal
+import sys
+import threading
+import time
+from typing import Dict, List, Optional
+
+import rclpy
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+from igt_robot import paths
+
+# name -> (module:class, parameter file). Order is start order.
+NODES: Dict[str, tuple] = {
+    'hardware_node': ('igt_robot.nodes.hardware_node:HardwareNode', 'robot.yaml'),
+    'scanner_interface': ('igt_robot.nodes.scanner_interface_node:ScannerInterfaceNode', 'safety.yaml'),
+    'safety_supervisor': ('igt_robot.nodes.safety_supervisor_node:SafetySupervisorNode', 'safety.yaml'),
+    'motion_controller': ('igt_robot.nodes.motion_controller_node:MotionControllerNode', 'motion.yaml'),
+    'registration_node': ('igt_robot.nodes.registration_node:RegistrationNode', 'registration.yaml'),
+    'planner_node': ('igt_planner.planner_node:PlannerNode', 'planner.yaml'),
+    'igtl_bridge': ('igt_robot.nodes.igtl_bridge_node:IgtlBridgeNode', 'procedure.yaml'),
+    'recorder_node': ('igt_robot.nodes.recorder_node:RecorderNode', 'procedure.yaml'),
+    'procedure_node': ('igt_robot.nodes.procedure_node:ProcedureNode', 'procedure.yaml'),
+}
+PROFILES = {
+    'sim': list(NODES),
+    'robot': list(NODES),
+    'safety': ['hardware_node', 'scanner_interface', 'safety_supervisor', 'motion_controller'],
+}
+
+
+def load_class(target: str):
+    module, cls = target.split(':')
+    return getattr(importlib.import_module(module), cls)
+
+
+def available_nodes(names: List[str]) -> List[str]:
+    """The subset of ``names`` whose modules exist in this install (all of them in a complete one)."""
+    found = []
+    for name in names:
+        module = NODES[name][0].split(':')[0]
+        if importlib.util.find_spec(module) is not None:
+            found.append(name)
+    return found
+
+
+class Bringup:
+    """Creates the nodes in one context and spins them in one multi-threaded executor."""
+
+    def __init__(self, names: List[str], config_dir: Optional[pathlib.Path] = None,
+                 overrides: Optional[Dict[str, Dict[str, object]]] = None, context=None,
+                 extra_params_files: Optional[List[pathlib.Path]] = None, threads: int = 6):
+        self.config_dir = pathlib.Path(config_dir) if config_dir else paths.data_dir('config')
+        self.context = context or rclpy.Context()
+        if not self.context.ok():
+            rclpy.init(context=self.context)
+        self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
+        self.nodes = {}
+        overrides = overrides or {}
+        for name in names:
+            target, params_file = NODES[name]
+            args = ['--ros-args', '--params-file', str(self.config_dir / params_file)]
+            for extra in extra_params_files or []:
+                args += ['--params-file', str(extra)]
+            for key, value in overrides.get(name, {}).items():
+                args += ['-p', f'{key}:={_param_text(value)}']
+            node = load_class(target)(context=self.context, cli_args=args)
+            self.nodes[name] = node
+            self.executor.add_node(node)
+        self._thread = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._spin, name='bringup-executor', daemon=True)
+        self._thread.start()
+        for node in self.nodes.values():
+            autostart = getattr(node, 'autostart_lifecycle', None)
+            if callable(autostart):
+                autostart()
+        return self
+
+    def _spin(self):
+        with contextlib.suppress(ExternalShutdownException, KeyboardInterrupt):
+            self.executor.spin()
+
+    def shutdown(self):
+        for node in reversed(list(self.nodes.values())):
+            with contextlib.suppress(Exception):
+                shutdown_hook = getattr(node, 'on_bringup_shutdown', None)
+                if callable(shutdown_hook):
+                    shutdown_hook()
+        self.executor.shutdown(timeout_sec=3.0)
+        for node in reversed(list(self.nodes.values())):
+            with contextlib.suppress(Exception):
+                node.destroy_node()
+        with contextlib.suppress(Exception):
+            rclpy.shutdown(context=self.context)
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
+def _param_text(value) -> str:
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, (list, tuple)):
+        return '[' + ','.join(_param_text(v) for v in value) + ']'
+    return str(value)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description='Run the igt_robot stack in one process.')
+    parser.add_argument('--profile', choices=sorted(PROFILES), default='sim')
+    parser.add_argument('--backend', choices=['mujoco', 'serial'], default=None,
+                        help='hardware backend (default: the one in config/robot.yaml)')
+    parser.add_argument('--config-dir', type=pathlib.Path, default=None)
+    parser.add_argument('--duration', type=float, default=0.0, help='seconds to run (0 = until Ctrl-C)')
+    args = parser.parse_args(argv)
+    names = available_nodes(PROFILES[args.profile])
+    overrides = {'hardware_node': {'backend': args.backend}} if args.backend else {}
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with Bringup(names, args.config_dir, overrides) as bringup:
+        print(f'[bringup] running {len(names)} node(s): {", ".join(names)}', flush=True)
+        deadline = time.monotonic() + args.duration if args.duration > 0 else None
+        try:
+            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                stop.wait(0.2)
+        except KeyboardInterrupt:
+            pass
+        for name, node in bringup.nodes.items():
+            describe = getattr(node, 'describe_state', None)
+            print(f'[bringup] {name}: {describe() if callable(describe) else "running"}', flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

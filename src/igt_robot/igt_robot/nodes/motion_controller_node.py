@@ -1,0 +1,481 @@
+"""Motion controller node: MoveGuide / InsertNeedle action servers over a fixed-rate control loop.
+
+Like ros2_control's controller manager, the controller runs in the process that
+owns the hardware: it finds the hardware node's :class:`SharedHardware` by name
+and runs :class:`~igt_robot.control.loop.FixedRateLoop` (default 1 kHz) whose
+every cycle is one :meth:`MotionExecutor.step` (read -> check -> write). The node
+itself only translates: action goals -> joint waypoints (through the kinematics
+and the accepted registration), executor results -> action results, tracking and
+hardware faults -> /safety/faults.
+
+Motion permission is the conjunction of /safety/motion_permitted (the
+supervisor's latched gate) and the scanner not imaging (/scanner/state, read
+directly so the stop begins one DDS hop after the scan starts). When it drops,
+the executor plays a controlled stop at each joint's deceleration limit and the
+goal ends with INTERLOCK. One goal at a time: a second goal is rejected while one
+is active (``goal_policy: reject``) or preempts it (``preempt``), explicitly.
+
+The ``motion_controller`` console script hosts this node together with the
+hardware node in one process (the serial port has one owner).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import signal
+import sys
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from std_msgs.msg import Bool
+
+from igt_robot import frames
+from igt_robot.control.executor import ExecutorMode, MotionExecutor
+from igt_robot.control.goal_manager import GoalState, ResultCode
+from igt_robot.control.loop import FixedRateLoop
+from igt_robot.control.tracking import TrackingMonitor
+from igt_robot.hardware import shared as shared_hardware
+from igt_robot.kinematics import NeedleGuideKinematics
+from igt_robot.nodes import common, qos
+from igt_robot.nodes.params import Param, declare
+from igt_robot.robot_model import load_robot_model
+from igt_robot.trajectory import JointLimits
+from igt_robot_msgs.action import InsertNeedle, MoveGuide
+from igt_robot_msgs.msg import ProcedureEvent, RegistrationResult, SafetyStatus, ScannerState
+
+NODE_NAME = 'motion_controller'
+IMAGING_PHASES = (ScannerState.PHASE_UNKNOWN, ScannerState.PHASE_PREPARING, ScannerState.PHASE_ACQUIRING)
+
+PARAMS = [
+    Param('hardware_node', 'hardware_node', 'name of the hardware node whose SharedHardware this controller drives'),
+    Param('control_rate', 1000.0, 'control loop rate, Hz', 500.0, 2000.0),
+    Param('realtime_priority', 0, 'SCHED_FIFO priority of the loop thread (0 = normal scheduling)', 0, 99),
+    Param('acceleration_limits', [0.02, 0.02, 0.5, 0.5, 0.01],
+          'per-joint acceleration limits (m/s^2 prismatic, rad/s^2 revolute), joint order of the URDF'),
+    Param('jerk_limits', [0.0], 'per-joint jerk limits for the S-curve profile; [0.0] = none (trapezoidal only)'),
+    Param('profile', 'trapezoidal', 'velocity profile of every move', choices=('trapezoidal', 'scurve')),
+    Param('tracking_tolerance', [0.0005, 0.0005, 0.005, 0.005, 0.0005],
+          'per-joint tracking error that, held for tracking_cycles cycles, aborts the motion (m / rad)'),
+    Param('tracking_hard_limit', [0.002, 0.002, 0.02, 0.02, 0.002],
+          'per-joint tracking error that aborts the motion at once (m / rad)'),
+    Param('tracking_cycles', 20, 'consecutive cycles over tracking_tolerance before a tracking fault', 1, 10000),
+    Param('goal_tolerance', [0.0002, 0.0002, 0.002, 0.002, 0.0002],
+          'per-joint distance to the goal that counts as arrived (m / rad)'),
+    Param('settle_timeout', 2.0, 'time allowed after the trajectory ends to settle within goal_tolerance, s',
+          0.05, 30.0),
+    Param('goal_policy', 'reject', 'a second goal while one is active: reject it, or preempt the active one',
+          choices=('reject', 'preempt')),
+    Param('max_guide_move_insertion', 0.001,
+          'the guide may only move while the needle is inserted less than this, m', 0.0, 0.01),
+    Param('feedback_rate', 20.0, 'action feedback rate, Hz', 1.0, 100.0),
+    Param('heartbeat_period', 0.05, 'period of /heartbeat, s', 0.01, 1.0),
+]
+
+
+class Permission:
+    """The executor's view of motion permission (read every control cycle, written by callbacks)."""
+
+    def __init__(self):
+        self.supervisor_permitted = False     # safe default until the supervisor says otherwise
+        self.supervisor_reason = 'no safety status received yet'
+        self.scanner_imaging = True
+        self.scanner_reason = 'no scanner state received yet'
+
+    @property
+    def motion_permitted(self) -> bool:
+        return self.supervisor_permitted and not self.scanner_imaging
+
+    @property
+    def reason(self) -> str:
+        if self.scanner_imaging:
+            return self.scanner_reason
+        return '' if self.supervisor_permitted else self.supervisor_reason
+
+
+_RESULT_CODES = {
+    ResultCode.SUCCEEDED: 0, ResultCode.REJECTED_INVALID: -1, ResultCode.ABORTED_INVALID: -1,
+    ResultCode.REJECTED_NOT_PERMITTED: -3, ResultCode.ABORTED_INTERLOCK: -3, ResultCode.CANCELED: -4,
+    ResultCode.PREEMPTED: -4, ResultCode.ABORTED_TRACKING_ERROR: -5, ResultCode.ABORTED_HARDWARE: -6,
+    ResultCode.ABORTED_GOAL_TOLERANCE: -5, ResultCode.REJECTED_BUSY: -7,
+}
+
+
+class GoalRefused(Exception):
+    """A goal that cannot run; carries the action error code and the reason."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class MotionControllerNode(Node):
+    def __init__(self, context=None, cli_args=None, **kwargs):
+        super().__init__(NODE_NAME, context=context, cli_args=cli_args, **kwargs)
+        self.p = declare(self, PARAMS)
+        self.model = load_robot_model()
+        self.kinematics = NeedleGuideKinematics(self.model)
+        self.joint_names = tuple(self.model.joint_names)
+        n = len(self.joint_names)
+        for key in ('acceleration_limits', 'tracking_tolerance', 'tracking_hard_limit', 'goal_tolerance'):
+            if len(self.p[key]) != n:
+                raise ValueError(f"parameter '{key}' needs {n} values (joint order {self.joint_names})")
+        jerk = self.p['jerk_limits']
+        self.limits = JointLimits.from_robot_model(self.model, self.p['acceleration_limits'],
+                                                   jerk if len(jerk) == n and all(j > 0 for j in jerk) else None)
+        self.permission = Permission()
+        self.executor_lock = threading.Lock()
+        self.executor = MotionExecutor(
+            hardware=_NoHardware(), permission=lambda: self.permission, limits=self.limits,
+            tracking=TrackingMonitor(self.p['tracking_tolerance'], self.p['tracking_hard_limit'],
+                                     self.p['tracking_cycles'], self.joint_names),
+            goal_policy=self.p['goal_policy'], goal_tolerance=self.p['goal_tolerance'],
+            settle_timeout=self.p['settle_timeout'], default_profile=self.p['profile'])
+        self.hardware: Optional[shared_hardware.SharedHardware] = None
+        self.loop: Optional[FixedRateLoop] = None
+        self.T_base_scanner: Optional[np.ndarray] = None
+        self.last_report = None
+        self._goal_counter = itertools.count(1)
+        self._finished = {}                  # goal id -> finished Goal (set by the loop thread)
+        self._finished_event = threading.Condition()
+        self._last_beat_cycles = -1
+
+        group = ReentrantCallbackGroup()
+        self.create_subscription(Bool, '/safety/motion_permitted', self._on_permitted, qos.SAFETY_LATCHED,
+                                 callback_group=group)
+        self.create_subscription(SafetyStatus, '/safety/status', self._on_status, qos.SAFETY_LATCHED,
+                                 callback_group=group)
+        self.create_subscription(ScannerState, '/scanner/state', self._on_scanner, qos.SCANNER_STATE,
+                                 callback_group=group)
+        self.create_subscription(RegistrationResult, '/registration/result', self._on_registration, qos.LATCHED,
+                                 callback_group=group)
+        self.events = self.create_publisher(ProcedureEvent, '/procedure/events', qos.EVENTS)
+        self.diagnostics = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self.faults = common.FaultReporter(self)
+        self.heartbeat = common.HeartbeatPublisher(self, self.p['heartbeat_period'], alive=self._loop_alive)
+        self.create_timer(0.05, self._attach_hardware, callback_group=group)
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=group)
+        self._move_server = ActionServer(
+            self, MoveGuide, '/motion/move_guide', execute_callback=self._execute_move,
+            goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT, callback_group=group)
+        self._insert_server = ActionServer(
+            self, InsertNeedle, '/motion/insert_needle', execute_callback=self._execute_insert,
+            goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT, callback_group=group)
+
+    # ------------------------------------------------------------ inputs
+    def _on_permitted(self, msg: Bool):
+        self.permission.supervisor_permitted = bool(msg.data)
+
+    def _on_status(self, msg: SafetyStatus):
+        self.permission.supervisor_reason = msg.reason or msg.state
+
+    def _on_scanner(self, msg: ScannerState):
+        imaging = msg.phase in IMAGING_PHASES
+        if imaging:
+            name = {ScannerState.PHASE_UNKNOWN: 'UNKNOWN', ScannerState.PHASE_PREPARING: 'PREPARING',
+                    ScannerState.PHASE_ACQUIRING: 'ACQUIRING'}[msg.phase]
+            self.permission.scanner_reason = (f'scanner {name}' +
+                                              (f" (protocol '{msg.protocol_name}')" if msg.protocol_name else ''))
+        self.permission.scanner_imaging = imaging
+
+    def _on_registration(self, msg: RegistrationResult):
+        if not msg.accepted:
+            return  # never drive from a rejected registration
+        t = msg.transform.transform
+        rotation = frames.rotation_from_quaternion_xyzw([t.rotation.x, t.rotation.y, t.rotation.z, t.rotation.w])
+        self.T_base_scanner = frames.make_transform(rotation, [t.translation.x, t.translation.y, t.translation.z])
+
+    # ------------------------------------------------------------ control loop
+    def _attach_hardware(self):
+        if self.loop is not None and self.loop.running:
+            return
+        if self.loop is not None and self.loop.error is not None:
+            return  # the loop died: heartbeat has stopped; the supervisor latches the fault
+        hardware = shared_hardware.lookup(self.p['hardware_node'])
+        if hardware is None:
+            return
+        self.hardware = hardware
+        with self.executor_lock:
+            self.executor.hw = hardware
+        self.loop = FixedRateLoop(self._cycle, rate_hz=self.p['control_rate'], name='motion_control_loop',
+                                  realtime_priority=self.p['realtime_priority'] or None)
+        self.loop.start()
+        self.get_logger().info(f"control loop running at {self.p['control_rate']:g} Hz on "
+                               f"'{self.p['hardware_node']}'")
+
+    def _cycle(self, now: float):
+        with self.executor_lock:
+            report = self.executor.step(now)
+        self.last_report = report
+        if report.tracking_fault is not None:
+            self.faults.report('TRACKING_ERROR', report.tracking_fault.describe())
+        if report.hardware_error and not self._inhibited():
+            self.faults.report('HARDWARE_FAULT', report.hardware_error)
+        if report.finished:
+            with self._finished_event:
+                for goal in report.finished:
+                    self._finished[goal.goal_id] = goal
+                self._finished_event.notify_all()
+        return True
+
+    def _inhibited(self) -> bool:
+        state = self.hardware.last_state if self.hardware is not None else None
+        return bool(state is not None and state.motion_inhibited)
+
+    def _loop_alive(self) -> bool:
+        """Heartbeat only while the control loop is really cycling."""
+        if self.loop is None:
+            return self.hardware is None  # not attached yet: alive, nothing to control
+        cycles = self.loop.cycles
+        alive = self.loop.running and cycles != self._last_beat_cycles
+        self._last_beat_cycles = cycles
+        return alive
+
+    # ------------------------------------------------------------ goals
+    def _on_goal(self, goal_request):
+        with self.executor_lock:
+            busy = self.executor.goals.active is not None
+        if busy and self.p['goal_policy'] == 'reject':
+            self._event(ProcedureEvent.WARN, 'goal_rejected', 'motion goal rejected: another motion goal is active')
+            return GoalResponse.REJECT
+        return GoalResponse.ACCEPT
+
+    def _measured(self) -> np.ndarray:
+        if self.hardware is None:
+            raise GoalRefused(-6, f"no hardware: '{self.p['hardware_node']}' is not configured in this process")
+        state = self.hardware.last_state
+        if state is None:
+            state = self.hardware.read()
+        return np.asarray(state.positions, dtype=float)
+
+    def _point_in_base(self, point_stamped, what: str) -> np.ndarray:
+        p = np.array([point_stamped.point.x, point_stamped.point.y, point_stamped.point.z], dtype=float)
+        if not np.isfinite(p).all():
+            raise GoalRefused(-1, f'{what} has non-finite coordinates {p.tolist()}')
+        frame = point_stamped.header.frame_id or frames.BASE_FRAME
+        if frame == frames.BASE_FRAME:
+            return p
+        if frame == frames.SCANNER_FRAME:
+            if self.T_base_scanner is None:
+                raise GoalRefused(-1, f'{what} is in the scanner frame but no registration has been accepted')
+            return frames.apply(self.T_base_scanner, p)
+        raise GoalRefused(-1, f"{what} frame '{frame}' unknown; use '{frames.BASE_FRAME}' or '{frames.SCANNER_FRAME}'")
+
+    def _move_waypoint(self, goal) -> np.ndarray:
+        entry = self._point_in_base(goal.entry, 'entry')
+        target = self._point_in_base(goal.target, 'target')
+        try:
+            solution = self.kinematics.inverse(entry, target)
+        except ValueError as exc:
+            raise GoalRefused(-1, f'invalid needle line: {exc}') from exc
+        if not solution.reachable:
+            raise GoalRefused(-2, 'unreachable: ' + '; '.join(v.reason for v in solution.violations))
+        measured = self._measured()
+        insertion = measured[-1]
+        if insertion > self.p['max_guide_move_insertion']:
+            raise GoalRefused(-1, f'needle inserted {insertion * 1e3:.1f} mm: retract it before moving the guide')
+        waypoint = np.array(solution.joints, dtype=float)
+        waypoint[-1] = insertion  # align only; the needle stays where it is
+        return waypoint
+
+    def _insert_waypoint(self, goal) -> np.ndarray:
+        depth = float(goal.target_depth)
+        if not math.isfinite(depth):
+            raise GoalRefused(-1, f'target_depth {goal.target_depth!r} is not finite')
+        lower, upper = self.model.lower[-1], self.model.upper[-1]
+        if not lower <= depth <= upper:
+            raise GoalRefused(-2, f'target depth {depth * 1e3:.1f} mm outside the insertion range '
+                                  f'[{lower * 1e3:.0f}, {upper * 1e3:.0f}] mm')
+        waypoint = self._measured().copy()
+        waypoint[-1] = depth
+        return waypoint
+
+    def _speed_scale(self, value: float, limit: float) -> float:
+        if not math.isfinite(value) or value < 0.0:
+            raise GoalRefused(-1, f'speed {value!r} must be finite and >= 0')
+        return 1.0 if value == 0.0 else min(1.0, value / limit)
+
+    def _execute_move(self, goal_handle):
+        def plan():
+            scale = goal_handle.request.velocity_scale
+            if not math.isfinite(scale) or scale < 0.0 or scale > 1.0:
+                raise GoalRefused(-1, f'velocity_scale {scale!r} must be in [0, 1]')
+            return self._move_waypoint(goal_handle.request), (scale or 1.0)
+        return self._run_goal(goal_handle, MoveGuide, 'move_guide', plan)
+
+    def _execute_insert(self, goal_handle):
+        def plan():
+            return (self._insert_waypoint(goal_handle.request),
+                    self._speed_scale(goal_handle.request.max_velocity, self.model.velocity[-1]))
+        return self._run_goal(goal_handle, InsertNeedle, 'insert_needle', plan)
+
+    def _run_goal(self, goal_handle, action, kind: str, plan):
+        goal_id = f'{kind}-{next(self._goal_counter)}'
+        result = action.Result()
+        try:
+            waypoint, scale = plan()
+        except GoalRefused as refused:
+            return self._refuse(goal_handle, result, refused.code, str(refused), kind)
+        with self.executor_lock:
+            decision = self.executor.submit(goal_id, waypoint, time.monotonic(), speed_scale=scale)
+        if not decision.accepted:
+            return self._refuse(goal_handle, result, _RESULT_CODES[decision.code], decision.message, kind)
+        self._event(ProcedureEvent.INFO, f'{kind}_started', f'{kind} started ({goal_id})',
+                    target=np.round(waypoint, 6).tolist())
+        finished = self._wait_finished(goal_handle, goal_id, action, waypoint)
+        result.error_code = _RESULT_CODES.get(finished.result_code, -6)
+        result.message = finished.message
+        measured = self._measured()
+        if finished.result_code is ResultCode.ABORTED_HARDWARE and self._inhibited():
+            result.error_code = action.Result.INTERLOCK
+            result.message = f'stopped by the hardware motion-inhibit ({self.permission.reason or "interlock"})'
+        self._fill_result(result, action, measured, waypoint)
+        if finished.state is GoalState.SUCCEEDED:
+            goal_handle.succeed()
+        elif finished.state is GoalState.CANCELED and goal_handle.is_cancel_requested:
+            goal_handle.canceled()
+        else:
+            goal_handle.abort()
+        severity = ProcedureEvent.INFO if finished.state is GoalState.SUCCEEDED else ProcedureEvent.WARN
+        self._event(severity, f'{kind}_{finished.state.value.lower()}', f'{kind} {finished.state.value}: '
+                    f'{result.message}', error_code=int(result.error_code))
+        return result
+
+    def _refuse(self, goal_handle, result, code: int, message: str, kind: str):
+        result.error_code = code
+        result.message = message
+        goal_handle.abort()
+        self._event(ProcedureEvent.WARN, f'{kind}_refused', f'{kind} refused: {message}', error_code=code)
+        return result
+
+    def _wait_finished(self, goal_handle, goal_id, action, waypoint):
+        period = 1.0 / self.p['feedback_rate']
+        cancel_sent = False
+        while True:
+            with self._finished_event:
+                self._finished_event.wait_for(lambda: goal_id in self._finished, timeout=period)
+                finished = self._finished.pop(goal_id, None)
+            if finished is not None:
+                return finished
+            if goal_handle.is_cancel_requested and not cancel_sent:
+                with self.executor_lock:
+                    self.executor.cancel(goal_id, time.monotonic())
+                cancel_sent = True
+            if self.loop is not None and not self.loop.running:
+                # The loop died: the goal can never finish; the drive holds its last setpoint.
+                with self.executor_lock:
+                    goal = self.executor.goals.get(goal_id)
+                    if goal is not None and not goal.done:
+                        goal = self.executor.goals.finish(goal_id, GoalState.ABORTED, ResultCode.ABORTED_HARDWARE,
+                                                          f'control loop stopped: {self.loop.error}',
+                                                          time.monotonic())
+                return goal
+            self._publish_feedback(goal_handle, action, waypoint)
+
+    def _publish_feedback(self, goal_handle, action, waypoint):
+        report = self.last_report
+        if report is None or report.measured is None:
+            return
+        feedback = action.Feedback()
+        feedback.progress = float(report.progress)
+        if action is MoveGuide:
+            feedback.positions = report.measured.tolist()
+            feedback.state = {ExecutorMode.STOPPING: 'stopping', ExecutorMode.IDLE: 'holding'}.get(report.mode,
+                                                                                                   'moving')
+        else:
+            feedback.depth = float(report.measured[-1])
+            commanded = report.commanded if report.commanded is not None else waypoint
+            feedback.tip_error = float(commanded[-1] - report.measured[-1])
+        goal_handle.publish_feedback(feedback)
+
+    def _fill_result(self, result, action, measured, waypoint):
+        if action is MoveGuide:
+            result.final_positions = measured.tolist()
+            result.final_error = float(np.max(np.abs(measured[:-1] - waypoint[:-1])))
+        else:
+            result.depth = float(measured[-1])
+            result.tip_error = float(waypoint[-1] - measured[-1])
+
+    # ------------------------------------------------------------ reporting
+    def _event(self, severity, kind, description, **values):
+        self.events.publish(common.make_event(self, kind=kind, description=description, severity=severity,
+                                              phase='CONTROL', values=values))
+
+    def _publish_diagnostics(self):
+        status = DiagnosticStatus(name=f'{self.get_name()}: control loop', hardware_id=self.p['hardware_node'])
+        if self.loop is None:
+            status.level, status.message = DiagnosticStatus.WARN, 'waiting for the hardware node'
+        else:
+            stats = self.loop.stats()
+            ok = self.loop.running
+            status.level = DiagnosticStatus.OK if ok else DiagnosticStatus.ERROR
+            status.message = 'running' if ok else f'stopped: {self.loop.error}'
+            status.values = [KeyValue(key=k, value=f'{v:.6g}' if isinstance(v, float) else str(v)) for k, v in (
+                ('rate_hz', stats.rate_hz), ('cycles', stats.cycles), ('overruns', stats.overruns),
+                ('period_error_p99_s', stats.period_error_p99), ('period_error_max_s', stats.period_error_max),
+                ('max_step_duration_s', stats.max_step_duration), ('realtime', self.loop.realtime))]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self.diagnostics.publish(array)
+
+    def loop_stats(self):
+        return self.loop.stats() if self.loop is not None else None
+
+    def describe_state(self) -> str:
+        mode = self.last_report.mode.value if self.last_report is not None else 'no hardware'
+        stats = self.loop_stats()
+        loop = (f'{stats.cycles} cycles, period error p99 {stats.period_error_p99 * 1e3:.3f} ms'
+                if stats else 'loop not started')
+        return f'{mode}; {loop}; permitted={self.permission.motion_permitted}'
+
+    def on_bringup_shutdown(self):
+        if self.loop is not None:
+            self.loop.stop()
+
+    def destroy_node(self):
+        self.on_bringup_shutdown()
+        return super().destroy_node()
+
+
+class _NoHardware:
+    """Placeholder until the hardware node is found: every access fails with a clear reason."""
+
+    def read(self):
+        from igt_robot.hardware.interface import HardwareError
+        raise HardwareError('no hardware attached to the motion controller yet')
+
+    write = stop = read
+
+
+def main(args=None) -> int:
+    """Host the hardware node and the motion controller in one process (one owner of the serial port)."""
+    from igt_robot.nodes.hardware_node import HardwareNode
+    rclpy.init(args=args)
+    hardware = HardwareNode()
+    controller = MotionControllerNode()
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(hardware)
+    executor.add_node(controller)
+    signal.signal(signal.SIGTERM, lambda *_: rclpy.try_shutdown())
+    hardware.autostart_lifecycle()
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        controller.on_bringup_shutdown()
+        for node in (controller, hardware):
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
