@@ -30,6 +30,8 @@ def node_calls(path):
         if isinstance(call, ast.Call):
             func = getattr(call.func, 'id', getattr(call.func, 'attr', ''))
             literal_args = [a.value for a in call.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            if call.args and isinstance(call.args[0], ast.Name) and call.args[0].id == 'share':
+                literal_args = ['<igt_robot share>'] + literal_args  # a path inside this package
             kwargs = {k.arg: k.value.value for k in call.keywords if isinstance(k.value, ast.Constant)}
             calls.append((func, literal_args, kwargs))
     return calls
@@ -52,7 +54,7 @@ def test_launch_file_starts_real_executables_with_real_config(path):
                 assert (REPO / 'config' / params_file).is_file(), f'{path.name}: config/{params_file} missing'
         if func == 'Node' and kwargs.get('package') and kwargs['package'] not in external:
             assert kwargs['executable'] in executables[kwargs['package']], path.name
-        if func == 'join' and args and args[-1].endswith('.launch.py'):
+        if func == 'join' and args and args[0] == '<igt_robot share>' and args[-1].endswith('.launch.py'):
             assert (REPO / 'launch' / args[-1]).is_file(), f'{path.name} includes missing {args[-1]}'
 
 

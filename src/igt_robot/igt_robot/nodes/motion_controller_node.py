@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import signal
 import sys
 import threading
 import time
@@ -30,10 +29,9 @@ from typing import Optional
 
 import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticStatus
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from std_msgs.msg import Bool
 
@@ -131,8 +129,8 @@ class MotionControllerNode(Node):
         self.limits = JointLimits.from_robot_model(self.model, self.p['acceleration_limits'],
                                                    jerk if len(jerk) == n and all(j > 0 for j in jerk) else None)
         self.permission = Permission()
-        self.executor_lock = threading.Lock()
-        self.executor = MotionExecutor(
+        self.motion_lock = threading.Lock()
+        self.motion = MotionExecutor(
             hardware=_NoHardware(), permission=lambda: self.permission, limits=self.limits,
             tracking=TrackingMonitor(self.p['tracking_tolerance'], self.p['tracking_hard_limit'],
                                      self.p['tracking_cycles'], self.joint_names),
@@ -156,8 +154,8 @@ class MotionControllerNode(Node):
                                  callback_group=group)
         self.create_subscription(RegistrationResult, '/registration/result', self._on_registration, qos.LATCHED,
                                  callback_group=group)
-        self.events = self.create_publisher(ProcedureEvent, '/procedure/events', qos.EVENTS)
-        self.diagnostics = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self.events = common.create_event_publisher(self)
+        self.diagnostics = common.create_diagnostics_publisher(self)
         self.faults = common.FaultReporter(self)
         self.heartbeat = common.HeartbeatPublisher(self, self.p['heartbeat_period'], alive=self._loop_alive)
         self.create_timer(0.05, self._attach_hardware, callback_group=group)
@@ -202,8 +200,8 @@ class MotionControllerNode(Node):
         if hardware is None:
             return
         self.hardware = hardware
-        with self.executor_lock:
-            self.executor.hw = hardware
+        with self.motion_lock:
+            self.motion.hw = hardware
         self.loop = FixedRateLoop(self._cycle, rate_hz=self.p['control_rate'], name='motion_control_loop',
                                   realtime_priority=self.p['realtime_priority'] or None)
         self.loop.start()
@@ -211,8 +209,8 @@ class MotionControllerNode(Node):
                                f"'{self.p['hardware_node']}'")
 
     def _cycle(self, now: float):
-        with self.executor_lock:
-            report = self.executor.step(now)
+        with self.motion_lock:
+            report = self.motion.step(now)
         self.last_report = report
         if report.tracking_fault is not None:
             self.faults.report('TRACKING_ERROR', report.tracking_fault.describe())
@@ -240,8 +238,8 @@ class MotionControllerNode(Node):
 
     # ------------------------------------------------------------ goals
     def _on_goal(self, goal_request):
-        with self.executor_lock:
-            busy = self.executor.goals.active is not None
+        with self.motion_lock:
+            busy = self.motion.goals.active is not None
         if busy and self.p['goal_policy'] == 'reject':
             self._event(ProcedureEvent.WARN, 'goal_rejected', 'motion goal rejected: another motion goal is active')
             return GoalResponse.REJECT
@@ -323,8 +321,8 @@ class MotionControllerNode(Node):
             waypoint, scale = plan()
         except GoalRefused as refused:
             return self._refuse(goal_handle, result, refused.code, str(refused), kind)
-        with self.executor_lock:
-            decision = self.executor.submit(goal_id, waypoint, time.monotonic(), speed_scale=scale)
+        with self.motion_lock:
+            decision = self.motion.submit(goal_id, waypoint, time.monotonic(), speed_scale=scale)
         if not decision.accepted:
             return self._refuse(goal_handle, result, _RESULT_CODES[decision.code], decision.message, kind)
         self._event(ProcedureEvent.INFO, f'{kind}_started', f'{kind} started ({goal_id})',
@@ -365,15 +363,15 @@ class MotionControllerNode(Node):
             if finished is not None:
                 return finished
             if goal_handle.is_cancel_requested and not cancel_sent:
-                with self.executor_lock:
-                    self.executor.cancel(goal_id, time.monotonic())
+                with self.motion_lock:
+                    self.motion.cancel(goal_id, time.monotonic())
                 cancel_sent = True
             if self.loop is not None and not self.loop.running:
                 # The loop died: the goal can never finish; the drive holds its last setpoint.
-                with self.executor_lock:
-                    goal = self.executor.goals.get(goal_id)
+                with self.motion_lock:
+                    goal = self.motion.goals.get(goal_id)
                     if goal is not None and not goal.done:
-                        goal = self.executor.goals.finish(goal_id, GoalState.ABORTED, ResultCode.ABORTED_HARDWARE,
+                        goal = self.motion.goals.finish(goal_id, GoalState.ABORTED, ResultCode.ABORTED_HARDWARE,
                                                           f'control loop stopped: {self.loop.error}',
                                                           time.monotonic())
                 return goal
@@ -405,25 +403,23 @@ class MotionControllerNode(Node):
 
     # ------------------------------------------------------------ reporting
     def _event(self, severity, kind, description, **values):
-        self.events.publish(common.make_event(self, kind=kind, description=description, severity=severity,
-                                              phase='CONTROL', values=values))
+        self.events.publish(common.make_event(self, kind, description, severity=severity, values=values,
+                                              phase='CONTROL'))
 
     def _publish_diagnostics(self):
-        status = DiagnosticStatus(name=f'{self.get_name()}: control loop', hardware_id=self.p['hardware_node'])
+        name = 'control loop'
         if self.loop is None:
-            status.level, status.message = DiagnosticStatus.WARN, 'waiting for the hardware node'
+            status = common.diagnostic_status(self, name, DiagnosticStatus.WARN, 'waiting for the hardware node', {})
         else:
             stats = self.loop.stats()
-            ok = self.loop.running
-            status.level = DiagnosticStatus.OK if ok else DiagnosticStatus.ERROR
-            status.message = 'running' if ok else f'stopped: {self.loop.error}'
-            status.values = [KeyValue(key=k, value=f'{v:.6g}' if isinstance(v, float) else str(v)) for k, v in (
-                ('rate_hz', stats.rate_hz), ('cycles', stats.cycles), ('overruns', stats.overruns),
-                ('period_error_p99_s', stats.period_error_p99), ('period_error_max_s', stats.period_error_max),
-                ('max_step_duration_s', stats.max_step_duration), ('realtime', self.loop.realtime))]
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
-        self.diagnostics.publish(array)
+            running = self.loop.running
+            status = common.diagnostic_status(
+                self, name, DiagnosticStatus.OK if running else DiagnosticStatus.ERROR,
+                'running' if running else f'stopped: {self.loop.error}',
+                {'rate_hz': stats.rate_hz, 'cycles': stats.cycles, 'overruns': stats.overruns,
+                 'period_error_p99_s': stats.period_error_p99, 'period_error_max_s': stats.period_error_max,
+                 'max_step_duration_s': stats.max_step_duration, 'realtime': self.loop.realtime})
+        self.diagnostics.publish(common.diagnostic_array(self, [status]))
 
     def loop_stats(self):
         return self.loop.stats() if self.loop is not None else None
@@ -457,24 +453,12 @@ class _NoHardware:
 def main(args=None) -> int:
     """Host the hardware node and the motion controller in one process (one owner of the serial port)."""
     from igt_robot.nodes.hardware_node import HardwareNode
-    rclpy.init(args=args)
-    hardware = HardwareNode()
-    controller = MotionControllerNode()
-    executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(hardware)
-    executor.add_node(controller)
-    signal.signal(signal.SIGTERM, lambda *_: rclpy.try_shutdown())
-    hardware.autostart_lifecycle()
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        controller.on_bringup_shutdown()
-        for node in (controller, hardware):
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+
+    def build():
+        hardware = HardwareNode()
+        hardware.autostart_lifecycle()
+        return [hardware, MotionControllerNode()]
+    return common.run_node(build)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,239 @@
+"""Small adapter helpers shared by the rclpy nodes (no safety or robot logic here).
+
+* time:        :func:`stamp_now`, :func:`stamp_from_monotonic`, :func:`monotonic_from_stamp`
+  (the cores run on ``time.monotonic()``; messages carry ROS time).
+* scanner:     :func:`phase_to_msg` / :func:`phase_from_msg` between ``ScannerPhase`` and
+  ``ScannerState.PHASE_*`` (an unknown number maps to UNKNOWN: fail-safe).
+* events:      :func:`make_event` builds a ``ProcedureEvent`` (published on /procedure/events, QoS EVENTS).
+* heartbeat:   :class:`HeartbeatPublisher` publishes ``std_msgs/Header`` on /heartbeat
+  (frame_id = node name, stamp = now) at a fixed period.
+* faults:      :class:`FaultReporter` publishes ``SafetyFault`` on /safety/faults for the supervisor.
+* diagnostics: :func:`diagnostic_status`, :func:`diagnostic_array`.
+* entry point: :func:`run_node` is the body of every node module's ``main()``.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from typing import Mapping, Optional, Sequence
+
+import rclpy
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.signals import SignalHandlerOptions
+from rclpy.time import Time as RclpyTime
+from std_msgs.msg import Header
+
+from igt_robot.scanner.phases import ScannerPhase
+from igt_robot_msgs.msg import ProcedureEvent, SafetyFault, ScannerState
+
+from . import qos
+
+HEARTBEAT_TOPIC = '/heartbeat'
+FAULTS_TOPIC = '/safety/faults'
+EVENTS_TOPIC = '/procedure/events'
+DIAGNOSTICS_TOPIC = '/diagnostics'
+DIAGNOSTICS_QOS = 10          # RELIABLE depth 10 (contracts.md)
+
+# ------------------------------------------------------------------------- time
+
+
+def stamp_now(node) -> Time:
+    """The node clock's current time as a ``builtin_interfaces/Time``."""
+    return node.get_clock().now().to_msg()
+
+
+def _time_ns(stamp: Time) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def stamp_from_monotonic(node, t_monotonic: float) -> Time:
+    """The ROS time of an instant given on ``time.monotonic()`` (e.g. a fault's ``since``)."""
+    age_ns = int((time.monotonic() - float(t_monotonic)) * 1e9)
+    return RclpyTime(nanoseconds=max(0, node.get_clock().now().nanoseconds - age_ns)).to_msg()
+
+
+def monotonic_from_stamp(node, stamp: Time) -> Optional[float]:
+    """A message stamp (ROS time) as ``time.monotonic()`` seconds; None for an unset (zero) stamp."""
+    ns = _time_ns(stamp)
+    if ns == 0:
+        return None
+    age_s = (node.get_clock().now().nanoseconds - ns) * 1e-9
+    return time.monotonic() - age_s
+
+
+# ---------------------------------------------------------------------- scanner
+
+_PHASE_TO_MSG = {
+    ScannerPhase.UNKNOWN: ScannerState.PHASE_UNKNOWN,
+    ScannerPhase.IDLE: ScannerState.PHASE_IDLE,
+    ScannerPhase.PREPARING: ScannerState.PHASE_PREPARING,
+    ScannerPhase.ACQUIRING: ScannerState.PHASE_ACQUIRING,
+}
+_MSG_TO_PHASE = {v: k for k, v in _PHASE_TO_MSG.items()}
+
+
+def phase_to_msg(phase) -> int:
+    """``ScannerPhase`` (or its name) -> ``ScannerState.PHASE_*``."""
+    return _PHASE_TO_MSG[ScannerPhase(phase)]
+
+
+def phase_from_msg(value: int) -> ScannerPhase:
+    """``ScannerState.PHASE_*`` -> ``ScannerPhase``; any other number is UNKNOWN (imaging, fail-safe)."""
+    return _MSG_TO_PHASE.get(int(value), ScannerPhase.UNKNOWN)
+
+
+def is_valid_phase_number(value: int) -> bool:
+    return int(value) in _MSG_TO_PHASE
+
+
+# ----------------------------------------------------------------------- events
+
+def key_values(values: Optional[Mapping[str, object]]) -> list:
+    """A mapping as ``diagnostic_msgs/KeyValue`` list (values as text; floats with repr precision)."""
+    return [KeyValue(key=str(k), value=str(v)) for k, v in (values or {}).items()]
+
+
+def make_event(node, kind: str, description: str, severity: int = ProcedureEvent.INFO,
+               values: Optional[Mapping[str, object]] = None, phase: str = '') -> ProcedureEvent:
+    """A ``ProcedureEvent`` from ``node`` (source = node name, stamp = now).
+
+    Put units in the value keys (``depth_m``, ``duration_s``).
+    """
+    event = ProcedureEvent(phase=phase, severity=int(severity), source=node.get_name(), kind=kind,
+                           description=description, values=key_values(values))
+    event.header.stamp = stamp_now(node)
+    return event
+
+
+def create_event_publisher(node):
+    """Publisher for /procedure/events with the EVENTS QoS."""
+    return node.create_publisher(ProcedureEvent, EVENTS_TOPIC, qos.EVENTS)
+
+
+# -------------------------------------------------------------------- heartbeat
+
+class HeartbeatPublisher:
+    """Publishes ``std_msgs/Header`` on /heartbeat every ``period`` s (frame_id = node name).
+
+    The timer runs in the node's default callback group unless ``callback_group``
+    is given, so a node whose callbacks are wedged stops beating (that is the
+    point). ``beat()`` sends one at once (e.g. from a control loop). ``alive``,
+    when given, is asked before each timed beat: a node whose real work runs in
+    another thread (a control loop) beats only while that work makes progress.
+    """
+
+    def __init__(self, node, period: float = 0.05, callback_group=None, alive=None):
+        if not period > 0.0:
+            raise ValueError(f'heartbeat period must be > 0 s, got {period!r}')
+        self._node = node
+        self._alive = alive
+        self._pub = node.create_publisher(Header, HEARTBEAT_TOPIC, qos.COMMANDS)
+        self._timer = node.create_timer(float(period), self._on_timer, callback_group=callback_group)
+        self.count = 0
+
+    def _on_timer(self) -> None:
+        if self._alive is None or self._alive():
+            self.beat()
+
+    def beat(self) -> None:
+        self._pub.publish(Header(stamp=stamp_now(self._node), frame_id=self._node.get_name()))
+        self.count += 1
+
+    def stop(self) -> None:
+        """Stop beating (the supervisor then raises HEARTBEAT_LOST for this node if it is required)."""
+        self._timer.cancel()
+
+
+# ----------------------------------------------------------------------- faults
+
+class FaultReporter:
+    """Reports faults to the safety supervisor on /safety/faults.
+
+    Protocol the supervisor implements:
+
+    * ``report(code, detail)``: a one-off event (e.g. a tracking error). It is
+      latched; the operator can acknowledge it at once.
+    * ``report(code, detail, active=True)``: a condition that persists (the
+      supervisor refuses an acknowledge) until ``clear(code)`` is sent.
+    """
+
+    def __init__(self, node):
+        self._node = node
+        self._pub = node.create_publisher(SafetyFault, FAULTS_TOPIC, qos.COMMANDS)
+
+    def report(self, code: str, detail: str, active: bool = False) -> SafetyFault:
+        msg = SafetyFault(code=str(code), detail=str(detail), since=stamp_now(self._node), latched=True,
+                          cause_active=bool(active))
+        self._pub.publish(msg)
+        return msg
+
+    def clear(self, code: str, detail: str = 'cause cleared') -> SafetyFault:
+        """The cause of a fault reported with ``active=True`` has gone (it stays latched)."""
+        return self.report(code, detail, active=False)
+
+    @property
+    def publisher(self):
+        return self._pub
+
+
+# ------------------------------------------------------------------ diagnostics
+
+def diagnostic_status(node, name: str, level: int, message: str,
+                      values: Optional[Mapping[str, object]] = None) -> DiagnosticStatus:
+    """One ``DiagnosticStatus`` (level: DiagnosticStatus.OK/WARN/ERROR/STALE; hardware_id = node name)."""
+    level = level if isinstance(level, bytes) else bytes([int(level)])
+    return DiagnosticStatus(level=level, name=f'{node.get_name()}: {name}', message=message,
+                            hardware_id=node.get_name(), values=key_values(values))
+
+
+def diagnostic_array(node, statuses: Sequence[DiagnosticStatus]) -> DiagnosticArray:
+    array = DiagnosticArray(status=list(statuses))
+    array.header.stamp = stamp_now(node)
+    return array
+
+
+def create_diagnostics_publisher(node):
+    return node.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC, DIAGNOSTICS_QOS)
+
+
+# ------------------------------------------------------------------ entry point
+
+def run_node(node_factory, args=None, threads: Optional[int] = None) -> int:
+    """Init rclpy, build the node(s), spin them in a MultiThreadedExecutor until SIGINT/SIGTERM, shut down.
+
+    ``node_factory()`` builds one node or a list of nodes sharing the process
+    (they read ``--ros-args`` from the global context). Returns the process exit
+    code: 0 on a signal-initiated shutdown.
+    """
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    executor = MultiThreadedExecutor(num_threads=threads)
+    nodes = []
+
+    def on_signal(*_):
+        stop.set()
+        executor.wake()  # leave spin_once promptly
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        built = node_factory()
+        nodes = list(built) if isinstance(built, (list, tuple)) else [built]
+        for node in nodes:
+            executor.add_node(node)
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        executor.shutdown(timeout_sec=2.0)
+        for node in reversed(nodes):
+            with contextlib.suppress(Exception):
+                node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
