@@ -1,0 +1,727 @@
+"""Hardware node (lifecycle): owns the hardware backend, publishes its state, enforces the interlock.
+
+Lifecycle (managed node, as ros2_control hardware components):
+
+* configure  -- build the backend from parameters (``create_backend``), connect
+  (the serial driver checks protocol/firmware versions and axis configuration),
+  assert the motion-inhibit, read once, and register a
+  :class:`~igt_robot.hardware.shared.SharedHardware` under the node name for the
+  motion controller in the same process. Any failure: FAILURE, one log line
+  saying what and why, the backend closed again (nothing half-open).
+* activate   -- enable the axes. The motion-inhibit stays ASSERTED until a fresh
+  IDLE scanner state and ``motion_permitted = true`` have both been seen.
+* deactivate -- stop, assert the inhibit, disable.
+* cleanup / shutdown -- close the backend, unregister and retire the handle.
+* error      -- emergency stop (latched in the drive), then close.
+
+Interlock (defence in depth, docs/contracts.md): the inhibit is asserted in
+the /scanner/state or /safety/motion_permitted *callback itself* when the
+scanner shows PREPARING / ACQUIRING / UNKNOWN or permission is false (one DDS
+hop from the event to the command on the serial line); a >= 100 Hz timer
+asserts it when the scanner state goes stale (no fresh message with an
+advancing heartbeat counter within ``scanner_timeout``). It is released only
+while permission is true AND the scanner state is fresh AND IDLE.
+
+Publishing while configured (inactive or active): /joint_states, /robot/state
+at ``publish_rate`` and /diagnostics at ``diagnostics_rate`` (diagnostics also
+while unconfigured: the last configure failure is shown there). When the
+motion controller's loop is reading the hardware (cached state fresher than two
+publish periods) the node publishes the cached state instead of adding
+transactions to the link. /heartbeat only while active. New hardware faults go
+to /safety/faults (``cause_active`` until the drive no longer reports them).
+
+Nothing here computes what a core module could: kinematics, staleness and
+phase decoding are imported.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import sys
+import threading
+import time
+from typing import Optional, Tuple
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticStatus
+from geometry_msgs.msg import Pose
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Bool
+
+from igt_robot import frames
+from igt_robot.hardware import create_backend
+from igt_robot.hardware import shared as shared_hardware
+from igt_robot.hardware.interface import HardwareError, HardwareFault, HardwareState
+from igt_robot.kinematics import NeedleGuideKinematics
+from igt_robot.nodes import common, qos
+from igt_robot.nodes.params import Param, declare
+from igt_robot.robot_model import load_robot_model
+from igt_robot.scanner.phases import ScannerPhase
+from igt_robot.scanner.staleness import StalenessGuard
+from igt_robot_msgs.msg import ProcedureEvent, RobotState, ScannerState
+
+NODE_NAME = 'hardware_node'
+LINK_FAULT = 'HARDWARE_LINK'          # the controller stopped answering or the port vanished
+ESTOP_FAULT = 'HARDWARE_ESTOP'        # e-stop latched in the drive
+JOINT_STATE_QOS = 10                  # RELIABLE, KEEP_LAST 10: what robot_state_publisher expects
+
+PARAMS = [
+    Param('autostart', True, 'configure and activate at start-up (bringup and the console script)'),
+    Param('backend', 'mujoco', "hardware backend: 'mujoco' (simulation) or 'serial' (motor controller or "
+                               'firmware emulator); checked at configure'),
+    Param('serial_port', '/dev/ttyUSB0', 'serial device of the motor controller (backend serial)'),
+    Param('baudrate', 1000000, 'serial line rate, bit/s (ignored by pseudo-terminals)', 9600, 12000000),
+    Param('serial_timeout', 0.05, 'reply timeout per attempt, s (backend serial)', 0.001, 1.0),
+    Param('serial_retries', 2, 'retransmissions after a failed attempt (backend serial)', 0, 10),
+    Param('encoder_counts_per_m', 1.0e6, 'encoder resolution of the prismatic axes, counts/m; serial: '
+          'configure fails if the controller reports another value; mujoco: simulated quantisation', 1.0, 1.0e10),
+    Param('encoder_counts_per_rad', 1.0e5, 'encoder resolution of the revolute axes, counts/rad (as above)',
+          1.0, 1.0e10),
+    Param('mujoco_realtime', True, 'mujoco: the physics follows the wall clock (false: only advance())'),
+    Param('mujoco_timestep', 0.001, 'mujoco: physics step, s', 1.0e-5, 0.01),
+    Param('mujoco_noise_std_m', 0.0, 'mujoco: encoder noise std of prismatic axes, m', 0.0, 0.001),
+    Param('mujoco_noise_std_rad', 0.0, 'mujoco: encoder noise std of revolute axes, rad', 0.0, 0.01),
+    Param('mujoco_backlash_m', 0.0, 'mujoco: lost motion of prismatic axes, m', 0.0, 0.001),
+    Param('mujoco_backlash_rad', 0.0, 'mujoco: lost motion of revolute axes, rad', 0.0, 0.01),
+    Param('mujoco_seed', -1, 'mujoco: seed of the encoder noise; -1 = not reproducible', -1, 2147483647),
+    Param('publish_rate', 50.0, '/joint_states and /robot/state rate, Hz', 1.0, 500.0),
+    Param('diagnostics_rate', 2.0, '/diagnostics rate, Hz (also published at once on a new fault)', 0.1, 50.0),
+    Param('heartbeat_rate', 20.0, '/heartbeat rate while active, Hz', 1.0, 100.0),
+    Param('hardware_heartbeat_rate', 20.0, 'rate of heartbeat() to the controller watchdog, Hz; configure '
+          'fails unless it beats at least twice per watchdog period', 1.0, 500.0),
+    Param('scanner_timeout', 0.15, 'a scanner state older than this counts as imaging (inhibit), s', 0.01, 5.0),
+    Param('interlock_rate', 100.0, 'rate of the staleness check that asserts the inhibit, Hz', 100.0, 2000.0),
+]
+
+_PHASE_NAMES = {p: p.value for p in ScannerPhase}
+
+
+def _guarded(interlock: bool = False):
+    """Keep a callback's unexpected exception from killing the executor's spin: log it and,
+    for an interlock callback, fall back to asserting the inhibit (fail-safe)."""
+    def wrap(method):
+        @functools.wraps(method)
+        def wrapper(self, *args):
+            try:
+                return method(self, *args)
+            except Exception as exc:  # noqa: BLE001 - logged; the node must keep running
+                self.get_logger().error(f'{method.__name__} failed: {type(exc).__name__}: {exc}',
+                                        throttle_duration_sec=1.0)
+                if interlock:
+                    self._fail_safe_inhibit(f'{method.__name__} failed')
+        return wrapper
+    return wrap
+
+
+class ConfigureError(Exception):
+    """A configure step failed; the message is the operator-readable reason."""
+
+
+def interlock_decision(active: bool, permission: Optional[bool], supervisor_alive: bool,
+                       latest_phase: Optional[ScannerPhase], fresh_phase: ScannerPhase,
+                       scanner_age: float, scanner_timeout: float) -> Tuple[bool, str]:
+    """(inhibit, reason). Motion is allowed only when every input positively says so.
+
+    ``permission``: last /safety/motion_permitted value (None: none received).
+    ``latest_phase``: the phase of the newest scanner message, fresh or not
+    (an imaging phase inhibits even in a late message). ``fresh_phase``: the
+    staleness guard's view (UNKNOWN when stale or never seen).
+    """
+    if not active:
+        return True, 'hardware node not active'
+    if latest_phase is not None and latest_phase is not ScannerPhase.IDLE:
+        return True, f'scanner {latest_phase.value}'
+    if latest_phase is None:
+        return True, 'no scanner state received'
+    if fresh_phase is not ScannerPhase.IDLE:
+        return True, f'scanner state stale ({scanner_age:.3f} s old, limit {scanner_timeout:.3f} s)'
+    if permission is None:
+        return True, 'no motion permission received from the safety supervisor'
+    if not supervisor_alive:
+        return True, 'safety supervisor lost (liveliness)'
+    if not permission:
+        return True, 'safety supervisor withholds motion permission'
+    return False, 'motion permitted and scanner idle'
+
+
+class HardwareNode(LifecycleNode):
+    """Lifecycle node owning the hardware backend (see the module docstring)."""
+
+    def __init__(self, context=None, cli_args=None, **kwargs):
+        super().__init__(NODE_NAME, context=context, cli_args=cli_args, **kwargs)
+        self.p = declare(self, PARAMS)
+        self.model = load_robot_model()
+        self.kinematics = NeedleGuideKinematics(self.model)
+        self.joint_names = tuple(self.model.joint_names)
+        self._insertion_index = self.model.joint_index('needle_insertion')
+
+        # Hardware (set between configure and cleanup).
+        self.shared: Optional[shared_hardware.SharedHardware] = None
+        self.backend_name = ''
+        self.firmware_version = ''
+        self.last_failure = ''              # why the last transition failed (shown in diagnostics)
+        self._active = False
+        self._hw_timers = []
+        self._own_read_time = -math.inf     # last_read_time of this node's own read
+        self.own_reads = 0                  # reads issued by this node (not the control loop)
+        self._link_error: Optional[str] = None
+        self._link_error_time = -math.inf
+        self._last_published: Optional[HardwareState] = None
+        self._active_faults = {}            # code -> detail, as reported on /safety/faults
+        self._fault_lock = threading.Lock()
+
+        # Interlock inputs and output.
+        self._interlock_lock = threading.RLock()
+        self._permission: Optional[bool] = None
+        self._supervisor_alive = True
+        self._scanner = StalenessGuard(self.p['scanner_timeout'])
+        self._scanner_latest: Optional[ScannerPhase] = None
+        self._scanner_heartbeat = None
+        self._inhibit_commanded: Optional[bool] = None   # None: unknown (command failed / not sent)
+        self._inhibit_command_time = -math.inf
+        self._last_resync = -math.inf
+        self.interlock_reason = 'not configured'
+        self.interlock_changes = collections.deque(maxlen=100)  # (monotonic, inhibit, reason, source)
+
+        self._interlock_group = MutuallyExclusiveCallbackGroup()
+        self._state_group = MutuallyExclusiveCallbackGroup()
+        self._watchdog_group = MutuallyExclusiveCallbackGroup()
+        # Own group: sharing one with the (blocking) state reads starved it under rclpy's executor.
+        self._diagnostics_group = MutuallyExclusiveCallbackGroup()
+
+        self.joint_state_pub = self.create_publisher(JointState, '/joint_states', JOINT_STATE_QOS)
+        self.robot_state_pub = self.create_publisher(RobotState, '/robot/state', qos.STATE_STREAM)
+        self.diagnostics_pub = common.create_diagnostics_publisher(self)
+        self.events_pub = common.create_event_publisher(self)
+        self.faults = common.FaultReporter(self)
+        # Beats come from our own activity-gated timer (in the state group, so a
+        # wedged hardware read also stops the heartbeat); the helper's own timer is not used.
+        self.heartbeat = common.HeartbeatPublisher(self, 1.0 / self.p['heartbeat_rate'],
+                                                   callback_group=self._state_group)
+        self.heartbeat.stop()
+
+        self.create_subscription(ScannerState, '/scanner/state', self._on_scanner, qos.SCANNER_STATE,
+                                 callback_group=self._interlock_group)
+        self.create_subscription(Bool, '/safety/motion_permitted', self._on_permitted, qos.SAFETY_LATCHED,
+                                 callback_group=self._interlock_group,
+                                 event_callbacks=SubscriptionEventCallbacks(liveliness=self._on_supervisor_liveliness))
+        self.create_timer(1.0 / self.p['diagnostics_rate'], self.publish_diagnostics,
+                          callback_group=self._diagnostics_group)
+
+    # ================================================================ lifecycle
+    def lifecycle_state(self) -> str:
+        """Current lifecycle state label ('unconfigured', 'inactive', 'active', 'finalized', ...)."""
+        return self._state_machine.current_state[1]
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.p = {p.name: self.get_parameter(p.name).value for p in PARAMS}
+        backend = None
+        try:
+            backend = self._make_backend()
+            self._connect(backend)
+            shared = shared_hardware.SharedHardware(backend)
+            # Safe default before anything else: inhibit asserted (the gate releases it later).
+            shared.set_motion_inhibit(True)
+            first = shared.read()
+            self._check_watchdog(backend)
+            shared_hardware.register(self.get_name(), shared)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, close what was opened and say why
+            reason = str(exc) if isinstance(exc, ConfigureError) else f'{type(exc).__name__}: {exc}'
+            self.last_failure = f'configure failed: {reason}'
+            self.get_logger().error(self.last_failure)
+            if backend is not None:
+                try:
+                    backend.close()
+                except Exception as close_exc:  # noqa: BLE001 - report, the failure above is the news
+                    self.get_logger().warning(f'closing the backend after the failure: {close_exc}')
+            return TransitionCallbackReturn.FAILURE
+        with self._interlock_lock:
+            self._scanner = StalenessGuard(self.p['scanner_timeout'])
+            self._scanner_latest, self._scanner_heartbeat = None, None
+            self._inhibit_commanded, self._inhibit_command_time = True, time.monotonic()
+            self.interlock_reason = 'hardware node not active'
+            self.shared = shared
+        with self._fault_lock:
+            self._link_error, self._link_error_time = None, -math.inf
+            self._active_faults = {}
+        self.firmware_version = first.firmware_version
+        self._last_published = None
+        self.last_failure = ''
+        self._own_read_time = -math.inf
+        self._hw_timers = [
+            self.create_timer(1.0 / self.p['publish_rate'], self._publish_state, callback_group=self._state_group),
+            self.create_timer(1.0 / self.p['heartbeat_rate'], self._beat, callback_group=self._state_group),
+            self.create_timer(1.0 / self.p['interlock_rate'], self._interlock_tick,
+                              callback_group=self._interlock_group),
+            self.create_timer(1.0 / self.p['hardware_heartbeat_rate'], self._feed_watchdog,
+                              callback_group=self._watchdog_group),
+        ]
+        self.get_logger().info(f"configured: backend '{self.backend_name}', firmware '{self.firmware_version}', "
+                               f"registered as hardware '{self.get_name()}'; motion inhibit asserted")
+        return TransitionCallbackReturn.SUCCESS
+
+    def _make_backend(self):
+        kind = str(self.p['backend']).strip().lower()
+        cpm, cpr = self.p['encoder_counts_per_m'], self.p['encoder_counts_per_rad']
+        if kind == 'serial':
+            port = self.p['serial_port']
+            counts = [cpm if t == 'prismatic' else cpr for t in self.model.joint_types]
+            backend = create_backend('serial', port=port, baudrate=self.p['baudrate'],
+                                     timeout=self.p['serial_timeout'], retries=self.p['serial_retries'],
+                                     counts_per_unit=counts, lower=list(self.model.lower),
+                                     upper=list(self.model.upper))
+        elif kind == 'mujoco':
+            seed = self.p['mujoco_seed']
+            backend = create_backend(
+                'mujoco', realtime=self.p['mujoco_realtime'], timestep=self.p['mujoco_timestep'],
+                counts_per_unit={'prismatic': cpm, 'revolute': cpr},
+                noise_std={'prismatic': self.p['mujoco_noise_std_m'], 'revolute': self.p['mujoco_noise_std_rad']},
+                backlash={'prismatic': self.p['mujoco_backlash_m'], 'revolute': self.p['mujoco_backlash_rad']},
+                seed=None if seed < 0 else seed)
+        else:
+            try:
+                create_backend(kind)            # the factory's own message lists the valid names
+            except ValueError as exc:
+                raise ConfigureError(f"parameter 'backend': {exc}") from None
+            raise ConfigureError(f"parameter 'backend' = {kind!r} is not supported by the hardware node")
+        if tuple(backend.joint_names) != self.joint_names:
+            raise ConfigureError(f'backend joint order {tuple(backend.joint_names)} differs from the URDF '
+                                 f'{self.joint_names}')
+        self.backend_name = kind
+        return backend
+
+    def _connect(self, backend) -> None:
+        where = f" on {self.p['serial_port']}" if self.backend_name == 'serial' else ''
+        try:
+            backend.connect()
+        except HardwareError as exc:
+            raise ConfigureError(f"cannot connect the '{self.backend_name}' backend{where}: {exc}") from None
+
+    def _check_watchdog(self, backend) -> None:
+        watchdog_ms = getattr(backend, 'watchdog_ms', 0) or 0
+        if watchdog_ms > 0 and 1.0 / self.p['hardware_heartbeat_rate'] > 0.5 * watchdog_ms / 1000.0:
+            raise ConfigureError(
+                f"hardware_heartbeat_rate {self.p['hardware_heartbeat_rate']:g} Hz is too slow for the controller "
+                f'watchdog of {watchdog_ms} ms: it must beat at least twice per watchdog period '
+                f'(>= {2000.0 / watchdog_ms:g} Hz)')
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        shared = self.shared
+        try:
+            with self._interlock_lock:
+                # Inhibit first (safe default); the gate releases it once both inputs say so.
+                shared.set_motion_inhibit(True)
+                self._inhibit_commanded, self._inhibit_command_time = True, time.monotonic()
+                hw = shared.read()
+                if hw.estopped or hw.faults:
+                    latched = ', '.join(hw.faults) or 'e-stop'
+                    raise ConfigureError(f'the drive reports latched {latched}; clear the cause and reset the '
+                                         f'faults (operator acknowledge) before activating')
+                shared.enable()
+                self._active = True
+        except (ConfigureError, HardwareError) as exc:
+            self.last_failure = f'activate failed: {exc}'
+            self.get_logger().error(self.last_failure)
+            return TransitionCallbackReturn.FAILURE
+        self.last_failure = ''
+        self._update_interlock('activate')
+        self.get_logger().info(f'active: axes enabled, motion inhibit {self._inhibit_text()}')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self._interlock_lock:
+            self._active = False
+            self._safe_stop(disable=True)
+        self.get_logger().info('inactive: axes stopped and disabled, motion inhibit asserted')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release_hardware('cleaned up')
+        self.get_logger().info('unconfigured: backend closed')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self._interlock_lock:
+            was_active, self._active = self._active, False
+            if self.shared is not None:
+                self._safe_stop(disable=was_active)
+        had_hardware = self.shared is not None
+        self._release_hardware('shut down')
+        if had_hardware:
+            self.get_logger().info('shut down: axes stopped, motion inhibit asserted, backend closed')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().error(f'error during a transition from {state.label}: emergency stop')
+        with self._interlock_lock:
+            self._active = False
+            if self.shared is not None:
+                try:
+                    self.shared.emergency_stop()
+                except HardwareError as exc:
+                    self.get_logger().error(f'emergency stop not confirmed by the hardware: {exc}')
+        self._release_hardware('released after an error')
+        return TransitionCallbackReturn.SUCCESS
+
+    def _safe_stop(self, disable: bool) -> None:
+        """Stop, inhibit, (disable): each step tried even if an earlier one failed."""
+        shared = self.shared
+        if shared is None:
+            return
+        steps = [('stop', shared.stop), ('assert the motion inhibit', lambda: shared.set_motion_inhibit(True))]
+        if disable:
+            steps.append(('disable', shared.disable))
+        for what, call in steps:
+            try:
+                call()
+                if what == 'assert the motion inhibit':
+                    self._inhibit_commanded, self._inhibit_command_time = True, time.monotonic()
+            except HardwareError as exc:
+                self.get_logger().error(f'could not {what}: {exc}')
+        self.interlock_reason = 'hardware node not active'
+
+    def _release_hardware(self, why: str) -> None:
+        for timer in self._hw_timers:
+            self.destroy_timer(timer)
+        self._hw_timers = []
+        with self._interlock_lock:
+            shared, self.shared = self.shared, None
+            self._active = False
+            self._inhibit_commanded = None
+            self.interlock_reason = 'not configured'
+        if shared is None:
+            return
+        shared_hardware.unregister(self.get_name(), shared)
+        try:
+            shared.close()
+        except HardwareError as exc:
+            self.get_logger().error(f'closing the backend: {exc}')
+        shared.retire(f"hardware node '{self.get_name()}' {why}")
+
+    # ================================================================ interlock
+    @_guarded(interlock=True)
+    def _on_scanner(self, msg: ScannerState) -> None:
+        now = time.monotonic()
+        phase = common.phase_from_msg(msg.phase)
+        stamp_time = common.monotonic_from_stamp(self, msg.header.stamp)
+        advanced = self._scanner_heartbeat is None or msg.heartbeat != self._scanner_heartbeat
+        late = stamp_time is not None and now - stamp_time > self._scanner.timeout
+        with self._interlock_lock:
+            self._scanner_latest = phase
+            self._scanner_heartbeat = msg.heartbeat
+            if advanced and not late:
+                self._scanner.update(phase, now)
+        self._update_interlock('scanner')
+
+    @_guarded(interlock=True)
+    def _on_permitted(self, msg: Bool) -> None:
+        with self._interlock_lock:
+            self._permission = bool(msg.data)
+            self._supervisor_alive = True
+        self._update_interlock('permission')
+
+    @_guarded(interlock=True)
+    def _on_supervisor_liveliness(self, info) -> None:
+        with self._interlock_lock:
+            self._supervisor_alive = info.alive_count > 0
+        self._update_interlock('supervisor liveliness')
+
+    @_guarded(interlock=True)
+    def _interlock_tick(self) -> None:
+        self._update_interlock('staleness timer')
+
+    def _update_interlock(self, source: str) -> None:
+        """Decide and, if needed, command the hardware inhibit (in the calling thread, at once)."""
+        with self._interlock_lock:
+            shared = self.shared
+            if shared is None:
+                return
+            now = time.monotonic()
+            inhibit, reason = interlock_decision(
+                self._active, self._permission, self._supervisor_alive, self._scanner_latest,
+                self._scanner.phase(now), self._scanner.age(now), self._scanner.timeout)
+            self.interlock_reason = reason
+            if self._inhibit_commanded is inhibit and not self._hardware_disagrees(shared, now):
+                return
+            try:
+                shared.set_motion_inhibit(inhibit)
+            except HardwareError as exc:
+                self._inhibit_commanded = None      # unknown: retried on the next evaluation
+                self.get_logger().error(f"could not {'assert' if inhibit else 'release'} the motion inhibit "
+                                        f'({reason}): {exc}', throttle_duration_sec=1.0)
+                self._check_link(exc, shared)
+                return
+            changed = self._inhibit_commanded is not inhibit
+            self._inhibit_commanded, self._inhibit_command_time = inhibit, time.monotonic()
+            if changed:
+                self.interlock_changes.append((now, inhibit, reason, source))
+        if changed:
+            text = f"motion inhibit {'ASSERTED' if inhibit else 'released'}: {reason} (from {source})"
+            # Two call sites: rclpy refuses a change of severity at one logging call site.
+            if inhibit:
+                self.get_logger().warning(text)
+            else:
+                self.get_logger().info(text)
+            self.events_pub.publish(common.make_event(
+                self, 'interlock', text, ProcedureEvent.WARN if inhibit else ProcedureEvent.INFO,
+                values={'inhibit': inhibit, 'reason': reason, 'source': source}, phase='CONTROL'))
+
+    def _fail_safe_inhibit(self, why: str) -> None:
+        shared = self.shared
+        if shared is None:
+            return
+        try:
+            shared.set_motion_inhibit(True)
+        except HardwareError as exc:
+            self.get_logger().error(f'fail-safe inhibit after {why} not confirmed: {exc}',
+                                    throttle_duration_sec=1.0)
+            self._inhibit_commanded = None
+            return
+        self._inhibit_commanded, self._inhibit_command_time = True, time.monotonic()
+
+    def _hardware_disagrees(self, shared, now: float) -> bool:
+        """The drive reports another inhibit level than we commanded (read after the command), e.g.
+        after a controller power cycle. Resynchronised at most every 0.1 s."""
+        state, read_time = shared.last_state, shared.last_read_time
+        if state is None or read_time is None or read_time <= self._inhibit_command_time:
+            return False
+        if self._inhibit_commanded is None or state.motion_inhibited == self._inhibit_commanded:
+            return False
+        if now - self._last_resync < 0.1:
+            return False
+        self._last_resync = now
+        return True
+
+    def _inhibit_text(self) -> str:
+        if self._inhibit_commanded is None:
+            return 'UNKNOWN'
+        return 'asserted' if self._inhibit_commanded else 'released'
+
+    # ================================================================ periodic work
+    @_guarded()
+    def _feed_watchdog(self) -> None:
+        shared = self.shared
+        if shared is None:
+            return
+        try:
+            shared.heartbeat()
+        except HardwareError as exc:
+            if shared is self.shared:
+                self.get_logger().error(f'controller heartbeat failed: {exc}', throttle_duration_sec=1.0)
+            self._check_link(exc, shared)
+
+    @_guarded()
+    def _beat(self) -> None:
+        if self._active:
+            self.heartbeat.beat()
+
+    def _current_state(self, shared) -> Tuple[Optional[HardwareState], float]:
+        """(state, read time): the control loop's cached reading if fresh, else our own read."""
+        period = 1.0 / self.p['publish_rate']
+        read_time = shared.last_read_time
+        state = shared.last_state
+        if (state is not None and read_time is not None and read_time > self._own_read_time
+                and time.monotonic() - read_time <= 2.0 * period):
+            return state, read_time
+        state = shared.read()
+        self.own_reads += 1
+        self._own_read_time = read_time = shared.last_read_time
+        return state, read_time
+
+    @_guarded()
+    def _publish_state(self) -> None:
+        shared = self.shared
+        if shared is None:
+            return
+        try:
+            state, read_time = self._current_state(shared)
+        except HardwareError as exc:
+            if shared is not self.shared:
+                return                               # released (cleanup) while this callback ran
+            if isinstance(exc, HardwareFault):       # refused, not unanswered: keep the last state
+                self.get_logger().error(f'hardware read refused: {exc}', throttle_duration_sec=1.0)
+            else:
+                self._check_link(exc, shared)
+            self._publish_robot_state(self._last_published, shared.last_read_time)
+            return
+        self._last_published = state
+        self._sync_faults(state, read_time)
+        stamp = common.stamp_from_monotonic(self, read_time)
+        js = JointState(name=list(self.joint_names), position=[float(v) for v in state.positions],
+                        velocity=[float(v) for v in state.velocities])
+        js.header.stamp = stamp
+        self.joint_state_pub.publish(js)
+        self._publish_robot_state(state, read_time)
+
+    def _publish_robot_state(self, state: Optional[HardwareState], read_time: Optional[float]) -> None:
+        if state is None:
+            return
+        msg = RobotState(joint_names=list(self.joint_names), position=[float(v) for v in state.positions],
+                         velocity=[float(v) for v in state.velocities], enabled=bool(state.enabled),
+                         motion_inhibited=bool(state.motion_inhibited), estopped=bool(state.estopped),
+                         moving=bool(state.moving), backend=self.backend_name, faults=sorted(self.active_faults()))
+        msg.header.frame_id = frames.BASE_FRAME
+        msg.header.stamp = common.stamp_from_monotonic(self, read_time if read_time is not None else time.monotonic())
+        if self._link_error is not None:
+            # Last known values, flagged: nothing about this state is current.
+            msg.enabled = msg.moving = False
+        try:
+            tip = self.kinematics.forward(state.positions)
+        except ValueError as exc:
+            self.get_logger().error(f'no needle tip pose: {exc}', throttle_duration_sec=1.0)
+        else:
+            msg.needle_tip = _pose(tip)
+            msg.insertion_depth = float(state.positions[self._insertion_index])
+        self.robot_state_pub.publish(msg)
+
+    def _check_link(self, exc: HardwareError, shared) -> None:
+        """A call failed: unanswered (timeout, port lost) is a link failure; a refusal (NAK) is not,
+        nor is a call on a handle released meanwhile (cleanup while a callback was running)."""
+        if shared is self.shared and not isinstance(exc, HardwareFault):
+            self._on_link_error(str(exc))
+
+    def _on_link_error(self, text: str) -> None:
+        """Raise HARDWARE_LINK once; it clears (cause gone) at the next successful read."""
+        with self._fault_lock:
+            first = self._link_error is None
+            self._link_error, self._link_error_time = text, time.monotonic()
+            if first:
+                self.get_logger().error(f'hardware link failure: {text}')
+                self._set_fault(LINK_FAULT, f'{self.backend_name} hardware not answering: {text}')
+        if first:
+            self.publish_diagnostics()
+
+    def _sync_faults(self, state: HardwareState, read_time: float) -> None:
+        """After a successful read: report newly latched drive faults (cause active), clear the
+        ones that went away, and clear a link failure (the hardware answers again)."""
+        with self._fault_lock:
+            new = self._sync_faults_locked(state, read_time)
+        if new:
+            self.publish_diagnostics()
+
+    def _sync_faults_locked(self, state: HardwareState, read_time: float) -> bool:
+        if self._link_error is not None:
+            if read_time <= self._link_error_time:
+                return False                       # a reading from before the failure proves nothing
+            self.get_logger().info('hardware answering again')
+            self._link_error = None
+        current = {code: f'motor controller reports {code}' for code in state.faults}
+        if state.estopped:
+            current[ESTOP_FAULT] = 'e-stop latched in the motor controller'
+        new = False
+        for code, detail in current.items():
+            if code not in self._active_faults:
+                self._set_fault(code, detail)
+                new = True
+        for code in [c for c in self._active_faults if c not in current and c != LINK_FAULT]:
+            del self._active_faults[code]
+            self.faults.clear(code, f'{code} no longer reported by the motor controller')
+        if LINK_FAULT in self._active_faults and self._link_error is None:
+            del self._active_faults[LINK_FAULT]
+            self.faults.clear(LINK_FAULT, 'hardware answering again')
+        return new
+
+    def active_faults(self) -> dict:
+        """Fault code -> detail of the faults currently reported as active (a copy)."""
+        with self._fault_lock:
+            return dict(self._active_faults)
+
+    def _set_fault(self, code: str, detail: str) -> None:
+        self._active_faults[code] = detail
+        self.get_logger().error(f'hardware fault {code}: {detail}')
+        self.faults.report(code, detail, active=True)
+
+    # ================================================================ diagnostics
+    @_guarded()
+    def publish_diagnostics(self) -> None:
+        shared = self.shared
+        values = {'lifecycle_state': self.lifecycle_state(), 'backend': self.backend_name or str(self.p['backend'])}
+        if shared is None:
+            level = DiagnosticStatus.ERROR if self.last_failure else DiagnosticStatus.WARN
+            message = self.last_failure or 'not configured'
+        else:
+            state = self._last_published or shared.last_state
+            read_time = shared.last_read_time
+            faults = self.active_faults()
+            values.update(firmware_version=self.firmware_version,
+                          read_age_s=f'{time.monotonic() - read_time:.4f}' if read_time is not None else 'inf',
+                          own_reads=self.own_reads, motion_inhibit=self._inhibit_text(),
+                          interlock_reason=self.interlock_reason, faults=','.join(sorted(faults)),
+                          **{f'shared_{k}': v for k, v in shared.stats.items()})
+            if state is not None:
+                values.update({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in state.counters.items()})
+                values.update(enabled=state.enabled, estopped=state.estopped, moving=state.moving)
+            if self._link_error is not None:
+                level, message = DiagnosticStatus.ERROR, f'link failure: {self._link_error}'
+            elif faults:
+                level = DiagnosticStatus.ERROR
+                message = 'faults: ' + '; '.join(f'{c} ({d})' for c, d in sorted(faults.items()))
+            elif not self._active:
+                level, message = DiagnosticStatus.WARN, f'{self.lifecycle_state()}: axes not enabled'
+            else:
+                level = DiagnosticStatus.OK
+                message = f'active, motion inhibit {self._inhibit_text()}: {self.interlock_reason}'
+        status = common.diagnostic_status(self, 'hardware', level, message, values)
+        self.diagnostics_pub.publish(common.diagnostic_array(self, [status]))
+
+    # ================================================================ bringup API
+    def autostart_lifecycle(self) -> bool:
+        """Configure and activate when parameter ``autostart`` is true. Returns True if active afterwards."""
+        if not self.p['autostart']:
+            return False
+        if self.lifecycle_state() == 'unconfigured' and self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            return False
+        if self.lifecycle_state() == 'inactive':
+            self.trigger_activate()
+        return self.lifecycle_state() == 'active'
+
+    def describe_state(self) -> str:
+        """One line for the operator / bringup summary."""
+        state = self.lifecycle_state()
+        if self.shared is None:
+            return f'{state}' + (f' ({self.last_failure})' if self.last_failure else '')
+        hw = self._last_published or self.shared.last_state
+        flags = []
+        if hw is not None:
+            flags.append('enabled' if hw.enabled else 'disabled')
+        flags.append(f'inhibit {self._inhibit_text()} ({self.interlock_reason})')
+        if self._link_error:
+            flags.append(f'LINK FAILURE: {self._link_error}')
+        flags.append('faults: ' + (', '.join(sorted(self.active_faults())) or 'none'))
+        return (f"{state}; backend {self.backend_name} (firmware {self.firmware_version or '?'}); "
+                + '; '.join(flags) + f'; {self.shared.stats["reads"]} reads')
+
+    def on_bringup_shutdown(self) -> None:
+        """Stop and close the hardware (bringup calls this before destroying the nodes)."""
+        if self.lifecycle_state() in ('unconfigured', 'inactive', 'active'):
+            self.trigger_shutdown()
+
+    def destroy_node(self):
+        if self.shared is not None:
+            self.on_bringup_shutdown()
+        return super().destroy_node()
+
+
+def _pose(transform: np.ndarray) -> Pose:
+    pose = Pose()
+    pose.position.x, pose.position.y, pose.position.z = (float(v) for v in transform[:3, 3])
+    q = frames.quaternion_xyzw(transform[:3, :3])
+    pose.orientation.x, pose.orientation.y, pose.orientation.z, pose.orientation.w = (float(v) for v in q)
+    return pose
+
+
+def main(args=None) -> int:
+    """Console script ``hardware_node``: spin until SIGINT/SIGTERM, then stop and close the hardware."""
+    def make():
+        node = HardwareNode()
+        node.autostart_lifecycle()
+        return node
+    return common.run_node(make, args=args, threads=4)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,529 @@
+"""Hardware node on a real DDS graph: lifecycle, state publishing, the motion-inhibit interlock,
+configure failures, the serial backend against the firmware emulator, and the node as its own process."""
+import json
+import math
+import pathlib
+import shutil
+import socket
+import tempfile
+
+import numpy as np
+import pytest
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from lifecycle_msgs.srv import GetState
+from rclpy.lifecycle import TransitionCallbackReturn
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Bool, Header
+
+from igt_robot import testing
+from igt_robot.hardware import shared as shared_hardware
+from igt_robot.hardware.interface import HardwareError
+from igt_robot.nodes import qos
+from igt_robot.nodes.hardware_node import HardwareNode
+from igt_robot_msgs.msg import RobotState, SafetyFault, ScannerState
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+JOINTS = ['stage_x', 'stage_y', 'guide_pitch', 'guide_yaw', 'needle_insertion']
+SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+
+
+def make_node(graph, **params):
+    """A HardwareNode in the test graph, not autostarted; ``params`` as ROS overrides."""
+    # scanner_timeout 0.5 s (production 0.15 s): a loaded 2-core test host must not trip it by jitter;
+    # the staleness tests only wait a little longer.
+    params = {'autostart': False, 'diagnostics_rate': 10.0, 'scanner_timeout': 0.5, **params}
+    args = ['--ros-args']
+    for key, value in params.items():
+        text = ('true' if value else 'false') if isinstance(value, bool) else str(value)
+        args += ['-p', f'{key}:={text}']
+    return graph.add(HardwareNode(context=graph.context, cli_args=args))
+
+
+class Probe:
+    """Subscribes to everything the hardware node publishes and feeds it the interlock inputs."""
+
+    def __init__(self, graph, name='probe'):
+        self.node = graph.create_node(name)
+        self.joint_states, self.robot_states, self.diagnostics, self.faults, self.heartbeats = [], [], [], [], []
+        n = self.node
+        n.create_subscription(JointState, '/joint_states', self.joint_states.append, 10)
+        n.create_subscription(RobotState, '/robot/state', self.robot_states.append, qos.STATE_STREAM)
+        n.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
+        n.create_subscription(SafetyFault, '/safety/faults', self.faults.append, qos.COMMANDS)
+        n.create_subscription(Header, '/heartbeat', self.heartbeats.append, qos.COMMANDS)
+        self.scanner_pub = n.create_publisher(ScannerState, '/scanner/state', qos.SCANNER_STATE)
+        self.permission_pub = n.create_publisher(Bool, '/safety/motion_permitted', qos.SAFETY_LATCHED)
+        self.phase = None                  # None: the simulated scanner is silent
+        self.counter = 0
+        self.freeze_counter = False
+        self.permission = None             # None: the simulated supervisor publishes nothing
+        n.create_timer(0.02, self._feed_scanner)   # a 50 Hz scanner heartbeat
+        n.create_timer(0.1, self._republish_permission)   # the supervisor republishes at 10 Hz
+
+    def _on_diagnostics(self, msg):
+        for status in msg.status:
+            if status.name.startswith('hardware_node'):
+                self.diagnostics.append(status)
+
+    def _feed_scanner(self):
+        if self.phase is None:
+            return
+        if not self.freeze_counter:
+            self.counter += 1
+        msg = ScannerState(phase=self.phase, source='simulated', heartbeat=self.counter)
+        msg.header.stamp = self.node.get_clock().now().to_msg()
+        self.scanner_pub.publish(msg)
+
+    def send_scanner(self, phase):
+        """Publish one message with ``phase`` now and keep the heartbeat going with it."""
+        self.phase = phase
+        self._feed_scanner()
+
+    def _republish_permission(self):
+        if self.permission is not None:
+            self.permission_pub.publish(Bool(data=self.permission))
+
+    def permit(self, value: bool):
+        """Publish the permission now and keep republishing it (as the supervisor does)."""
+        self.permission = value
+        self._republish_permission()
+
+    def latest_diagnostics(self):
+        return self.diagnostics[-1] if self.diagnostics else None
+
+
+def diag_values(status):
+    return {kv.key: kv.value for kv in status.values}
+
+
+def hw_inhibited(node) -> bool:
+    """The inhibit as the hardware itself reports it (a fresh read through the shared handle)."""
+    return node.shared.read().motion_inhibited
+
+
+def wait_inhibit(node, expected: bool, what: str, timeout=10.0):
+    testing.wait_for(lambda: hw_inhibited(node) is expected, timeout, what)
+
+
+@pytest.fixture
+def probe(graph):
+    return Probe(graph)
+
+
+@pytest.fixture
+def active_node(graph, probe):
+    node = make_node(graph)
+    assert node.trigger_configure() == SUCCESS, node.last_failure
+    assert node.trigger_activate() == SUCCESS, node.last_failure
+    yield node
+    shared_hardware.unregister('hardware_node')
+
+
+def release_interlock(node, probe):
+    probe.send_scanner(ScannerState.PHASE_IDLE)
+    probe.permit(True)
+    wait_inhibit(node, False, 'the inhibit to be released (IDLE scanner and permission)')
+
+
+# --------------------------------------------------------------------------- lifecycle (MuJoCo)
+
+def test_lifecycle_configure_activate_deactivate_cleanup(graph):
+    node = make_node(graph)
+    assert node.lifecycle_state() == 'unconfigured'
+    assert shared_hardware.lookup('hardware_node') is None
+
+    assert node.trigger_configure() == SUCCESS, node.last_failure
+    assert node.lifecycle_state() == 'inactive'
+    shared = shared_hardware.lookup('hardware_node')
+    assert shared is node.shared and shared is not None
+    state = shared.read()
+    assert state.motion_inhibited and not state.enabled           # safe default right after configure
+    assert state.firmware_version.startswith('mujoco')
+
+    assert node.trigger_activate() == SUCCESS, node.last_failure
+    state = shared.read()
+    assert state.enabled
+    assert state.motion_inhibited                                  # no scanner / permission seen yet
+    assert 'no scanner state received' in node.describe_state()
+
+    # The lifecycle services answer over DDS too (as a lifecycle manager would ask).
+    client = graph.create_node('lifecycle_client').create_client(GetState, '/hardware_node/get_state')
+    assert client.wait_for_service(timeout_sec=10.0)
+    assert client.call(GetState.Request(), timeout_sec=10.0).current_state.label == 'active'
+
+    assert node.trigger_deactivate() == SUCCESS
+    state = shared.read()
+    assert not state.enabled and state.motion_inhibited
+    assert node.lifecycle_state() == 'inactive'
+
+    assert node.trigger_cleanup() == SUCCESS
+    assert node.lifecycle_state() == 'unconfigured'
+    assert shared_hardware.lookup('hardware_node') is None
+    assert node.shared is None
+    with pytest.raises(HardwareError, match='retired'):
+        shared.read()                                              # a stale handle fails loudly
+
+    # Configure again after cleanup: a new handle, registered again.
+    assert node.trigger_configure() == SUCCESS
+    assert shared_hardware.lookup('hardware_node') is not shared
+    assert node.trigger_cleanup() == SUCCESS
+
+
+def test_config_file_section_is_what_the_node_declares(graph):
+    node = graph.add(HardwareNode(context=graph.context,
+                                  cli_args=['--ros-args', '--params-file', str(REPO / 'config' / 'robot.yaml')]))
+    assert node.get_parameter('backend').value == 'mujoco'
+    assert node.get_parameter('publish_rate').value == 50.0
+    assert node.get_parameter('scanner_timeout').value == 0.15
+    assert node.get_parameter('interlock_rate').value >= 100.0
+    assert node.lifecycle_state() == 'unconfigured'               # constructing does not autostart
+
+
+def test_publishes_joint_states_and_robot_state_with_the_needle_tip(active_node, probe):
+    node = active_node
+    testing.wait_for(lambda: probe.joint_states and probe.robot_states and probe.robot_states[-1].enabled, 10,
+                     '/joint_states and /robot/state after activation')
+    js = probe.joint_states[-1]
+    assert list(js.name) == JOINTS and len(js.position) == 5 and len(js.velocity) == 5
+    rs = probe.robot_states[-1]
+    assert list(rs.joint_names) == JOINTS and rs.backend == 'mujoco' and rs.header.frame_id == 'base_link'
+    assert rs.motion_inhibited
+
+    # Move (as the motion controller would, through the shared handle) and check the published pose.
+    release_interlock(node, probe)
+    target = np.array([0.004, -0.003, 0.15, -0.1, 0.002])
+    node.shared.write(target)
+    testing.wait_for(lambda: probe.robot_states and not probe.robot_states[-1].moving
+                     and np.allclose(probe.robot_states[-1].position, target, atol=2e-5), 30,
+                     'the robot to arrive at the target')
+    rs = probe.robot_states[-1]
+    x, y, pitch, yaw, insertion = rs.position
+    direction = np.array([-math.sin(yaw), math.cos(yaw) * math.sin(pitch), -math.cos(yaw) * math.cos(pitch)])
+    expected_tip = np.array([x, y, 0.0]) + insertion * direction          # docs/contracts.md
+    tip = rs.needle_tip.position
+    assert np.allclose([tip.x, tip.y, tip.z], expected_tip, atol=1e-9)
+    q = rs.needle_tip.orientation
+    w, qx, qy, qz = q.w, q.x, q.y, q.z
+    z_axis = np.array([2 * (qx * qz + w * qy), 2 * (qy * qz - w * qx), 1 - 2 * (qx * qx + qy * qy)])
+    assert np.allclose(z_axis, direction, atol=1e-9)                       # tip z axis = needle direction
+    assert rs.insertion_depth == pytest.approx(insertion)
+
+
+def test_publishes_from_the_control_loop_cache_when_it_is_fresh(graph, probe):
+    """While another thread reads the hardware fast, the node publishes cached states (no own reads)."""
+    import threading
+    node = make_node(graph, publish_rate=20.0)
+    assert node.trigger_configure() == SUCCESS
+    testing.wait_for(lambda: node.own_reads >= 3, 10, 'the node to read the hardware itself')
+    stop = threading.Event()
+
+    def control_loop():           # stands in for the motion controller's loop (same process, same handle)
+        while not stop.is_set():
+            node.shared.read()
+            stop.wait(0.004)      # loop period
+
+    loop = threading.Thread(target=control_loop)
+    loop.start()
+    try:
+        testing.wait_for(lambda: node.shared.stats['reads'] > node.own_reads + 50, 10, 'the loop to run')
+        own_before, published_before = node.own_reads, len(probe.joint_states)
+        testing.wait_for(lambda: len(probe.joint_states) >= published_before + 20, 20, '20 more joint states')
+        own_during = node.own_reads - own_before
+    finally:
+        stop.set()
+        loop.join(5)
+    assert own_during <= 10, f'{own_during} own reads while the loop kept the cache fresh'
+    testing.wait_for(lambda: node.own_reads > own_before + own_during + 3, 10,
+                     'the node to read itself again once the loop stopped')
+    assert node.trigger_cleanup() == SUCCESS
+
+
+def test_heartbeat_only_while_active(graph, probe):
+    node = make_node(graph)
+    assert node.trigger_configure() == SUCCESS
+    testing.wait_for(lambda: len(probe.joint_states) >= 5, 10, 'joint states while inactive')
+    assert probe.heartbeats == []                     # configured but not active: no heartbeat
+    assert node.trigger_activate() == SUCCESS
+    testing.wait_for(lambda: probe.heartbeats, 10, 'a heartbeat')
+    assert probe.heartbeats[-1].frame_id == 'hardware_node'
+    assert node.trigger_deactivate() == SUCCESS
+    assert node.trigger_cleanup() == SUCCESS
+
+
+# --------------------------------------------------------------------------- interlock
+
+def test_inhibit_released_only_when_permission_and_fresh_idle_scanner_are_both_seen(active_node, probe):
+    node = active_node
+    assert hw_inhibited(node)
+    probe.permit(True)                                   # permission alone is not enough
+    testing.wait_for(lambda: node._permission is True, 10, 'the permission to arrive')
+    assert hw_inhibited(node) and node.interlock_reason == 'no scanner state received'
+    probe.permit(False)
+    probe.send_scanner(ScannerState.PHASE_IDLE)          # an idle scanner alone is not enough
+    testing.wait_for(lambda: 'withholds' in node.interlock_reason, 10, 'idle scanner without permission')
+    assert hw_inhibited(node)
+    probe.permit(True)                                   # both: released
+    wait_inhibit(node, False, 'the release with both inputs OK')
+    assert node.interlock_changes[-1][1:] == (False, 'motion permitted and scanner idle', 'permission')
+
+
+@pytest.mark.parametrize('phase, name', [(ScannerState.PHASE_ACQUIRING, 'ACQUIRING'),
+                                         (ScannerState.PHASE_PREPARING, 'PREPARING'),
+                                         (ScannerState.PHASE_UNKNOWN, 'UNKNOWN'),
+                                         (77, 'UNKNOWN')])   # an undefined phase number is UNKNOWN (fail-safe)
+def test_imaging_phase_asserts_the_inhibit_in_the_scanner_callback(active_node, probe, phase, name):
+    node = active_node
+    release_interlock(node, probe)
+    probe.send_scanner(phase)
+    wait_inhibit(node, True, f'the inhibit on scanner {name}')
+    change = node.interlock_changes[-1]
+    assert change[1:] == (True, f'scanner {name}', 'scanner')     # commanded from the callback itself
+    probe.send_scanner(ScannerState.PHASE_IDLE)
+    wait_inhibit(node, False, 'the release when the scanner is idle again')
+
+
+def test_stale_scanner_asserts_the_inhibit_from_the_timer(active_node, probe):
+    node = active_node
+    release_interlock(node, probe)
+    probe.phase = None                                    # the scanner falls silent
+    wait_inhibit(node, True, 'the inhibit on a stale scanner state')
+    change = node.interlock_changes[-1]
+    assert change[1] is True and change[2].startswith('scanner state stale') and change[3] == 'staleness timer'
+    probe.send_scanner(ScannerState.PHASE_IDLE)
+    wait_inhibit(node, False, 'the release when fresh states return')
+
+
+def test_frozen_scanner_heartbeat_counts_as_stale(active_node, probe):
+    node = active_node
+    release_interlock(node, probe)
+    probe.freeze_counter = True                           # messages keep coming, the counter does not advance
+    wait_inhibit(node, True, 'the inhibit on a frozen scanner heartbeat')
+    assert node.interlock_changes[-1][2].startswith('scanner state stale')
+    probe.freeze_counter = False
+    wait_inhibit(node, False, 'the release when the counter advances again')
+
+
+def test_late_scanner_message_counts_as_stale(active_node, probe):
+    node = active_node
+    release_interlock(node, probe)
+    probe.phase = None
+    wait_inhibit(node, True, 'the inhibit after the scanner fell silent')
+    # An IDLE message stamped long ago (delayed in transit) does not make the state fresh.
+    old = ScannerState(phase=ScannerState.PHASE_IDLE, heartbeat=probe.counter + 100)
+    stamp = probe.node.get_clock().now().nanoseconds - 2_000_000_000
+    old.header.stamp.sec, old.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
+    probe.scanner_pub.publish(old)
+    testing.wait_for(lambda: node._scanner_heartbeat == old.heartbeat, 10, 'the late message to arrive')
+    assert hw_inhibited(node) and node.interlock_reason.startswith('scanner state stale')
+
+
+def test_permission_false_asserts_the_inhibit_in_the_callback(active_node, probe):
+    node = active_node
+    release_interlock(node, probe)
+    probe.permit(False)
+    wait_inhibit(node, True, 'the inhibit when permission is withdrawn')
+    assert node.interlock_changes[-1][1:] == (True, 'safety supervisor withholds motion permission', 'permission')
+    probe.permit(True)
+    wait_inhibit(node, False, 'the release when permission returns')
+
+
+def test_supervisor_lost_asserts_the_inhibit(active_node, probe):
+    node = active_node
+    release_interlock(node, probe)
+    lost = 'safety supervisor lost (liveliness)'
+    # The supervisor republishes at 10 Hz; on Fast DDS a silent writer loses liveliness after the lease (1 s).
+    probe.permission = None                               # the supervisor hangs: no more publications
+    testing.wait_for(lambda: node.interlock_reason == lost, 10, 'liveliness lost after the lease')
+    assert hw_inhibited(node)
+    probe.permit(True)
+    wait_inhibit(node, False, 'the release when the supervisor is back')
+    probe.node.destroy_publisher(probe.permission_pub)    # the supervisor's publisher goes away
+    testing.wait_for(lambda: node.interlock_reason == lost, 10, 'liveliness lost with the publisher')
+    assert hw_inhibited(node)
+
+
+def test_deactivate_asserts_the_inhibit_and_it_stays_until_reactivated_with_inputs_ok(active_node, probe):
+    node = active_node
+    release_interlock(node, probe)
+    assert node.trigger_deactivate() == SUCCESS
+    assert hw_inhibited(node) and not node.shared.read().enabled
+    assert node.interlock_reason == 'hardware node not active'
+    assert node.trigger_activate() == SUCCESS
+    wait_inhibit(node, False, 'the release after re-activation (inputs still OK)')
+
+
+# --------------------------------------------------------------------------- configure failures
+
+def test_unknown_backend_fails_configure_with_the_reason(graph, probe):
+    node = make_node(graph, backend='stepper')
+    assert node.trigger_configure() == FAILURE
+    assert node.lifecycle_state() == 'unconfigured'
+    assert "unknown hardware backend 'stepper'" in node.last_failure
+    assert shared_hardware.lookup('hardware_node') is None
+    testing.wait_for(lambda: probe.latest_diagnostics() is not None
+                     and 'stepper' in probe.latest_diagnostics().message, 10, 'the failure on /diagnostics')
+    assert probe.latest_diagnostics().level == DiagnosticStatus.ERROR
+    assert 'stepper' in node.describe_state()
+
+
+def test_missing_serial_port_fails_configure_with_the_reason(graph):
+    node = make_node(graph, backend='serial', serial_port='/dev/igt_no_such_port')
+    assert node.trigger_configure() == FAILURE
+    assert node.lifecycle_state() == 'unconfigured'
+    assert '/dev/igt_no_such_port' in node.last_failure and 'cannot open serial port' in node.last_failure
+    assert shared_hardware.lookup('hardware_node') is None
+    assert node.trigger_activate() != SUCCESS                  # nothing to activate
+    assert node.lifecycle_state() == 'unconfigured'
+
+
+# --------------------------------------------------------------------------- serial backend + emulator
+
+class Emulator:
+    """The firmware emulator as a process (processes fixture) and its control socket."""
+
+    def __init__(self, processes, *args):
+        self._dir = tempfile.mkdtemp(prefix='igtemu-')     # UNIX socket paths must stay short
+        self.control_path = str(pathlib.Path(self._dir) / 'ctl')
+        self.proc = processes('igt_robot.hardware.emulator', '--control', self.control_path, *args)
+        line = testing.wait_for(lambda: next((ln for ln in self.proc.output().splitlines() if ln.startswith('PTY ')),
+                                             None) or (not self.proc.alive() and 'exited'), 20, 'the PTY line')
+        assert line != 'exited', self.proc.output()
+        self.pty = line.split(' ', 1)[1].strip()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(5.0)
+        testing.wait_for(lambda: self._try_connect(), 10, 'the control socket')
+        self._buf = b''
+
+    def _try_connect(self):
+        try:
+            self._sock.connect(self.control_path)
+            return True
+        except OSError:
+            return False
+
+    def control(self, command: str) -> str:
+        self._sock.sendall(command.encode() + b'\n')
+        while b'\n' not in self._buf:
+            chunk = self._sock.recv(65536)
+            assert chunk, 'emulator closed its control channel'
+            self._buf += chunk
+        line, self._buf = self._buf.split(b'\n', 1)
+        reply = line.decode()
+        assert reply.startswith('ok'), reply
+        return reply[3:]
+
+    def state(self) -> dict:
+        return json.loads(self.control('state'))
+
+    def close(self):
+        self._sock.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@pytest.fixture
+def emulator(processes):
+    emu = Emulator(processes, '--watchdog-ms', '500')   # generous: the node, not the watchdog, is under test
+    yield emu
+    emu.close()
+
+
+def test_serial_backend_against_the_emulator_counts_corrupted_frames(graph, probe, emulator):
+    node = make_node(graph, backend='serial', serial_port=emulator.pty)
+    assert node.trigger_configure() == SUCCESS, node.last_failure
+    assert node.trigger_activate() == SUCCESS, node.last_failure
+    assert emulator.state()['enabled'] is True
+    testing.wait_for(lambda: probe.robot_states and probe.robot_states[-1].backend == 'serial', 10,
+                     '/robot/state from the serial backend')
+    assert list(probe.joint_states[-1].name) == JOINTS
+    release_interlock(node, probe)
+    assert emulator.state()['inhibited'] is False
+
+    def counters():
+        status = probe.latest_diagnostics()
+        values = diag_values(status) if status is not None else {}
+        return values if 'crc_errors' in values else None
+
+    before = testing.wait_for(counters, 10, 'link counters on /diagnostics')
+    assert before['firmware_version'] == '1.2.0' and before['backend'] == 'serial'
+    # Fewer damaged replies in a row than the driver's retries: retransmitted, the link survives.
+    emulator.control('corrupt_next 2')
+    after = testing.wait_for(lambda: (c := counters()) and int(c['crc_errors']) >= int(before['crc_errors']) + 2
+                             and c, 10, 'crc_errors to increase')
+    assert int(after['retries']) >= int(before['retries']) + 2
+    assert not any(f.code == 'HARDWARE_LINK' for f in probe.faults)
+    n = len(probe.robot_states)
+    testing.wait_for(lambda: len(probe.robot_states) > n + 5, 10, 'states to keep flowing')
+    # More than the retries can absorb: a HARDWARE_LINK fault, cleared once the controller answers again.
+    emulator.control('corrupt_next 9')
+    raised = testing.wait_for(lambda: next((f for f in probe.faults if f.code == 'HARDWARE_LINK'), None), 10,
+                              'a HARDWARE_LINK fault')
+    assert raised.cause_active and 'no valid reply' in raised.detail
+    testing.wait_for(lambda: any(f.code == 'HARDWARE_LINK' and not f.cause_active for f in probe.faults), 10,
+                     'the HARDWARE_LINK cause to clear')
+    testing.wait_for(lambda: probe.latest_diagnostics().level == DiagnosticStatus.OK, 10, 'diagnostics OK again')
+    assert node.trigger_deactivate() == SUCCESS
+    assert emulator.state()['inhibited'] is True
+    assert node.trigger_cleanup() == SUCCESS
+
+
+def test_firmware_major_mismatch_fails_configure(graph, processes):
+    emu = Emulator(processes, '--firmware-version', '2.0.0')
+    try:
+        node = make_node(graph, backend='serial', serial_port=emu.pty)
+        assert node.trigger_configure() == FAILURE
+        assert node.lifecycle_state() == 'unconfigured'
+        assert 'firmware 2.0.0' in node.last_failure and 'not supported' in node.last_failure
+        assert shared_hardware.lookup('hardware_node') is None
+    finally:
+        emu.close()
+
+
+def test_encoder_resolution_mismatch_fails_configure(graph, emulator):
+    node = make_node(graph, backend='serial', serial_port=emulator.pty, encoder_counts_per_m=2.0e6)
+    assert node.trigger_configure() == FAILURE
+    assert 'encoder resolution mismatch' in node.last_failure
+
+
+def test_unplug_mid_motion_reports_a_fault_and_stays_safe(graph, probe, emulator):
+    node = make_node(graph, backend='serial', serial_port=emulator.pty)
+    assert node.trigger_configure() == SUCCESS, node.last_failure
+    assert node.trigger_activate() == SUCCESS, node.last_failure
+    release_interlock(node, probe)
+    node.shared.write([0.03, 0.0, 0.0, 0.0, 0.0])              # a 3 s move at 10 mm/s
+    testing.wait_for(lambda: probe.robot_states and probe.robot_states[-1].moving, 10, 'the motion to start')
+    emulator.control('unplug')
+
+    fault = testing.wait_for(lambda: next((f for f in probe.faults if f.code == 'HARDWARE_LINK'), None), 10,
+                             'a HARDWARE_LINK fault on /safety/faults')
+    assert fault.latched and fault.cause_active and 'port lost' in fault.detail
+    testing.wait_for(lambda: probe.latest_diagnostics() is not None
+                     and probe.latest_diagnostics().level == DiagnosticStatus.ERROR, 10, 'diagnostics ERROR')
+    assert 'link failure' in probe.latest_diagnostics().message
+    testing.wait_for(lambda: probe.robot_states and 'HARDWARE_LINK' in probe.robot_states[-1].faults, 10,
+                     'the fault in /robot/state')
+    assert not probe.robot_states[-1].enabled and not probe.robot_states[-1].moving
+    # Safe state: the driver refuses every command until an explicit reconnect (cleanup + configure).
+    with pytest.raises(HardwareError, match='safe state'):
+        node.shared.write([0.0] * 5)
+    assert 'LINK FAILURE' in node.describe_state()
+    # The firmware's watchdog stops the axes on its own side (the host is gone).
+    testing.wait_for(lambda: not emulator.state()['enabled'], 10, 'the emulator watchdog to stop the axes')
+    assert node.trigger_deactivate() == SUCCESS                # best effort, errors logged
+    assert node.trigger_cleanup() == SUCCESS
+    assert shared_hardware.lookup('hardware_node') is None
+
+
+# --------------------------------------------------------------------------- own process
+
+def test_hardware_node_as_its_own_process_publishes_joint_states(graph, processes):
+    proc = processes('igt_robot.nodes.hardware_node', '--ros-args', '-p', 'backend:=mujoco', name='hardware_node')
+    node = graph.create_node('cross_process_probe')
+    got = []
+    node.create_subscription(JointState, '/joint_states', got.append, 10)
+    testing.wait_for(lambda: len(got) >= 3 or not proc.alive(), 30, '/joint_states from the hardware_node process')
+    assert proc.alive(), proc.output()
+    assert list(got[-1].name) == JOINTS
+    code = proc.stop()
+    log = proc.log_path.read_text(errors='replace')
+    assert code == 0, log
+    assert 'backend closed' in log                          # stopped and closed on SIGINT
