@@ -35,9 +35,13 @@ def test_joints_limits_and_zframe_match_the_contract(model):
     np.testing.assert_allclose(model.upper, [0.04, 0.04, 0.5236, 0.5236, 0.150])
     np.testing.assert_allclose(model.velocity, [0.010, 0.010, 0.20, 0.20, 0.005])
     assert np.all(model.effort > 0)
+    # The Z-frame sits 80 mm along base y and 30 mm above the RCM plane, turned -90 deg about x so that
+    # its rods (its z axis) run along the base's y axis: parallel to the scanner bore when the robot is
+    # mounted with base y along the patient's long axis.
     expected = np.eye(4)
-    expected[:3, 3] = [0.0, 0.080, -0.020]
-    np.testing.assert_allclose(model.T_base_zframe, expected, atol=1e-15)
+    expected[:3, :3] = [[1, 0, 0], [0, 0, 1], [0, -1, 0]]
+    expected[:3, 3] = [0.0, 0.080, 0.030]
+    np.testing.assert_allclose(model.T_base_zframe, expected, atol=1e-12)
     assert model.chain[0].parent == 'base_link' and model.chain[-1].child == 'needle_tip'
 
 

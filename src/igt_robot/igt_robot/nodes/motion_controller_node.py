@@ -60,11 +60,11 @@ PARAMS = [
           'per-joint acceleration limits (m/s^2 prismatic, rad/s^2 revolute), joint order of the URDF'),
     Param('jerk_limits', [0.0], 'per-joint jerk limits for the S-curve profile; [0.0] = none (trapezoidal only)'),
     Param('profile', 'trapezoidal', 'velocity profile of every move', choices=('trapezoidal', 'scurve')),
-    Param('tracking_tolerance', [0.0005, 0.0005, 0.005, 0.005, 0.0005],
+    Param('tracking_tolerance', [0.001, 0.001, 0.015, 0.015, 0.0005],
           'per-joint tracking error that, held for tracking_cycles cycles, aborts the motion (m / rad)'),
-    Param('tracking_hard_limit', [0.002, 0.002, 0.02, 0.02, 0.002],
+    Param('tracking_hard_limit', [0.003, 0.003, 0.05, 0.05, 0.002],
           'per-joint tracking error that aborts the motion at once (m / rad)'),
-    Param('tracking_cycles', 20, 'consecutive cycles over tracking_tolerance before a tracking fault', 1, 10000),
+    Param('tracking_cycles', 50, 'consecutive cycles over tracking_tolerance before a tracking fault', 1, 10000),
     Param('goal_tolerance', [0.0002, 0.0002, 0.002, 0.002, 0.0002],
           'per-joint distance to the goal that counts as arrived (m / rad)'),
     Param('settle_timeout', 2.0, 'time allowed after the trajectory ends to settle within goal_tolerance, s',
@@ -192,16 +192,27 @@ class MotionControllerNode(Node):
 
     # ------------------------------------------------------------ control loop
     def _attach_hardware(self):
+        if self.loop is not None and self.hardware is not None and self.hardware.retired:
+            # The hardware node was cleaned up: stop driving the old handle and look again.
+            self.loop.stop()
+            self.loop = None
+            self.hardware = None
+            with self.motion_lock:
+                self.motion.hw = _NoHardware()
         if self.loop is not None and self.loop.running:
             return
         if self.loop is not None and self.loop.error is not None:
             return  # the loop died: heartbeat has stopped; the supervisor latches the fault
         hardware = shared_hardware.lookup(self.p['hardware_node'])
-        if hardware is None:
+        if hardware is None or hardware.retired:
             return
         self.hardware = hardware
         with self.motion_lock:
             self.motion.hw = hardware
+        # CPython hands the GIL between threads every sys.getswitchinterval() (5 ms by default):
+        # a loop thread waiting for it would miss whole periods while executor threads run.
+        # A quarter period bounds that wait (costs a little throughput in the other threads).
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.25 / self.p['control_rate']))
         self.loop = FixedRateLoop(self._cycle, rate_hz=self.p['control_rate'], name='motion_control_loop',
                                   realtime_priority=self.p['realtime_priority'] or None)
         self.loop.start()

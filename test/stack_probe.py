@@ -1,0 +1,101 @@
+"""A probe node for tests that drive the stack: action/service clients and latched-topic caches.
+
+All entities are created before the node joins the spinning executor (rclpy's
+ActionClient is not safe to construct on a node that is already being spun).
+"""
+import numpy as np
+import rclpy
+from rclpy.action import ActionClient
+
+from igt_robot import testing
+from igt_robot.nodes import qos
+from igt_robot_msgs.action import InsertNeedle, MoveGuide
+from igt_robot_msgs.msg import ProcedureEvent, RobotState, SafetyStatus
+from igt_robot_msgs.srv import AcknowledgeFaults, ResumeMotion, SetEstop, SetScannerState
+
+
+class StackProbe:
+    def __init__(self, context, executor, name='stack_probe'):
+        self.node = rclpy.create_node(name, context=context)
+        self.status = None
+        self.robot = None
+        self.robot_count = 0
+        self.events = []
+        self.node.create_subscription(SafetyStatus, '/safety/status', self._on_status, qos.SAFETY_LATCHED)
+        self.node.create_subscription(RobotState, '/robot/state', self._on_robot, qos.STATE_STREAM)
+        self.node.create_subscription(ProcedureEvent, '/procedure/events', self.events.append, qos.EVENTS)
+        self.move = ActionClient(self.node, MoveGuide, '/motion/move_guide')
+        self.insert = ActionClient(self.node, InsertNeedle, '/motion/insert_needle')
+        self.resume_client = self.node.create_client(ResumeMotion, '/safety/resume')
+        self.ack_client = self.node.create_client(AcknowledgeFaults, '/safety/acknowledge')
+        self.estop_client = self.node.create_client(SetEstop, '/safety/estop')
+        self.scanner_client = self.node.create_client(SetScannerState, '/scanner/set_state')
+        executor.add_node(self.node)
+
+    def _on_status(self, msg):
+        self.status = msg
+
+    def _on_robot(self, msg):
+        self.robot = msg
+        self.robot_count += 1
+
+    # ------------------------------------------------------------------ waits
+    def wait_status(self, predicate, what, timeout=20.0):
+        return testing.wait_for(lambda: self.status is not None and predicate(self.status) and self.status,
+                                timeout, what)
+
+    def positions(self):
+        testing.wait_for(lambda: self.robot is not None, 20, 'robot state')
+        return np.array(self.robot.position)
+
+    def after_more_states(self, count=25, timeout=20.0):
+        """Positions after ``count`` further robot states (to see that nothing drifts)."""
+        start = self.robot_count
+        testing.wait_for(lambda: self.robot_count >= start + count, timeout, f'{count} more robot states')
+        return np.array(self.robot.position)
+
+    def wait_still(self, timeout=20.0):
+        """Wait until the robot reports no axis moving."""
+        return testing.wait_for(lambda: self.robot is not None and not self.robot.moving, timeout, 'robot at rest')
+
+    # --------------------------------------------------------------- commands
+    def call(self, client, request, timeout=10.0):
+        assert client.wait_for_service(timeout_sec=timeout), f'{client.srv_name} not available'
+        future = client.call_async(request)
+        return testing.wait_for(lambda: future.done() and future.result(), timeout, f'{client.srv_name} reply')
+
+    def resume(self):
+        return self.call(self.resume_client, ResumeMotion.Request(operator_id='test'))
+
+    def acknowledge(self, codes=()):
+        return self.call(self.ack_client, AcknowledgeFaults.Request(operator_id='test', codes=list(codes)))
+
+    def scan(self, phase, protocol='control scan'):
+        return self.call(self.scanner_client, SetScannerState.Request(phase=phase, protocol_name=protocol))
+
+    def make_ready(self):
+        """From start-up HOLD to READY by the operator's explicit resume."""
+        self.wait_status(lambda s: s.state in ('HOLD', 'READY'), 'supervisor out of INIT', 30)
+        if self.status.state == 'HOLD':
+            reply = self.resume()
+            assert reply.success, reply.message
+        return self.wait_status(lambda s: s.motion_permitted, 'motion permitted')
+
+    def send(self, client, goal, timeout=20.0):
+        """Send a goal; return the goal handle (accepted or not)."""
+        assert client.wait_for_server(timeout_sec=timeout)
+        future = client.send_goal_async(goal)
+        return testing.wait_for(lambda: future.done() and future.result(), timeout, 'goal response')
+
+    def result(self, handle, timeout=60.0):
+        future = handle.get_result_async()
+        return testing.wait_for(lambda: future.done() and future.result(), timeout, 'goal result').result
+
+
+def line_goal(entry, target, frame='base_link'):
+    goal = MoveGuide.Goal()
+    goal.entry.header.frame_id = frame
+    goal.target.header.frame_id = frame
+    goal.entry.point.x, goal.entry.point.y, goal.entry.point.z = map(float, entry)
+    goal.target.point.x, goal.target.point.y, goal.target.point.z = map(float, target)
+    return goal
