@@ -73,6 +73,11 @@ FINISH_GAIN = 30.0
 #: Setpoints further apart than this (s) are not a stream: no velocity feed-forward
 #: is estimated from them, and explicit feed-forward expires after this long.
 FEEDFORWARD_MAX_PERIOD = 0.1
+#: A streamed setpoint's feed-forward is extrapolated for at least this long (s), as a drive in
+#: cyclic-synchronous mode bridges a few late host cycles: a host that is late by up to this much
+#: does not make the axis brake and then lag behind its trajectory. A host that falls silent drags the
+#: axis at most v_max * FEEDFORWARD_BRIDGE past its last setpoint (0.5 mm at 10 mm/s).
+FEEDFORWARD_BRIDGE = 0.05
 
 OVERVIEW_CAMERA = 'overview'
 
@@ -559,9 +564,10 @@ class MujocoHardware(HardwareInterface):
         """Velocity feed-forward for a streamed trajectory, valid until the next setpoint is due.
 
         Explicit ``velocities`` win; otherwise the velocity is estimated from the
-        last two setpoints. It expires 1.5 write periods after the write (0.1 s at
-        most), so a stream that ends, or a host that falls silent, never drags an
-        axis past its last setpoint.
+        last two setpoints. It expires 1.5 write periods after the write, but not
+        before FEEDFORWARD_BRIDGE (late host cycles are bridged) and not after 0.1 s,
+        so a stream that ends, or a host that falls silent, drags an axis only a
+        bounded distance past its last setpoint.
         """
         now = float(self._data.time)
         interval = None if self._last_write_time is None else now - self._last_write_time
@@ -578,7 +584,7 @@ class MujocoHardware(HardwareInterface):
         else:
             ff = np.zeros_like(target)
         self._ff = np.clip(ff, -self.robot.velocity, self.robot.velocity)
-        self._ff_expiry = now + (1.5 * interval if streaming else FEEDFORWARD_MAX_PERIOD)
+        self._ff_expiry = now + (max(1.5 * interval, FEEDFORWARD_BRIDGE) if streaming else FEEDFORWARD_MAX_PERIOD)
         self._last_write_time = now
         self._last_write_target = target.copy()
 

@@ -58,13 +58,15 @@ PARAMS = [
     Param('realtime_priority', 0, 'SCHED_FIFO priority of the loop thread (0 = normal scheduling)', 0, 99),
     Param('acceleration_limits', [0.02, 0.02, 0.5, 0.5, 0.01],
           'per-joint acceleration limits (m/s^2 prismatic, rad/s^2 revolute), joint order of the URDF'),
+    Param('limit_headroom', 0.8, 'trajectories use this fraction of the drive velocity/acceleration limits, so a drive '
+          'that fell behind after a late control cycle can catch up', 0.1, 1.0),
     Param('jerk_limits', [0.0], 'per-joint jerk limits for the S-curve profile; [0.0] = none (trapezoidal only)'),
     Param('profile', 'trapezoidal', 'velocity profile of every move', choices=('trapezoidal', 'scurve')),
-    Param('tracking_tolerance', [0.001, 0.001, 0.015, 0.015, 0.0005],
+    Param('tracking_tolerance', [0.0015, 0.0015, 0.02, 0.02, 0.001],
           'per-joint tracking error that, held for tracking_cycles cycles, aborts the motion (m / rad)'),
-    Param('tracking_hard_limit', [0.003, 0.003, 0.05, 0.05, 0.002],
+    Param('tracking_hard_limit', [0.004, 0.004, 0.06, 0.06, 0.003],
           'per-joint tracking error that aborts the motion at once (m / rad)'),
-    Param('tracking_cycles', 50, 'consecutive cycles over tracking_tolerance before a tracking fault', 1, 10000),
+    Param('tracking_cycles', 100, 'consecutive cycles over tracking_tolerance before a tracking fault', 1, 10000),
     Param('goal_tolerance', [0.0002, 0.0002, 0.002, 0.002, 0.0002],
           'per-joint distance to the goal that counts as arrived (m / rad)'),
     Param('settle_timeout', 2.0, 'time allowed after the trajectory ends to settle within goal_tolerance, s',
@@ -126,8 +128,12 @@ class MotionControllerNode(Node):
             if len(self.p[key]) != n:
                 raise ValueError(f"parameter '{key}' needs {n} values (joint order {self.joint_names})")
         jerk = self.p['jerk_limits']
-        self.limits = JointLimits.from_robot_model(self.model, self.p['acceleration_limits'],
-                                                   jerk if len(jerk) == n and all(j > 0 for j in jerk) else None)
+        headroom = self.p['limit_headroom']
+        self.limits = JointLimits(
+            velocity=self.model.velocity * headroom,
+            acceleration=np.asarray(self.p['acceleration_limits'], dtype=float) * headroom,
+            jerk=np.asarray(jerk, dtype=float) if len(jerk) == n and all(j > 0 for j in jerk) else None,
+            lower=self.model.lower, upper=self.model.upper, joint_names=self.joint_names)
         self.permission = Permission()
         self.motion_lock = threading.Lock()
         self.motion = MotionExecutor(
@@ -144,6 +150,7 @@ class MotionControllerNode(Node):
         self._finished = {}                  # goal id -> finished Goal (set by the loop thread)
         self._finished_event = threading.Condition()
         self._last_beat_cycles = -1
+        self._attach_lock = threading.Lock()
 
         group = ReentrantCallbackGroup()
         self.create_subscription(Bool, '/safety/motion_permitted', self._on_permitted, qos.SAFETY_LATCHED,
@@ -158,7 +165,7 @@ class MotionControllerNode(Node):
         self.diagnostics = common.create_diagnostics_publisher(self)
         self.faults = common.FaultReporter(self)
         self.heartbeat = common.HeartbeatPublisher(self, self.p['heartbeat_period'], alive=self._loop_alive)
-        self.create_timer(0.05, self._attach_hardware, callback_group=group)
+        self.create_timer(0.5, self._attach_hardware, callback_group=group)  # cheap: looks up a dict
         self.create_timer(1.0, self._publish_diagnostics, callback_group=group)
         self._move_server = ActionServer(
             self, MoveGuide, '/motion/move_guide', execute_callback=self._execute_move,
@@ -192,6 +199,10 @@ class MotionControllerNode(Node):
 
     # ------------------------------------------------------------ control loop
     def _attach_hardware(self):
+        with self._attach_lock:  # the timer and a goal thread may both try
+            self._attach_hardware_locked()
+
+    def _attach_hardware_locked(self):
         if self.loop is not None and self.hardware is not None and self.hardware.retired:
             # The hardware node was cleaned up: stop driving the old handle and look again.
             self.loop.stop()
@@ -235,8 +246,14 @@ class MotionControllerNode(Node):
         return True
 
     def _inhibited(self) -> bool:
-        state = self.hardware.last_state if self.hardware is not None else None
-        return bool(state is not None and state.motion_inhibited)
+        """Is the hardware motion-inhibit asserted now? A fresh read: a refused setpoint and the
+        inhibit that caused it can both be newer than the cached state."""
+        if self.hardware is None:
+            return False
+        try:
+            return bool(self.hardware.read().motion_inhibited)
+        except Exception:  # noqa: BLE001 -- a failing read is itself a hardware fault, not an inhibit
+            return False
 
     def _loop_alive(self) -> bool:
         """Heartbeat only while the control loop is really cycling."""
@@ -257,6 +274,7 @@ class MotionControllerNode(Node):
         return GoalResponse.ACCEPT
 
     def _measured(self) -> np.ndarray:
+        self._attach_hardware()  # a goal may arrive before the periodic look-up found the hardware
         if self.hardware is None:
             raise GoalRefused(-6, f"no hardware: '{self.p['hardware_node']}' is not configured in this process")
         state = self.hardware.last_state

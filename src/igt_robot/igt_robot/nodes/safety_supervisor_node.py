@@ -58,7 +58,7 @@ PARAMS = [
     Param('workspace_upper', Parameter.Type.DOUBLE_ARRAY, 'needle-tip box upper corner x,y,z in base_link (m)'),
     Param('max_insertion_depth', -1.0, 'procedure insertion-depth limit (m), settable at run time; '
           '< 0 = only the URDF limit', -1.0, 1.0),
-    Param('tick_rate_hz', 100.0, 'timeout check rate (Hz)', 100.0, 1000.0),
+    Param('tick_rate_hz', 50.0, 'timeout check rate (Hz); a timeout is seen at most one tick late', 20.0, 1000.0),
     Param('publish_rate_hz', 10.0, 'periodic /safety/status and /safety/motion_permitted rate (Hz)', 1.0, 100.0),
     Param('heartbeat_period_s', 0.05, 'own /heartbeat period (s)', 0.01, 1.0),
 ]
