@@ -1,0 +1,230 @@
+"""Needle detection in a confirmation scan (for tip-to-target error).
+
+CT shows the needle as a thin bright (saturated metal) line with streaks; MR
+shows a dark signal void (susceptibility artefact, wider than the needle).
+Steps (scanner LPS metres):
+
+1. body mask (largest bright region, holes filled) -- the needle that matters
+   is inside the patient, and the mask keeps Z-frame rods and air gaps out;
+2. enhance thin bright (CT: white top-hat) or thin dark (MR: black top-hat)
+   structures inside the body;
+3. line candidates (components, half-max core, weighted PCA), choose the one
+   closest to the expected tip/direction when given, else the longest;
+4. orient it from entry to tip (expected direction, else towards the body's
+   interior) and locate the tip as the half-maximum point of the enhanced
+   profile sampled along the fitted line (sub-voxel, linear interpolation).
+
+Note: in MR the void's end is not exactly the metal tip (artefact shape
+depends on field strength, orientation and sequence); a calibrated offset can
+be added by the caller.
+"""
+from __future__ import annotations
+
+
+import numpy as np
+from scipy import ndimage
+
+from igt_robot import units
+from igt_robot.imaging.errors import ImageError
+from igt_robot.imaging.rods import (black_tophat, find_line_candidates, robust_noise_sigma,
+                                    white_tophat)
+from igt_robot.imaging.volume import Volume, validate_intensities
+
+_MM = units.mm_to_m(1.0)
+
+
+def body_threshold(volume: Volume, smoothed=None):
+    """Intensity separating the body from air: -500 HU in CT, Otsu in MR."""
+    if volume.modality == 'CT':
+        return -500.0
+    if smoothed is None:
+        smoothed = ndimage.uniform_filter(volume.data.astype(np.float32), size=3)
+    return _otsu(smoothed)
+
+
+def body_mask(volume: Volume):
+    """Boolean mask of the patient body: threshold of a smoothed image (CT:
+    -500 HU, MR: Otsu), opened, largest component, holes filled slice by
+    slice (fills the MR needle void)."""
+    data = ndimage.uniform_filter(volume.data.astype(np.float32), size=3)
+    mask = data > body_threshold(volume, data)
+    # an opening cuts thin bridges (the needle shaft in air, touching Z-frame
+    # rods) so the largest component is the body alone
+    mask = ndimage.binary_opening(mask, structure=ndimage.generate_binary_structure(3, 1), iterations=2)
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
+    mask = labels == (int(np.argmax(sizes)) + 1)
+    for k in range(mask.shape[0]):
+        mask[k] = ndimage.binary_fill_holes(mask[k])
+    return mask
+
+
+def _otsu(data, bins=256):
+    values = data.ravel()[:: max(1, data.size // 200000)]   # a sub-sample is plenty for a histogram
+    hist, edges = np.histogram(values, bins=bins)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mean0 = m0 / np.maximum(w0, 1)
+    mean1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mean0 - mean1) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def find_needle(volume: Volume, expected_tip=None, expected_direction=None, *,
+                max_angle_deg: float = 25.0, max_offset_m: float = 10.0 * _MM):
+    """Detect the needle; returns ``(tip_scanner, direction)`` in scanner LPS (m),
+    ``direction`` a unit vector pointing from the entry towards the tip.
+
+    Raises :class:`ImageError` when no needle-like line is found (or none near
+    the expected tip/direction within ``max_offset_m``/``max_angle_deg``).
+    """
+    validate_intensities(volume)
+    mask = body_mask(volume)
+    inner = ndimage.binary_erosion(mask, iterations=2)
+    if volume.modality == 'CT':
+        enhanced = white_tophat(volume, 6.0 * _MM)
+    else:
+        enhanced = black_tophat(volume, 8.0 * _MM)
+    enhanced = np.where(inner, enhanced, 0.0).astype(np.float32)
+    noise = robust_noise_sigma(enhanced[inner]) if inner.any() else robust_noise_sigma(enhanced)
+    # the needle is the strongest thin structure in the body (metal saturates in
+    # CT; the void is the darkest in MR): threshold relative to the top voxels
+    top = np.sort(enhanced[inner] if inner.any() else enhanced.ravel())[-30:]
+    ref = float(np.mean(top))
+    threshold = max(6.0 * noise, 0.3 * ref)
+    # thin: a needle (CT) or its void (MR, ~3 mm wide) has a radial RMS well
+    # under 2 mm; ribs and vessels are thicker
+    candidates = find_line_candidates(volume, enhanced, threshold, min_length_m=8.0 * _MM,
+                                      max_radial_rms_m=1.8 * _MM, min_voxels=5)
+    if not candidates:
+        raise ImageError('needle not found: no thin straight '
+                         f'{"bright" if volume.modality == "CT" else "dark"} structure inside the body')
+    rejections = []
+    plausible = []
+    for cand in candidates:
+        try:
+            _check_needle_contrast(volume, mask, cand)
+            plausible.append(cand)
+        except ImageError as exc:
+            rejections.append(str(exc))
+    if not plausible:
+        raise ImageError(rejections[0])
+    candidates = plausible
+    if expected_direction is not None:
+        expected_direction = np.asarray(expected_direction, float)
+        expected_direction = expected_direction / np.linalg.norm(expected_direction)
+    scored = []
+    for cand in candidates:
+        angle = 0.0
+        offset = 0.0
+        if expected_direction is not None:
+            angle = np.degrees(np.arccos(min(1.0, abs(float(cand.direction @ expected_direction)))))
+            if angle > max_angle_deg:
+                continue
+        if expected_tip is not None:
+            offset = float(cand.distance_to(np.asarray(expected_tip, float))[0])
+            if offset > max_offset_m:
+                continue
+        # near the expectation first; otherwise the strongest (length breaks ties)
+        scored.append((offset / _MM + angle - cand.peak / ref - 1e-3 * cand.length_m / _MM, cand))
+    if not scored:
+        raise ImageError(f'needle not found near the expected position: {len(candidates)} line(s) detected, '
+                         f'none within {units.m_to_mm(max_offset_m):.0f} mm / {max_angle_deg:.0f} deg')
+    needle = min(scored, key=lambda s: s[0])[1]
+    u = needle.direction.copy()
+    lo, hi = needle.extent()
+    if expected_direction is not None:
+        if u @ expected_direction < 0:
+            u = -u
+            lo, hi = -hi, -lo
+    else:
+        # the tip is the end deeper inside the body
+        inside = [_mask_fraction(volume, mask, needle.centroid + s * u, 10.0 * _MM) for s in (lo, hi)]
+        if inside[0] > inside[1]:
+            u = -u
+            lo, hi = -hi, -lo
+    tip = _tip_from_profile(volume, enhanced, needle.centroid, u, lo, hi)
+    return tip, u
+
+
+# A needle is metal in CT (far above any tissue) and a near-complete signal
+# void in MR; anything weaker is a vessel, a tissue gap or noise, not a needle.
+CT_MIN_NEEDLE_CONTRAST_HU = 1800.0   # above cortical bone; metal saturates near 3071 HU
+MR_MAX_VOID_LEVEL = 0.35     # darkest quarter of the line's voxels vs the body's median signal
+
+
+def _check_needle_contrast(volume, mask, needle):
+    if volume.modality == 'CT':
+        if needle.peak < CT_MIN_NEEDLE_CONTRAST_HU:
+            raise ImageError(f'needle not found: the thin bright line has only {needle.peak:.0f} HU '
+                             f'contrast (metal needs > {CT_MIN_NEEDLE_CONTRAST_HU:.0f} HU)')
+        return
+    body_level = float(np.median(volume.data[mask])) if mask.any() else float(np.max(volume.data))
+    idx = np.rint(volume.scanner_to_index(needle.points)).astype(int)
+    raw = volume.data[idx[:, 2], idx[:, 1], idx[:, 0]]
+    level = float(np.percentile(raw, 25)) / max(body_level, 1e-12)
+    if level > MR_MAX_VOID_LEVEL:
+        raise ImageError(f'needle not found: the thin dark line is not a signal void (its signal is '
+                         f'{level:.0%} of the body median, a void is < {MR_MAX_VOID_LEVEL:.0%})')
+    # a void is a thin tube in tissue; the rim of a large dark region (bone,
+    # air) is thin too, but has dark on one side: sample a ring around the line
+    ring_dark = _dark_ring_fraction(volume, needle, 0.5 * body_level, NEEDLE_RING_RADIUS_M)
+    if ring_dark > MR_MAX_DARK_RING_FRACTION:
+        raise ImageError(f'needle not found: the thin dark line is the edge of a larger dark region '
+                         f'({ring_dark:.0%} of its surroundings are dark)')
+
+
+NEEDLE_RING_RADIUS_M = 4.0 * _MM
+MR_MAX_DARK_RING_FRACTION = 0.25
+
+
+def _dark_ring_fraction(volume, line, dark_level, radius_m, n_angles=12):
+    """Fraction of points on rings around the line whose intensity is below ``dark_level``."""
+    u = line.direction
+    helper = np.array([1.0, 0.0, 0.0]) if abs(u[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    e1 = np.cross(u, helper)
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(u, e1)
+    lo, hi = line.extent()
+    s = np.linspace(lo + 0.2 * (hi - lo), hi - 0.2 * (hi - lo), 9)
+    phi = np.linspace(0.0, 2 * np.pi, n_angles, endpoint=False)
+    ring = (np.cos(phi)[:, None] * e1 + np.sin(phi)[:, None] * e2) * radius_m
+    pts = (line.centroid + s[:, None, None] * u + ring[None]).reshape(-1, 3)
+    idx = volume.scanner_to_index(pts)
+    vals = ndimage.map_coordinates(volume.data.astype(np.float32), [idx[:, 2], idx[:, 1], idx[:, 0]], order=1,
+                                   mode='nearest')
+    return float(np.mean(vals < dark_level))
+
+
+def _mask_fraction(volume, mask, point, radius_m):
+    idx = volume.scanner_to_index(point)
+    half = np.ceil(radius_m / volume.spacing).astype(int)
+    lo = np.maximum(np.floor(idx).astype(int) - half, 0)
+    hi = np.minimum(np.ceil(idx).astype(int) + half + 1, np.array(mask.shape[::-1]))
+    if np.any(hi <= lo):
+        return 0.0
+    return float(mask[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]].mean())
+
+
+def _tip_from_profile(volume, enhanced, centroid, u, lo, hi, step_m=0.2 * _MM):
+    """Half-maximum crossing of the line profile beyond the far end ``hi``."""
+    s = np.arange(lo, hi + 8.0 * _MM, step_m)
+    pts = centroid[None, :] + s[:, None] * u[None, :]
+    idx = volume.scanner_to_index(pts)
+    profile = ndimage.map_coordinates(enhanced, [idx[:, 2], idx[:, 1], idx[:, 0]], order=1, mode='constant',
+                                      cval=0.0)
+    inner = (s >= hi - 20.0 * _MM) & (s <= hi - 3.0 * _MM)
+    if inner.sum() < 3:
+        inner = s <= hi
+    plateau = float(np.median(profile[inner]))
+    half = 0.5 * plateau
+    start = int(np.nonzero(inner)[0][-1])
+    for n in range(start, len(s) - 1):
+        if profile[n] >= half > profile[n + 1]:
+            frac = (profile[n] - half) / (profile[n] - profile[n + 1])
+            return centroid + (s[n] + frac * step_m) * u
+    return centroid + hi * u
