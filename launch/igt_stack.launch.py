@@ -8,12 +8,15 @@ Arguments:
   serial_port    serial device of the motor controller (backend serial)
   use_rviz       start rviz2 with config/igt_robot.rviz
   log_level      ROS log level of every node
+  demo           run the simulated procedure automatically (procedure_node), then exit
+  procedure_id   name of the record folder shared by recorder_node and procedure_node
 """
 import os
+import time
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, Shutdown
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
@@ -28,13 +31,13 @@ def generate_launch_description():
     log_level = LaunchConfiguration('log_level')
     ros_args = ['--ros-args', '--log-level', log_level]
 
-    def node(package, executable, *params_files, extra=None):
+    def node(package, executable, *params_files, extra=None, on_exit=None):
         # No `name=` remap: the motion_controller process hosts two nodes (hardware_node and
         # motion_controller), and a name remap would rename both. Each node's own name selects its
         # section of the parameter files.
         return Node(package=package, executable=executable, output='screen',
                     parameters=[os.path.join(config, f) for f in params_files] + ([extra] if extra else []),
-                    arguments=ros_args)
+                    arguments=ros_args, on_exit=on_exit)
 
     return LaunchDescription([
         DeclareLaunchArgument('backend', default_value='mujoco', description='mujoco | serial'),
@@ -42,6 +45,9 @@ def generate_launch_description():
                               description='motor controller port (backend serial)'),
         DeclareLaunchArgument('use_rviz', default_value='false', description='start rviz2'),
         DeclareLaunchArgument('log_level', default_value='info', description='ROS log level'),
+        DeclareLaunchArgument('demo', default_value='false', description='run the simulated procedure'),
+        DeclareLaunchArgument('procedure_id', default_value=time.strftime('proc-%Y%m%d-%H%M%S'),
+                              description='record folder name shared by recorder_node and procedure_node'),
         Node(package='robot_state_publisher', executable='robot_state_publisher', output='screen',
              parameters=[{'robot_description': robot_description}]),
         # hardware_node + motion_controller in one process: the control loop runs where the hardware is
@@ -53,8 +59,13 @@ def generate_launch_description():
         node('igt_robot', 'registration_node', 'registration.yaml'),
         node('igt_planner', 'planner_node', 'planner.yaml'),
         node('igt_robot', 'igtl_bridge', 'procedure.yaml'),
-        node('igt_robot', 'recorder_node', 'procedure.yaml'),
-        node('igt_robot', 'procedure_node', 'procedure.yaml'),
+        node('igt_robot', 'recorder_node', 'procedure.yaml',
+             extra={'procedure_id': LaunchConfiguration('procedure_id')}),
+        node('igt_robot', 'procedure_node', 'procedure.yaml',
+             extra={'procedure_id': LaunchConfiguration('procedure_id'), 'demo': LaunchConfiguration('demo'),
+                    'exit_when_done': LaunchConfiguration('demo')},
+             # The procedure is the job: when its node exits (demo finished), the launch ends.
+             on_exit=[Shutdown(reason='procedure_node exited')]),
         Node(package='rviz2', executable='rviz2', output='screen', condition=IfCondition(LaunchConfiguration('use_rviz')),
              arguments=['-d', os.path.join(config, 'igt_robot.rviz')]),
     ])

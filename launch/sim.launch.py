@@ -30,5 +30,5 @@ def generate_launch_description():
         IncludeLaunchDescription(
             PythonLaunchDescriptionSource(os.path.join(share, 'launch', 'igt_stack.launch.py')),
             launch_arguments={'backend': backend, 'serial_port': '/tmp/igt_robot_emulator',
-                              'use_rviz': LaunchConfiguration('use_rviz')}.items()),
+                              'use_rviz': LaunchConfiguration('use_rviz'), 'demo': 'true'}.items()),
     ])

@@ -1,0 +1,503 @@
+"""Procedure node: the operator's workflow (planning, targeting, monitoring, control) over the stack.
+
+/procedure/command (OperatorCommand) takes the operator's steps. The node checks
+each against the workflow state machine (:mod:`igt_robot.workflow`), carries out
+the accepted ones through the other nodes (scanner, registration, planner,
+motion controller) and reports back. Commands beyond the workflow's own:
+
+  status                 phase, step and the allowed commands; changes nothing
+  stop                   cancel the motion goal under way (the robot stops under control)
+  load_planning_scan     acquire the planning scan (simulation) or load ARG (a DICOM folder)
+  register               register the robot from the planning scan's Z-frame
+  plan                   plan the path to the target (the simulated lesion, or /procedure/target)
+  align / insert_step    move (after the supervisor permits motion)
+  control_scan           acquire a control scan, find the needle tip, compare with the target
+  confirmation_scan      the final scan, tip found and tip-to-target error reported
+  report                 write the HTML report (record + pictures)
+
+With ``demo: true`` the node runs the whole needle placement by itself with the
+operator's confirmations given automatically (and says so in the record), one
+unexpected scan arriving mid-step, then writes the report and a summary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+import rclpy
+from geometry_msgs.msg import Point, PointStamped
+from rclpy.action import ActionClient
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.node import Node
+from std_srvs.srv import Trigger
+
+from igt_robot import frames, paths, workflow
+from igt_robot.imaging.io import read_dicom_series
+from igt_robot.imaging.needle import find_needle
+from igt_robot.imaging.reformat import oblique_slice, plane_axes, project
+from igt_robot.kinematics import NeedleGuideKinematics
+from igt_robot.nodes import common, qos
+from igt_robot.nodes.params import Param, declare
+from igt_robot.procedure.steps import TipCheck, insertion_schedule
+from igt_robot.record.report import SliceView, write_report
+from igt_robot.record.store import read_entries
+from igt_robot.robot_model import load_robot_model
+from igt_robot.simulation.scanner import SimulatedScanner
+from igt_robot.simulation.scenario import make_scenario
+from igt_robot_msgs.action import InsertNeedle, MoveGuide
+from igt_robot_msgs.msg import ProcedureEvent, RegistrationResult, RobotState, SafetyStatus, ScannerState
+from igt_robot_msgs.srv import OperatorCommand, PlanPath, RegisterImage, ResumeMotion, SetScannerState
+
+NODE_NAME = 'procedure_node'
+PARAMS = [
+    Param('procedure_id', '', 'procedure identifier shared with the recorder (its record folder name)'),
+    Param('record_dir', '', "the recorder's record folder; empty = <repo>/build/records/<procedure_id>"),
+    Param('scan_dir', '', 'where simulated scans are written; empty = <record_dir>/scans'),
+    Param('demo', False, 'run the whole procedure automatically, confirmations given by the demo operator'),
+    Param('exit_when_done', False, 'shut the process down when the demo has finished (launch files)'),
+    Param('operator_id', 'demo-operator', 'operator id recorded for confirmations given in demo mode'),
+    Param('modality', 'CT', 'simulated scanner modality', choices=('CT', 'MR')),
+    Param('scenario_seed', 7, 'seed of the simulated patient and robot mounting', 0, 1_000_000),
+    Param('target_depth', 0.0, 'simulated target depth below the skin, m (0 = random 40..90 mm)', 0.0, 0.13),
+    Param('insertion_steps', 3, 'insertion steps, each followed by a control scan', 1, 10),
+    Param('unexpected_scan_step', 2, 'insertion step during which an unexpected scan arrives (0 = none)', 0, 10),
+    Param('scan_duration', 1.0, 'duration of a simulated acquisition, s', 0.1, 30.0),
+    Param('service_timeout', 60.0, 'time allowed for a service or action of another node, s', 1.0, 600.0),
+]
+
+
+class StepFailed(Exception):
+    """A step could not be carried out; the message says why (returned to the operator)."""
+
+
+@dataclasses.dataclass
+class ProcedureState:
+    """What the procedure has learnt so far (scanner LPS, m)."""
+
+    planning_scan: Optional[object] = None        # Acquisition (simulated) or a path
+    planning_volume: Optional[object] = None
+    registration: Optional[RegistrationResult] = None
+    plan: Optional[object] = None                 # igt_robot_msgs/NeedlePlan
+    schedule: list = dataclasses.field(default_factory=list)
+    tips: list = dataclasses.field(default_factory=list)     # [(scan_id, TipCheck)]
+    last_volume: Optional[object] = None
+    scans: int = 0
+    interlocks: int = 0
+
+
+class ProcedureNode(Node):
+    def __init__(self, context=None, cli_args=None, **kwargs):
+        super().__init__(NODE_NAME, context=context, cli_args=cli_args, **kwargs)
+        self.p = declare(self, PARAMS)
+        self.model = load_robot_model()
+        self.kinematics = NeedleGuideKinematics(self.model)
+        self.workflow = workflow.Workflow()
+        self.state = ProcedureState()
+        self.procedure_id = self.p['procedure_id'] or time.strftime('%Y%m%d-%H%M%S')
+        self.record_dir = pathlib.Path(self.p['record_dir'] or paths.repo_root() / 'build' / 'records' /
+                                       self.procedure_id).resolve()
+        self.scan_dir = pathlib.Path(self.p['scan_dir'] or self.record_dir / 'scans')
+        self.scenario = make_scenario(self.p['scenario_seed'], self.p['target_depth'] or None, self.p['modality'],
+                                      T_base_zframe=self.model.T_base_zframe)
+        self.scanner = SimulatedScanner(self.scenario, self.scan_dir, self.model.T_base_zframe, self.kinematics)
+        self.target = self.scenario.target.copy()     # the lesion the radiologist marks (Slicer may override)
+        self.safety: Optional[SafetyStatus] = None
+        self.robot: Optional[RobotState] = None
+        self.lock = threading.RLock()                 # one operator command at a time
+        self._active_goal = None
+        self.demo_summary: Optional[dict] = None
+        self.demo_error: Optional[str] = None
+        self.demo_done = threading.Event()
+        self.dose_log = []                            # DLP (mGy*cm) of each ionising scan
+
+        group = ReentrantCallbackGroup()
+        self.events = common.create_event_publisher(self)
+        self.create_subscription(SafetyStatus, '/safety/status', self._on_safety, qos.SAFETY_LATCHED,
+                                 callback_group=group)
+        self.create_subscription(RobotState, '/robot/state', self._on_robot, qos.STATE_STREAM, callback_group=group)
+        self.create_subscription(RegistrationResult, '/registration/result', self._on_registration, qos.LATCHED,
+                                 callback_group=group)
+        self.create_subscription(PointStamped, '/procedure/target', self._on_target, qos.LATCHED,
+                                 callback_group=group)
+        self.scanner_client = self.create_client(SetScannerState, '/scanner/set_state', callback_group=group)
+        self.register_client = self.create_client(RegisterImage, '/registration/register', callback_group=group)
+        self.plan_client = self.create_client(PlanPath, '/planner/plan', callback_group=group)
+        self.resume_client = self.create_client(ResumeMotion, '/safety/resume', callback_group=group)
+        self.recorder_report_client = self.create_client(Trigger, '/recorder_node/write_report', callback_group=group)
+        self.move_client = ActionClient(self, MoveGuide, '/motion/move_guide', callback_group=group)
+        self.insert_client = ActionClient(self, InsertNeedle, '/motion/insert_needle', callback_group=group)
+        self.create_service(OperatorCommand, '/procedure/command', self._on_command, callback_group=group)
+        if self.p['demo']:
+            self._demo_timer = self.create_timer(0.5, self._start_demo, callback_group=group)
+
+    # ------------------------------------------------------------------ inputs
+    def _on_safety(self, msg):
+        self.safety = msg
+
+    def _on_robot(self, msg):
+        self.robot = msg
+
+    def _on_registration(self, msg):
+        if msg.accepted:
+            self.state.registration = msg
+
+    def _on_target(self, msg):
+        if msg.header.frame_id not in ('', frames.SCANNER_FRAME):
+            self.get_logger().warning(f"target in frame '{msg.header.frame_id}' ignored: expected 'scanner'")
+            return
+        self.target = np.array([msg.point.x, msg.point.y, msg.point.z])
+        self._event('target_set', f'target set from /procedure/target: {np.round(self.target * 1e3, 1)} mm (LPS)')
+
+    # ----------------------------------------------------------------- command service
+    def _on_command(self, request, response):
+        outcome = self.command(request.command, request.argument, request.operator_id)
+        response.accepted, response.phase, response.step, response.message = outcome
+        return response
+
+    def command(self, name: str, arg: str = '', operator_id: str = '') -> workflow.CommandResult:
+        """Carry out one operator command; returns (accepted, phase, step, message)."""
+        name = (name or '').strip().lower()
+        if name == 'status':
+            allowed = ', '.join(self.workflow.allowed_commands())
+            return self._result(True, f'{self._safety_text()}; allowed: {allowed}')
+        if name == 'stop':
+            return self._result(True, self._cancel_motion())
+        if not self.lock.acquire(timeout=1.0):
+            return self._result(False, f'{name} refused: another command is being carried out')
+        try:
+            handler = getattr(self, f'_cmd_{name}', None)
+            if handler is None:
+                outcome = self.workflow.command(name, arg, self._safety_dict(), operator_id=operator_id)
+            else:
+                outcome = handler(arg, operator_id)
+        except StepFailed as failure:
+            outcome = self._result(False, str(failure))
+        finally:
+            self.lock.release()
+            self._flush_workflow_events()
+        if not outcome.accepted:
+            self.get_logger().warning(f'{name} refused: {outcome.message}')
+        return outcome
+
+    def _result(self, accepted, message) -> workflow.CommandResult:
+        return workflow.CommandResult(accepted, self.workflow.phase.value, self.workflow.step.value, message)
+
+    def _wf(self, name, arg='', operator_id=''):
+        """Advance the workflow; a refusal is a failed step (its reason goes to the operator)."""
+        outcome = self.workflow.command(name, arg, self._safety_dict(), operator_id=operator_id)
+        if not outcome.accepted:
+            raise StepFailed(outcome.message)
+        return outcome
+
+    def _check_allowed(self, name):
+        if name not in self.workflow.allowed_commands():
+            raise StepFailed(self.workflow._out_of_order(name))
+
+    # ----------------------------------------------------------------- steps
+    def _cmd_load_planning_scan(self, arg, operator_id):
+        self._check_allowed('load_planning_scan')
+        if arg:
+            self.state.planning_scan = arg
+            self.state.planning_volume = read_dicom_series(arg)
+            scan_id = pathlib.Path(arg).name
+        else:
+            acquisition = self._acquire('planning', with_labels=True)
+            self.state.planning_scan = acquisition
+            self.state.planning_volume = acquisition.volume
+            scan_id = acquisition.scan_id
+        return self._wf('load_planning_scan', scan_id, operator_id)
+
+    def _planning_path(self) -> str:
+        scan = self.state.planning_scan
+        return str(scan.dicom_dir if hasattr(scan, 'dicom_dir') else scan)
+
+    def _cmd_register(self, arg, operator_id):
+        self._check_allowed('register')
+        request = RegisterImage.Request(image_path=self._planning_path(), method=arg or 'zframe', has_target=True,
+                                        target_scanner=Point(x=float(self.target[0]), y=float(self.target[1]),
+                                                             z=float(self.target[2])))
+        reply = self._call(self.register_client, request)
+        if not reply.success:
+            raise StepFailed(f'registration rejected: {reply.message}')
+        self.state.registration = reply.result
+        r = reply.result
+        return self._wf('register', f'{r.method} FRE {r.fre * 1e3:.2f} mm, predicted TRE '
+                                    f'{r.predicted_tre * 1e3:.2f} mm', operator_id)
+
+    def _cmd_plan(self, arg, operator_id):
+        self._check_allowed('plan')
+        scan = self.state.planning_scan
+        labels = getattr(scan, 'labelmap_path', None)
+        if labels is None:
+            raise StepFailed('no label map of the planning scan (segment it first; the simulation provides one)')
+        target = PointStamped()
+        target.header.frame_id = frames.SCANNER_FRAME
+        target.point = Point(x=float(self.target[0]), y=float(self.target[1]), z=float(self.target[2]))
+        reply = self._call(self.plan_client, PlanPath.Request(target=target, labelmap_path=str(labels), max_plans=3))
+        if not reply.success or not reply.plans:
+            raise StepFailed(f'no plan: {reply.message}')
+        plan = reply.plans[0]
+        self.state.plan = plan
+        self.state.schedule = insertion_schedule(plan.insertion_depth, self.p['insertion_steps'])
+        return self._wf('plan', plan.plan_id or 'plan-1', operator_id)
+
+    def _cmd_align(self, arg, operator_id):
+        plan = self.state.plan
+        if plan is None:
+            raise StepFailed('align refused: no plan')
+        self._wf('align', arg, operator_id)
+        goal = MoveGuide.Goal()
+        for stamped, point in ((goal.entry, plan.entry), (goal.target, plan.target)):
+            stamped.header.frame_id = frames.SCANNER_FRAME
+            stamped.point = point
+        result = self._run_action(self.move_client, goal)
+        if result.error_code == MoveGuide.Result.SUCCEEDED:
+            return self._wf('motion_done', '', operator_id)
+        self._wf('motion_failed', result.message, operator_id)
+        raise StepFailed(f'alignment interrupted: {result.message}')
+
+    def _next_depth(self) -> float:
+        depth = self._insertion()
+        for planned in self.state.schedule:
+            if planned > depth + 0.0005:
+                return planned
+        return self.state.schedule[-1]
+
+    def _insertion(self) -> float:
+        return float(self.robot.position[-1]) if self.robot is not None and self.robot.position else 0.0
+
+    def _cmd_insert_step(self, arg, operator_id):
+        if not self.state.schedule:
+            raise StepFailed('insert_step refused: no plan')
+        target_depth = self._insertion() + float(arg) if arg else self._next_depth()
+        target_depth = min(target_depth, self.state.schedule[-1])
+        self._wf('insert_step', f'{target_depth - self._insertion():.4f}', operator_id)
+        result = self._run_action(self.insert_client, InsertNeedle.Goal(target_depth=float(target_depth)))
+        if result.error_code == InsertNeedle.Result.SUCCEEDED:
+            return self._wf('motion_done', '', operator_id)
+        if result.error_code == InsertNeedle.Result.INTERLOCK:
+            self.state.interlocks += 1
+        self._wf('motion_failed', result.message, operator_id)
+        return self._result(False, f'insertion interrupted at {self._insertion() * 1e3:.1f} mm: {result.message}')
+
+    def _cmd_control_scan(self, arg, operator_id):
+        self._check_allowed('control_scan_done')
+        acquisition = self._acquire('control')
+        self._wf('control_scan_done', acquisition.scan_id, operator_id)
+        check = self._check_tip(acquisition)
+        return self._wf('tip_checked', f'{check.error:.5f}', operator_id)
+
+    def _cmd_confirmation_scan(self, arg, operator_id):
+        self._check_allowed('confirmation_scan_done')
+        acquisition = self._acquire('confirmation')
+        check = self._check_tip(acquisition)
+        return self._wf('confirmation_scan_done', f'{acquisition.scan_id}: {check.describe()}', operator_id)
+
+    def _cmd_report(self, arg, operator_id):
+        self._check_allowed('report')
+        path = arg or str(self.record_dir / 'report.html')
+        self._write_report(path)
+        return self._wf('report', path, operator_id)
+
+    # ----------------------------------------------------------------- scans and tips
+    def _acquire(self, protocol: str, with_labels: bool = False):
+        """A scan: the scanner goes ACQUIRING (motion halts), the image is formed, then IDLE."""
+        acquisition_dose = self.scanner.scenario.modality == 'CT'
+        from igt_robot.simulation.scanner import PROTOCOLS
+        dose = PROTOCOLS[protocol]
+        length = self.scanner.scenario.fov_size[2]
+        request = SetScannerState.Request(phase=ScannerState.PHASE_ACQUIRING, protocol_name=f'{protocol} scan',
+                                          is_ionising=acquisition_dose,
+                                          ctdi_vol_mgy=dose.ctdi_vol_mgy if acquisition_dose else 0.0,
+                                          dlp_mgy_cm=dose.dlp(length) if acquisition_dose else 0.0,
+                                          kv=dose.kv if acquisition_dose else 0.0,
+                                          mas=dose.mas if acquisition_dose else 0.0)
+        self._set_scanner(request)
+        if acquisition_dose:
+            self.dose_log.append(request.dlp_mgy_cm)
+        started = time.monotonic()
+        try:
+            joints = np.array(self.robot.position) if self.robot is not None else None
+            acquisition = self.scanner.acquire(protocol, joints, with_labels=with_labels)
+            remaining = self.p['scan_duration'] - (time.monotonic() - started)
+            if remaining > 0:
+                time.sleep(remaining)   # the scanner is still acquiring (simulated duration)
+        finally:
+            self._set_scanner(SetScannerState.Request(phase=ScannerState.PHASE_IDLE))
+        self.state.scans += 1
+        self.state.last_volume = acquisition.volume
+        self._event('scan_acquired', f'{protocol} scan {acquisition.scan_id} written to {acquisition.dicom_dir}',
+                    scan_id=acquisition.scan_id, path=str(acquisition.dicom_dir))
+        return acquisition
+
+    def _set_scanner(self, request):
+        reply = self._call(self.scanner_client, request)
+        if not reply.accepted:
+            raise StepFailed(f'scanner refused the state change: {reply.message}')
+
+    def _expected_tip(self):
+        """Where the tip should be: the measured joints through the *estimated* registration."""
+        registration = self.state.registration
+        if registration is None or self.robot is None:
+            return None, None
+        t = registration.transform.transform
+        T_base_scanner = frames.make_transform(
+            frames.rotation_from_quaternion_xyzw([t.rotation.x, t.rotation.y, t.rotation.z, t.rotation.w]),
+            [t.translation.x, t.translation.y, t.translation.z])
+        T_scanner_base = frames.invert(T_base_scanner)
+        T_base_tip = self.kinematics.forward(np.array(self.robot.position))
+        return frames.apply(T_scanner_base, T_base_tip[:3, 3]), frames.rotate(T_scanner_base, T_base_tip[:3, 2])
+
+    def _check_tip(self, acquisition) -> TipCheck:
+        expected_tip, expected_direction = self._expected_tip()
+        try:
+            tip, _ = find_needle(acquisition.volume, expected_tip, expected_direction)
+        except Exception as exc:  # noqa: BLE001 -- reported to the operator as a failed step
+            raise StepFailed(f'needle not found in {acquisition.scan_id}: {exc}') from exc
+        plan = self.state.plan
+        direction = np.array([plan.direction.x, plan.direction.y, plan.direction.z])
+        check = TipCheck(tip=np.asarray(tip), target=self.target.copy(), direction=direction)
+        self.state.tips.append((acquisition.scan_id, check))
+        self._event('tip_measured', f'{acquisition.scan_id}: {check.describe()}', tip_m=json.dumps(tip.tolist()),
+                    target_m=json.dumps(self.target.tolist()), error_m=f'{check.error:.6f}',
+                    scan_id=acquisition.scan_id)
+        return check
+
+    # ----------------------------------------------------------------- report
+    def _write_report(self, path: str):
+        images = []
+        plan = self.state.plan
+        volume = self.state.last_volume
+        if volume is not None and plan is not None:
+            entry = np.array([plan.entry.x, plan.entry.y, plan.entry.z])
+            direction = np.array([plan.direction.x, plan.direction.y, plan.direction.z])
+            u, v = plane_axes(direction)
+            center = self.target
+            pixels, extent = oblique_slice(volume, center, u, v, half_size=0.07)
+            tip = self.state.tips[-1][1].tip if self.state.tips else None
+            needle = None
+            expected_tip, _ = self._expected_tip()
+            if tip is not None:
+                needle = [project(entry, center, u, v), project(tip, center, u, v)]
+            images.append(SliceView(pixels=pixels, extent_m=extent,
+                                    title='Confirmation scan, reformatted along the planned path',
+                                    entry=project(entry, center, u, v), target=project(self.target, center, u, v),
+                                    needle=needle, tip=project(tip, center, u, v) if tip is not None else None,
+                                    axis_labels=('along the path (mm)', 'across (mm)')))
+        planning = self.state.planning_volume
+        if planning is not None and plan is not None:
+            direction = np.array([plan.direction.x, plan.direction.y, plan.direction.z])
+            u, v = plane_axes(direction)
+            entry = np.array([plan.entry.x, plan.entry.y, plan.entry.z])
+            pixels, extent = oblique_slice(planning, self.target, u, v, half_size=0.07)
+            images.append(SliceView(pixels=pixels, extent_m=extent, title='Planning scan with the planned path',
+                                    entry=project(entry, self.target, u, v),
+                                    target=project(self.target, self.target, u, v),
+                                    axis_labels=('along the path (mm)', 'across (mm)')))
+        entries = read_entries(str(self.record_dir)) if (self.record_dir / 'events.jsonl').exists() else []
+        write_report(path, entries, images, title=f'Needle placement {self.procedure_id}')
+        self._event('report_written', f'report written to {path}', path=path)
+
+    # ----------------------------------------------------------------- plumbing
+    def _call(self, client, request):
+        timeout = self.p['service_timeout']
+        if not client.wait_for_service(timeout_sec=min(timeout, 30.0)):
+            raise StepFailed(f'{client.srv_name} is not available')
+        future = client.call_async(request)
+        done = threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        if not done.wait(timeout):
+            client.remove_pending_request(future)
+            raise StepFailed(f'{client.srv_name} did not answer within {timeout:g} s')
+        return future.result()
+
+    def _run_action(self, client, goal):
+        timeout = self.p['service_timeout']
+        if not client.wait_for_server(timeout_sec=min(timeout, 30.0)):
+            raise StepFailed(f'{client._action_name} is not available')
+        sent = client.send_goal_async(goal)
+        done = threading.Event()
+        sent.add_done_callback(lambda _: done.set())
+        if not done.wait(timeout):
+            raise StepFailed(f'{client._action_name} did not answer the goal within {timeout:g} s')
+        handle = sent.result()
+        if not handle.accepted:
+            raise StepFailed('the motion controller rejected the goal: another motion goal is active')
+        self._active_goal = handle
+        result_future = handle.get_result_async()
+        finished = threading.Event()
+        result_future.add_done_callback(lambda _: finished.set())
+        try:
+            if not finished.wait(timeout * 5):
+                handle.cancel_goal_async()
+                raise StepFailed(f'{client._action_name} did not finish within {timeout * 5:g} s (canceled)')
+        finally:
+            self._active_goal = None
+        return result_future.result().result
+
+    def _cancel_motion(self) -> str:
+        handle = self._active_goal
+        if handle is None:
+            return 'no motion under way'
+        handle.cancel_goal_async()
+        return 'motion cancel requested'
+
+    def _safety_dict(self):
+        if self.safety is None:
+            return None
+        return {'state': self.safety.state, 'motion_permitted': self.safety.motion_permitted,
+                'reason': self.safety.reason}
+
+    def _safety_text(self):
+        if self.safety is None:
+            return 'safety state unknown'
+        return f'safety {self.safety.state} ({"motion permitted" if self.safety.motion_permitted else self.safety.reason})'
+
+    def _event(self, kind, description, severity=ProcedureEvent.INFO, **values):
+        self.events.publish(common.make_event(self, kind, description, severity=severity, values=values,
+                                              phase=self.workflow.phase.value))
+
+    def _flush_workflow_events(self):
+        for event in self.workflow.drain_events():
+            fields = event.procedure_event_fields()
+            message = ProcedureEvent(phase=fields['phase'], severity=int(fields['severity']), source=self.get_name(),
+                                     kind=fields['kind'], description=fields['description'],
+                                     values=common.key_values({kv['key']: kv['value'] for kv in fields['values']}))
+            message.header.stamp = common.stamp_now(self)
+            self.events.publish(message)
+
+    # ----------------------------------------------------------------- demo
+    def _start_demo(self):
+        self._demo_timer.cancel()
+        threading.Thread(target=self._demo_main, name='procedure-demo', daemon=True).start()
+
+    def _demo_main(self):
+        from igt_robot.procedure.demo_run import run_demo
+        try:
+            self.demo_summary = run_demo(self)
+        except Exception as exc:  # noqa: BLE001 -- the demo reports any failure and exits non-zero
+            self.demo_error = f'{type(exc).__name__}: {exc}'
+            self.get_logger().error(f'simulated procedure failed: {self.demo_error}')
+        finally:
+            self.demo_done.set()
+            if self.p['exit_when_done']:
+                rclpy.try_shutdown(context=self.context)
+
+    def describe_state(self) -> str:
+        return f'{self.workflow.phase.value}/{self.workflow.step.value}; {self._safety_text()}'
+
+
+def main(args=None) -> int:
+    return common.run_node(ProcedureNode, args)
+
+
+if __name__ == '__main__':
+    import sys
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Procedure logic shared by the procedure node and the simulated procedure (no rclpy)."""
