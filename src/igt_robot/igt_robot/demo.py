@@ -16,6 +16,45 @@ from igt_robot import paths
 from igt_robot.bringup import PROFILES, Bringup, available_nodes
 
 
+class ProcedureFailed(RuntimeError):
+    """The simulated procedure did not complete; the message says why."""
+
+
+def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 0.0, steps: int = 3,
+                            timeout: float = 900.0, procedure_id: str = '', quiet_nodes: bool = False,
+                            extra_overrides: dict = None) -> dict:
+    """Bring the stack up in this process, run one simulated procedure, return its summary."""
+    procedure_id = procedure_id or time.strftime('demo-%Y%m%d-%H%M%S')
+    record_dir = paths.repo_root() / 'build' / 'records' / procedure_id
+    shared = {'procedure_id': procedure_id, 'record_dir': str(record_dir)}
+    overrides = {
+        'recorder_node': dict(shared),
+        'procedure_node': dict(shared, demo=True, scenario_seed=seed, modality=modality, target_depth=depth,
+                               insertion_steps=steps),
+        'hardware_node': {'backend': 'mujoco'},
+        'igtl_bridge': {'port': 0},
+        'scanner_interface': {'igtl_port': 0},
+    }
+    for name, values in (extra_overrides or {}).items():
+        overrides.setdefault(name, {}).update(values)
+    names = available_nodes(PROFILES['sim'])
+    if not quiet_nodes:
+        print(f'[demo] starting {len(names)} nodes in one process: {", ".join(names)}', flush=True)
+    with Bringup(names, overrides=overrides) as bringup:
+        procedure = bringup.nodes['procedure_node']
+        finished = procedure.demo_done.wait(timeout)
+        if not quiet_nodes:
+            for name, node in bringup.nodes.items():
+                describe = getattr(node, 'describe_state', None)
+                if callable(describe):
+                    print(f'[demo] {name}: {describe()}', flush=True)
+    if not finished:
+        raise ProcedureFailed(f'the procedure did not finish within {timeout:g} s')
+    if procedure.demo_error:
+        raise ProcedureFailed(procedure.demo_error)
+    return procedure.demo_summary
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--seed', type=int, default=7, help='simulated patient and robot mounting')
@@ -24,33 +63,11 @@ def main(argv=None) -> int:
     parser.add_argument('--steps', type=int, default=3, help='insertion steps (each followed by a control scan)')
     parser.add_argument('--timeout', type=float, default=900.0, help='give up after this many seconds')
     args = parser.parse_args(argv)
-    procedure_id = time.strftime('demo-%Y%m%d-%H%M%S')
-    record_dir = paths.repo_root() / 'build' / 'records' / procedure_id
-    shared = {'procedure_id': procedure_id, 'record_dir': str(record_dir)}
-    overrides = {
-        'recorder_node': dict(shared),
-        'procedure_node': dict(shared, demo=True, scenario_seed=args.seed, modality=args.modality,
-                               target_depth=args.depth, insertion_steps=args.steps),
-        'hardware_node': {'backend': 'mujoco'},
-        'igtl_bridge': {'port': 0},
-        'scanner_interface': {'igtl_port': 0},
-    }
-    names = available_nodes(PROFILES['sim'])
-    print(f'[demo] starting {len(names)} nodes in one process: {", ".join(names)}', flush=True)
-    with Bringup(names, overrides=overrides) as bringup:
-        procedure = bringup.nodes['procedure_node']
-        finished = procedure.demo_done.wait(args.timeout)
-        for name, node in bringup.nodes.items():
-            describe = getattr(node, 'describe_state', None)
-            if callable(describe):
-                print(f'[demo] {name}: {describe()}', flush=True)
-    if not finished:
-        print(f'[demo] FAILED: the procedure did not finish within {args.timeout:g} s', flush=True)
+    try:
+        summary = run_simulated_procedure(args.seed, args.modality, args.depth, args.steps, args.timeout)
+    except ProcedureFailed as failure:
+        print(f'[demo] FAILED: {failure}', flush=True)
         return 1
-    if procedure.demo_error:
-        print(f'[demo] FAILED: {procedure.demo_error}', flush=True)
-        return 1
-    summary = procedure.demo_summary
     print(f'[demo] done: tip {summary["tip_to_target_mm"]:.2f} mm from target; report {summary["report"]}',
           flush=True)
     return 0
