@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from igt_robot.testing import wait_for
+
 from igt_robot.hardware import protocol as P
 from igt_robot.hardware.axis_model import AxisDynamics, contract_axis_configs, default_axis_configs
 from igt_robot.hardware.emulator import EmulatorProcess, Firmware
@@ -33,17 +35,6 @@ JOINTS = ('stage_x', 'stage_y', 'guide_pitch', 'guide_yaw', 'needle_insertion')
 # exact 100 ms watchdog period is checked in-process above (deterministic time).
 WATCHDOG_MS = 500
 REPLY_TIMEOUT = 0.2
-
-
-def wait_for(predicate, timeout=5.0, what='condition'):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f'timed out after {timeout} s waiting for {what}')
 
 
 def _poll(read, predicate, timeout, what):

@@ -52,3 +52,11 @@ def data_file(kind: str, name: str) -> pathlib.Path:
 def repo_root() -> pathlib.Path:
     """The source checkout (for tools that write build/ or records/); falls back to the working directory."""
     return _source_root() or pathlib.Path.cwd()
+
+
+def record_dir(procedure_id: str, configured: str = '') -> pathlib.Path:
+    """The record folder of a procedure: ``configured`` if set, else <repo>/build/records/<procedure_id>.
+
+    The recorder and the procedure node both use this, so they agree on where the record is.
+    """
+    return pathlib.Path(configured or repo_root() / 'build' / 'records' / procedure_id).resolve()

@@ -101,8 +101,7 @@ class ProcedureNode(Node):
         self.workflow = workflow.Workflow()
         self.state = ProcedureState()
         self.procedure_id = self.p['procedure_id'] or time.strftime('%Y%m%d-%H%M%S')
-        self.record_dir = pathlib.Path(self.p['record_dir'] or paths.repo_root() / 'build' / 'records' /
-                                       self.procedure_id).resolve()
+        self.record_dir = paths.record_dir(self.procedure_id, self.p['record_dir'])
         self.scan_dir = pathlib.Path(self.p['scan_dir'] or self.record_dir / 'scans')
         self.scenario = make_scenario(self.p['scenario_seed'], self.p['target_depth'] or None, self.p['modality'],
                                       T_base_zframe=self.model.T_base_zframe)
@@ -406,41 +405,41 @@ class ProcedureNode(Node):
         self._event('report_written', f'report written to {path}', path=path)
 
     # ----------------------------------------------------------------- plumbing
+    def _wait_future(self, future, timeout: float, what: str):
+        """Block this (worker) thread until ``future`` is done; the executor's other threads complete it."""
+        done = threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        if not done.wait(timeout):
+            raise StepFailed(f'{what} did not answer within {timeout:g} s')
+        return future.result()
+
     def _call(self, client, request):
         timeout = self.p['service_timeout']
         if not client.wait_for_service(timeout_sec=min(timeout, 30.0)):
             raise StepFailed(f'{client.srv_name} is not available')
         future = client.call_async(request)
-        done = threading.Event()
-        future.add_done_callback(lambda _: done.set())
-        if not done.wait(timeout):
+        try:
+            return self._wait_future(future, timeout, client.srv_name)
+        except StepFailed:
             client.remove_pending_request(future)
-            raise StepFailed(f'{client.srv_name} did not answer within {timeout:g} s')
-        return future.result()
+            raise
 
     def _run_action(self, client, goal):
         timeout = self.p['service_timeout']
+        name = client._action_name
         if not client.wait_for_server(timeout_sec=min(timeout, 30.0)):
-            raise StepFailed(f'{client._action_name} is not available')
-        sent = client.send_goal_async(goal)
-        done = threading.Event()
-        sent.add_done_callback(lambda _: done.set())
-        if not done.wait(timeout):
-            raise StepFailed(f'{client._action_name} did not answer the goal within {timeout:g} s')
-        handle = sent.result()
+            raise StepFailed(f'{name} is not available')
+        handle = self._wait_future(client.send_goal_async(goal), timeout, f'{name} (goal)')
         if not handle.accepted:
             raise StepFailed('the motion controller rejected the goal: another motion goal is active')
         self._active_goal = handle
-        result_future = handle.get_result_async()
-        finished = threading.Event()
-        result_future.add_done_callback(lambda _: finished.set())
         try:
-            if not finished.wait(timeout * 5):
-                handle.cancel_goal_async()
-                raise StepFailed(f'{client._action_name} did not finish within {timeout * 5:g} s (canceled)')
+            return self._wait_future(handle.get_result_async(), timeout * 5, f'{name} (result)').result
+        except StepFailed:
+            handle.cancel_goal_async()   # never leave a motion running that nobody waits for
+            raise
         finally:
             self._active_goal = None
-        return result_future.result().result
 
     def _cancel_motion(self) -> str:
         handle = self._active_goal

@@ -143,8 +143,7 @@ class RecorderNode(Node):
         if not _ID_RE.match(procedure_id):
             raise ValueError(f"parameter 'procedure_id' = {procedure_id!r}: use 1-64 characters of [A-Za-z0-9_.-]")
         self.procedure_id = procedure_id
-        self.record_dir = os.path.abspath(self.p['record_dir'] or
-                                          os.path.join(paths.repo_root(), 'build', 'records', procedure_id))
+        self.record_dir = str(paths.record_dir(procedure_id, self.p['record_dir']))
         if not self.p['report_file'] or os.sep in self.p['report_file']:
             raise ValueError(f"parameter 'report_file' = {self.p['report_file']!r} must be a plain file name")
         self.report_path = os.path.join(self.record_dir, self.p['report_file'])

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from igt_robot.waiting import wait_for as _wait
 from igt_robot_msgs.msg import ScannerState
 from igt_robot_msgs.srv import ResumeMotion, SetScannerState
 
@@ -109,17 +110,6 @@ def run_demo(node) -> dict:
     }
     _say('summary: ' + ', '.join(f'{k}={v}' for k, v in summary.items()))
     return summary
-
-
-def _wait(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise DemoFailed(f'timed out after {timeout} s waiting for {what}')
-        time.sleep(0.02)
 
 
 class _UnexpectedScan(threading.Thread):
