@@ -9,8 +9,10 @@ from igt_robot.imaging import (DEFAULT_FIDUCIALS_ZFRAME, ImageError, make_phanto
                                register_fiducials, register_image, rigid_fit)
 from igt_robot.imaging.fiducials import detect_spherical_markers, is_collinear, match_fiducials
 from igt_robot.imaging.phantom import random_rotation, registration_case
+from igt_robot.robot_model import load_robot_model
 
-T_BASE_ZFRAME = frames.make_transform(np.eye(3), (0.0, 0.080, -0.020))
+# The Z-frame mounting on the robot comes from the URDF only (contracts.md), never a copy of its numbers.
+T_BASE_ZFRAME = load_robot_model().T_base_zframe
 
 
 def random_transform(rng, max_deg=30.0, max_shift=0.05):
