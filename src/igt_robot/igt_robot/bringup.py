@@ -39,10 +39,15 @@ NODES: Dict[str, tuple] = {
     'recorder_node': ('igt_robot.nodes.recorder_node:RecorderNode', 'procedure.yaml'),
     'procedure_node': ('igt_robot.nodes.procedure_node:ProcedureNode', 'procedure.yaml'),
 }
+CONTROL_NODES = ['hardware_node', 'scanner_interface', 'safety_supervisor', 'motion_controller']
 PROFILES = {
     'sim': list(NODES),
     'robot': list(NODES),
-    'safety': ['hardware_node', 'scanner_interface', 'safety_supervisor', 'motion_controller'],
+    'safety': list(CONTROL_NODES),
+    # The split `make demo` uses: the safety-critical nodes and the 1 kHz loop in one process, image
+    # processing and the workflow in another, so heavy image work never holds the control process's GIL.
+    'control': list(CONTROL_NODES),
+    'workflow': [name for name in NODES if name not in CONTROL_NODES],
 }
 
 
@@ -136,9 +141,17 @@ def main(argv=None) -> int:
                         help='hardware backend (default: the one in config/robot.yaml)')
     parser.add_argument('--config-dir', type=pathlib.Path, default=None)
     parser.add_argument('--duration', type=float, default=0.0, help='seconds to run (0 = until Ctrl-C)')
+    parser.add_argument('--set', action='append', default=[], metavar='NODE.PARAM=VALUE',
+                        help='override one parameter of one node (repeatable)')
     args = parser.parse_args(argv)
     names = available_nodes(PROFILES[args.profile])
     overrides = {'hardware_node': {'backend': args.backend}} if args.backend else {}
+    for item in args.set:
+        target, _, value = item.partition('=')
+        node, _, param = target.partition('.')
+        if not (node and param and _):
+            parser.error(f'--set {item!r}: expected NODE.PARAM=VALUE')
+        overrides.setdefault(node, {})[param] = value
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with Bringup(names, args.config_dir, overrides) as bringup:

@@ -9,6 +9,10 @@ Exit code 0 only when the procedure completed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
+import subprocess
 import sys
 import time
 
@@ -37,10 +41,13 @@ def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 
     }
     for name, values in (extra_overrides or {}).items():
         overrides.setdefault(name, {}).update(values)
-    names = available_nodes(PROFILES['sim'])
+    names = available_nodes(PROFILES['workflow'])
+    record_dir.mkdir(parents=True, exist_ok=True)
     if not quiet_nodes:
-        print(f'[demo] starting {len(names)} nodes in one process: {", ".join(names)}', flush=True)
-    with Bringup(names, overrides=overrides) as bringup:
+        print(f'[demo] control process: {", ".join(PROFILES["control"])}; this process: {", ".join(names)}',
+              flush=True)
+    with _control_process(overrides, record_dir / 'control_process.log'), \
+            Bringup(names, overrides=overrides) as bringup:
         procedure = bringup.nodes['procedure_node']
         finished = procedure.demo_done.wait(timeout)
         if not quiet_nodes:
@@ -53,6 +60,28 @@ def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 
     if procedure.demo_error:
         raise ProcedureFailed(procedure.demo_error)
     return procedure.demo_summary
+
+
+@contextlib.contextmanager
+def _control_process(overrides: dict, log_path):
+    """The safety-critical nodes (hardware, scanner, supervisor, motion controller) in their own process."""
+    args = [sys.executable, '-m', 'igt_robot.bringup', '--profile', 'control']
+    for node in PROFILES['control']:
+        for key, value in overrides.get(node, {}).items():
+            args += ['--set', f'{node}.{key}={value}']
+    with open(log_path, 'wb') as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, env=dict(os.environ))
+    try:
+        yield process
+    finally:
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            if process.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(grace)
 
 
 def main(argv=None) -> int:
