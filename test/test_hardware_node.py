@@ -173,7 +173,7 @@ def test_config_file_section_is_what_the_node_declares(graph):
     node = graph.add(HardwareNode(context=graph.context,
                                   cli_args=['--ros-args', '--params-file', str(REPO / 'config' / 'robot.yaml')]))
     assert node.get_parameter('backend').value == 'mujoco'
-    assert node.get_parameter('publish_rate').value == 50.0
+    assert node.get_parameter('publish_rate').value == 25.0
     assert node.get_parameter('scanner_timeout').value == 0.15
     assert node.get_parameter('interlock_rate').value >= 100.0
     assert node.lifecycle_state() == 'unconfigured'               # constructing does not autostart

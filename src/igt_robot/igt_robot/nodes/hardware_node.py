@@ -88,9 +88,9 @@ PARAMS = [
     Param('mujoco_backlash_m', 0.0, 'mujoco: lost motion of prismatic axes, m', 0.0, 0.001),
     Param('mujoco_backlash_rad', 0.0, 'mujoco: lost motion of revolute axes, rad', 0.0, 0.01),
     Param('mujoco_seed', -1, 'mujoco: seed of the encoder noise; -1 = not reproducible', -1, 2147483647),
-    Param('publish_rate', 50.0, '/joint_states and /robot/state rate, Hz', 1.0, 500.0),
+    Param('publish_rate', 25.0, '/joint_states and /robot/state rate, Hz', 1.0, 500.0),
     Param('diagnostics_rate', 2.0, '/diagnostics rate, Hz (also published at once on a new fault)', 0.1, 50.0),
-    Param('heartbeat_rate', 20.0, '/heartbeat rate while active, Hz', 1.0, 100.0),
+    Param('heartbeat_rate', 10.0, '/heartbeat rate while active, Hz', 1.0, 100.0),
     Param('hardware_heartbeat_rate', 20.0, 'rate of heartbeat() to the controller watchdog, Hz; configure '
           'fails unless it beats at least twice per watchdog period', 1.0, 500.0),
     Param('scanner_timeout', 0.15, 'a scanner state older than this counts as imaging (inhibit), s', 0.01, 5.0),

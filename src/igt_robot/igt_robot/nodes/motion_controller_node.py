@@ -76,7 +76,7 @@ PARAMS = [
     Param('max_guide_move_insertion', 0.001,
           'the guide may only move while the needle is inserted less than this, m', 0.0, 0.01),
     Param('feedback_rate', 20.0, 'action feedback rate, Hz', 1.0, 100.0),
-    Param('heartbeat_period', 0.05, 'period of /heartbeat, s', 0.01, 1.0),
+    Param('heartbeat_period', 0.1, 'period of /heartbeat, s', 0.01, 1.0),
 ]
 
 

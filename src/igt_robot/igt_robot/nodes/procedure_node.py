@@ -219,7 +219,8 @@ class ProcedureNode(Node):
 
     def _cmd_register(self, arg, operator_id):
         self._check_allowed('register')
-        request = RegisterImage.Request(image_path=self._planning_path(), method=arg or 'zframe', has_target=True,
+        method = arg if arg in ('zframe', 'fiducials') else 'zframe'   # Slicer may pass its image source
+        request = RegisterImage.Request(image_path=self._planning_path(), method=method, has_target=True,
                                         target_scanner=Point(x=float(self.target[0]), y=float(self.target[1]),
                                                              z=float(self.target[2])))
         reply = self._call(self.register_client, request)
@@ -239,10 +240,19 @@ class ProcedureNode(Node):
         target = PointStamped()
         target.header.frame_id = frames.SCANNER_FRAME
         target.point = Point(x=float(self.target[0]), y=float(self.target[1]), z=float(self.target[2]))
-        reply = self._call(self.plan_client, PlanPath.Request(target=target, labelmap_path=str(labels), max_plans=3))
-        if not reply.success or not reply.plans:
-            raise StepFailed(f'no plan: {reply.message}')
-        plan = reply.plans[0]
+        request = PlanPath.Request(target=target, labelmap_path=str(labels), max_plans=3)
+        for _ in range(10):
+            reply = self._call(self.plan_client, request)
+            if not reply.success or not reply.plans:
+                raise StepFailed(f'no plan: {reply.message}')
+            plan = reply.plans[0]
+            # The planner checks reachability with the robot once it has received the registration we
+            # just made (latched topic); until then it plans in the guide's cone with no joint solution.
+            if math.isfinite(plan.insertion_depth) and plan.joint_solution.position:
+                break
+            time.sleep(0.5)   # let the latched registration reach the planner, then plan again
+        else:
+            raise StepFailed('the planner has not received the registration: no reachable joint solution')
         self.state.plan = plan
         self.state.schedule = insertion_schedule(plan.insertion_depth, self.p['insertion_steps'])
         return self._wf('plan', plan.plan_id or 'plan-1', operator_id)
@@ -373,33 +383,27 @@ class ProcedureNode(Node):
     def _write_report(self, path: str):
         images = []
         plan = self.state.plan
-        volume = self.state.last_volume
-        if volume is not None and plan is not None:
+        if plan is not None:
             entry = np.array([plan.entry.x, plan.entry.y, plan.entry.z])
             direction = np.array([plan.direction.x, plan.direction.y, plan.direction.z])
             u, v = plane_axes(direction)
-            center = self.target
-            pixels, extent = oblique_slice(volume, center, u, v, half_size=0.07)
+            # The picture spans the whole path: centred between entry and target, 15 mm beyond each.
+            center = (entry + self.target) / 2.0
+            half = float(np.linalg.norm(self.target - entry)) / 2.0 + 0.015
             tip = self.state.tips[-1][1].tip if self.state.tips else None
-            needle = None
-            expected_tip, _ = self._expected_tip()
-            if tip is not None:
-                needle = [project(entry, center, u, v), project(tip, center, u, v)]
-            images.append(SliceView(pixels=pixels, extent_m=extent,
-                                    title='Confirmation scan, reformatted along the planned path',
-                                    entry=project(entry, center, u, v), target=project(self.target, center, u, v),
-                                    needle=needle, tip=project(tip, center, u, v) if tip is not None else None,
-                                    axis_labels=('along the path (mm)', 'across (mm)')))
-        planning = self.state.planning_volume
-        if planning is not None and plan is not None:
-            direction = np.array([plan.direction.x, plan.direction.y, plan.direction.z])
-            u, v = plane_axes(direction)
-            entry = np.array([plan.entry.x, plan.entry.y, plan.entry.z])
-            pixels, extent = oblique_slice(planning, self.target, u, v, half_size=0.07)
-            images.append(SliceView(pixels=pixels, extent_m=extent, title='Planning scan with the planned path',
-                                    entry=project(entry, self.target, u, v),
-                                    target=project(self.target, self.target, u, v),
-                                    axis_labels=('along the path (mm)', 'across (mm)')))
+            views = [(self.state.last_volume, 'Confirmation scan along the planned path', tip),
+                     (self.state.planning_volume, 'Planning scan with the planned path', None)]
+            for volume, title, shown_tip in views:
+                if volume is None:
+                    continue
+                pixels, extent = oblique_slice(volume, center, u, v, half_size=half)
+                images.append(SliceView(
+                    pixels=pixels, extent_m=extent, title=title, entry=project(entry, center, u, v),
+                    target=project(self.target, center, u, v),
+                    needle=[project(entry, center, u, v), project(shown_tip, center, u, v)] if shown_tip is not None
+                    else None,
+                    tip=project(shown_tip, center, u, v) if shown_tip is not None else None,
+                    axis_labels=('along the path (mm)', 'across (mm)')))
         entries = read_entries(str(self.record_dir)) if (self.record_dir / 'events.jsonl').exists() else []
         write_report(path, entries, images, title=f'Needle placement {self.procedure_id}')
         self._event('report_written', f'report written to {path}', path=path)

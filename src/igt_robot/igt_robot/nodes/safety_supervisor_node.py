@@ -41,11 +41,11 @@ from .params import Param, declare
 PARAMS = [
     Param('required_heartbeats', ['scanner_interface', 'hardware_node', 'motion_controller'],
           'nodes whose /heartbeat (frame_id = node name) is required; silence latches HEARTBEAT_LOST'),
-    Param('heartbeat_timeout_s', 0.5, 'heartbeat timeout of every required node (s)', 0.05, 10.0),
+    Param('heartbeat_timeout_s', 1.0, 'heartbeat timeout of every required node (s)', 0.05, 10.0),
     Param('heartbeat_timeouts_s', Parameter.Type.DOUBLE_ARRAY,
           'per-node heartbeat timeouts (s) in required_heartbeats order; unset = heartbeat_timeout_s'),
     Param('scanner_required', True, 'INIT waits for /scanner/state and its silence latches SCANNER_SILENT'),
-    Param('scanner_timeout_s', 0.3, 'no new /scanner/state for this long latches SCANNER_SILENT (s)',
+    Param('scanner_timeout_s', 0.5, 'no new /scanner/state for this long latches SCANNER_SILENT (s)',
           0.05, 10.0),
     Param('scanner_max_age_s', 0.0, 'a scanner state whose stamp is older counts as UNKNOWN (s); '
           '0 = scanner_timeout_s', 0.0, 10.0),
@@ -60,7 +60,7 @@ PARAMS = [
           '< 0 = only the URDF limit', -1.0, 1.0),
     Param('tick_rate_hz', 50.0, 'timeout check rate (Hz); a timeout is seen at most one tick late', 20.0, 1000.0),
     Param('publish_rate_hz', 10.0, 'periodic /safety/status and /safety/motion_permitted rate (Hz)', 1.0, 100.0),
-    Param('heartbeat_period_s', 0.05, 'own /heartbeat period (s)', 0.01, 1.0),
+    Param('heartbeat_period_s', 0.1, 'own /heartbeat period (s)', 0.01, 1.0),
 ]
 
 _EVENT_KINDS = {EventKind.TRANSITION: 'safety_transition', EventKind.FAULT_RAISED: 'safety_fault',

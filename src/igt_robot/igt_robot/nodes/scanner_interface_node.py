@@ -65,7 +65,7 @@ PARAMS = [
     Param('sources', ['service'], 'scanner-state sources, any of: service, igtl, trigger, simulated; '
           'the most restrictive phase wins'),
     Param('publish_rate_hz', 20.0, '/scanner/state heartbeat publication rate (Hz)', 1.0, 200.0),
-    Param('heartbeat_period_s', 0.05, '/heartbeat publication period (s)', 0.01, 1.0),
+    Param('heartbeat_period_s', 0.1, '/heartbeat publication period (s)', 0.01, 1.0),
     Param('service_initial_phase', 'UNKNOWN', 'phase of the service source before the first call '
           '(IDLE only with a simulated scanner)', choices=('UNKNOWN', 'IDLE')),
     Param('igtl_mode', 'server', 'OpenIGTLink role of this node', choices=('server', 'client')),
