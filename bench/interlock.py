@@ -1,0 +1,455 @@
+#!/usr/bin/env python3
+"""Interlock benchmark: how fast a scan start reaches the drive as a motion inhibit.
+
+Setup (each an OS process, real DDS, loopback, an isolated ROS domain):
+
+* the firmware emulator on a pty -- the stock ``Firmware`` and ``EmulatorServer`` with one
+  addition made here (the stock emulator has no receive timestamps): it records
+  CLOCK_MONOTONIC when each MOTION_INHIBIT frame is read off the pty, read back through
+  the control-socket command ``inhibit_log``;
+* ``motion_controller`` (hardware_node + motion_controller, serial backend) with the shipped
+  config/robot.yaml and config/motion.yaml;
+* this process: the scanner (``/scanner/state`` at 20 Hz and at once on change, as
+  scanner_interface publishes it) and the supervisor's permission (``/safety/motion_permitted``
+  true, latched). Neither the scanner_interface nor the safety_supervisor is on the measured path
+  (scanner state -> hardware_node -> serial -> drive), so they are not started.
+
+CLOCK_MONOTONIC is system-wide, so the publication stamp (this process, just before
+``publish()``) and the receive stamp (emulator) are on the same clock.
+
+Figures:
+
+1. interlock latency, ACQUIRING published -> MOTION_INHIBIT(1) received by the drive,
+   p50/p99/max over >= 1000 events; beside it the plain DDS one-way p99 of the same run
+   (``measure_dds_floor`` from bench/ros_floor.py, measured while the stack runs). Targets:
+   p99 <= 2 x DDS one-way p99, max <= 5 ms.
+2. scanner-silence detection: the scanner source stops (at a random point of its heartbeat
+   period, as a crash would) -> MOTION_INHIBIT(1) received, over >= 20 trials. Target: max <=
+   3 heartbeat periods (150 ms at 20 Hz).
+3. control-loop period error p99 at 1 kHz from the motion controller's /diagnostics
+   (``period_error_p99_s``, a percentile over the loop's last 10000 cycles), once holding still
+   and once while moving; each phase runs until that window holds only its own cycles (or a
+   time cap; the coverage is printed). Target <= 0.5 ms.
+
+Usage: python bench/interlock.py [--events 1000] [--silence-trials 20] [--floor-count 1000]
+"""
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import random
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from bench_report import info, percentiles, report  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = REPO / 'config'
+SCANNER_RATE_HZ = 20.0               # scanner_interface's publish_rate_hz (config/safety.yaml)
+STATS_WINDOW = 10000                 # FixedRateLoop's default stats window (cycles)
+PHASE_CAP_S = 35.0                   # longest a jitter phase may run (s)
+WAIT = 10.0                          # condition timeout for one event (s)
+
+
+# ============================================================ the emulator with receive stamps
+
+def run_stamping_emulator(control_path: str, watchdog_ms: int) -> int:
+    """The stock emulator plus CLOCK_MONOTONIC receive stamps of MOTION_INHIBIT frames."""
+    from igt_robot.hardware import protocol
+    from igt_robot.hardware.axis_model import default_axis_configs
+    from igt_robot.hardware.emulator import EmulatorServer, Firmware
+
+    class StampingEmulatorServer(EmulatorServer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.inhibit_log = []            # (monotonic ns when read off the pty, inhibit)
+
+        def _read_frames(self):
+            frames = super()._read_frames()
+            if frames:
+                stamp = time.monotonic_ns()  # right after os.read() + decode
+                for frame in frames:
+                    if frame.type == protocol.MsgType.MOTION_INHIBIT:
+                        try:
+                            value = protocol.decode_motion_inhibit(frame.payload)
+                        except protocol.ProtocolError:
+                            continue         # the firmware NAKs it; not an inhibit
+                        self.inhibit_log.append((stamp, bool(value)))
+            return frames
+
+        def control(self, line: str) -> str:
+            if line.strip() == 'inhibit_log':
+                log, self.inhibit_log = self.inhibit_log, []
+                return json.dumps(log)
+            return super().control(line)
+
+    axes, _ = default_axis_configs(None)
+    server = StampingEmulatorServer(lambda: Firmware(axes, watchdog_ms=watchdog_ms), control_path)
+    signal.signal(signal.SIGTERM, server.request_stop)
+    signal.signal(signal.SIGINT, server.request_stop)
+    try:
+        print(f'PTY {server.open()}', flush=True)
+        return server.run()
+    finally:
+        server.close()
+
+
+class EmulatorControl:
+    """Line client of the emulator's control socket."""
+
+    def __init__(self, path: str):
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(10.0)
+        self._sock.connect(path)
+        self._buf = b''
+
+    def command(self, line: str) -> str:
+        self._sock.sendall(line.encode() + b'\n')
+        while b'\n' not in self._buf:
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise RuntimeError(f'emulator closed its control socket (command {line!r})')
+            self._buf += chunk
+        reply, self._buf = self._buf.split(b'\n', 1)
+        reply = reply.decode()
+        if not (reply == 'ok' or reply.startswith('ok ')):
+            raise RuntimeError(f'emulator refused {line!r}: {reply}')
+        return reply[3:]
+
+    def state(self) -> dict:
+        return json.loads(self.command('state'))
+
+    def close(self):
+        self._sock.close()
+
+
+class InhibitLog:
+    """The drive's MOTION_INHIBIT receive stamps, collected from the emulator as they come."""
+
+    def __init__(self, emulator: EmulatorControl):
+        self.emulator = emulator
+        self.entries = []
+        self.last = None                     # the last inhibit level commanded to the drive
+
+    def poll(self):
+        new = [tuple(e) for e in json.loads(self.emulator.command('inhibit_log'))]
+        self.entries.extend(new)
+        if new:
+            self.last = new[-1][1]
+
+    def wait_released(self, timeout: float = WAIT):
+        from igt_robot import testing
+        testing.wait_for(lambda: self.poll() or self.last is False, timeout, 'the inhibit released', poll=0.002)
+
+    def wait(self, inhibit: bool, after_ns: int, timeout: float = WAIT) -> int:
+        """Receive stamp (ns) of the first MOTION_INHIBIT(``inhibit``) read at or after ``after_ns``."""
+        from igt_robot import testing
+
+        def found():
+            self.poll()
+            return next((t for t, v in self.entries if v is inhibit and t >= after_ns), None)
+        return testing.wait_for(found, timeout, f"MOTION_INHIBIT({int(inhibit)}) at the drive", poll=0.002)
+
+    def clear(self):
+        self.poll()
+        self.entries.clear()
+
+
+# ============================================================ the scanner and permission source
+
+class ScannerSource:
+    """/scanner/state as scanner_interface publishes it: heartbeat at ``rate`` Hz (counter
+    advancing) and at once on a change of phase. Can fall silent like a killed process."""
+
+    def __init__(self, node, rate: float = SCANNER_RATE_HZ):
+        from igt_robot.nodes import qos
+        from igt_robot_msgs.msg import ScannerState
+        self._msg_type = ScannerState
+        self.node = node
+        self.period = 1.0 / rate
+        self.pub = node.create_publisher(ScannerState, '/scanner/state', qos.SCANNER_STATE)
+        self.lock = threading.Lock()
+        self.phase = ScannerState.PHASE_IDLE
+        self.counter = 0
+        self.silent = False
+        self.last_publish_ns = 0
+        self.beat = threading.Event()        # set at every heartbeat publication
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name='bench-scanner', daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(2.0)
+
+    def _publish_locked(self) -> int:
+        self.counter += 1
+        msg = self._msg_type(phase=self.phase, source='bench', heartbeat=self.counter,
+                             protocol_name='control scan' if self.phase == self._msg_type.PHASE_ACQUIRING else '')
+        msg.header.stamp = self.node.get_clock().now().to_msg()
+        stamp = time.monotonic_ns()          # the publication instant on CLOCK_MONOTONIC
+        self.pub.publish(msg)
+        self.last_publish_ns = stamp
+        return stamp
+
+    def set_phase(self, phase: int) -> int:
+        """Change the phase and publish at once; returns the publication stamp (ns)."""
+        with self.lock:
+            self.phase = phase
+            return self._publish_locked()
+
+    def silence(self) -> int:
+        """Stop publishing (as a crashed source); returns the instant (ns)."""
+        with self.lock:
+            self.silent = True
+            return time.monotonic_ns()
+
+    def speak(self) -> int:
+        with self.lock:
+            self.silent = False
+            return self._publish_locked()
+
+    def _run(self):
+        deadline = time.monotonic()
+        while not self._stop.is_set():
+            deadline += self.period
+            self._stop.wait(max(0.0, deadline - time.monotonic()))
+            with self.lock:
+                if not self.silent:
+                    self._publish_locked()
+                    self.beat.set()
+
+
+# ============================================================ measurements
+
+def measure_interlock(scanner: ScannerSource, log: InhibitLog, events: int, warmup: int = 20):
+    """Seconds from ACQUIRING published to MOTION_INHIBIT(1) at the drive, ``events`` times.
+    Returns (latencies, skipped): an event is skipped when the inhibit was asserted for another
+    reason (e.g. a late heartbeat made the state stale) just before the scan started -- an
+    inhibit already asserted is not sent again, so there is nothing to time."""
+    from igt_robot import testing
+    from igt_robot_msgs.msg import ScannerState
+    latencies, skipped = [], 0
+    while len(latencies) < events:
+        log.wait_released()
+        log.clear()
+        start = scanner.set_phase(ScannerState.PHASE_ACQUIRING)
+        try:
+            arrived = log.wait(True, start)
+        except testing.ConditionTimeout:
+            arrived = None
+        log.entries.clear()
+        scanner.set_phase(ScannerState.PHASE_IDLE)
+        if arrived is None or any(v for t, v in log.entries if t < start):
+            skipped += 1
+        elif warmup > 0:
+            warmup -= 1
+        else:
+            latencies.append((arrived - start) / 1e9)
+    return latencies, skipped
+
+
+def measure_silence(scanner: ScannerSource, log: InhibitLog, trials: int, seed: int = 1):
+    """(from the source's stop, from its last message) to MOTION_INHIBIT(1), in seconds."""
+    rng = random.Random(seed)
+    from_stop, from_last = [], []
+    for _ in range(trials):
+        log.wait_released()
+        log.clear()
+        scanner.beat.clear()
+        scanner.beat.wait(5.0)               # just after a heartbeat ...
+        time.sleep(rng.uniform(0.0, scanner.period))   # ... the source dies at a random point of its period
+        stopped = scanner.silence()
+        last = scanner.last_publish_ns
+        arrived = log.wait(True, stopped)
+        from_stop.append((arrived - stopped) / 1e9)
+        from_last.append((arrived - last) / 1e9)
+        scanner.speak()
+    return from_stop, from_last
+
+
+class LoopDiagnostics:
+    """The motion controller's 'control loop' diagnostics, newest first."""
+
+    def __init__(self, node):
+        from diagnostic_msgs.msg import DiagnosticArray
+        self.latest = None
+        self.count = 0
+        node.create_subscription(DiagnosticArray, '/diagnostics', self._on, 10)
+
+    def _on(self, msg):
+        for status in msg.status:
+            if status.name.endswith('control loop') and status.values:
+                self.latest = {kv.key: kv.value for kv in status.values}
+                self.count += 1
+
+    def fresh(self, timeout: float = 10.0) -> dict:
+        from igt_robot import testing
+        seen = self.count
+        testing.wait_for(lambda: self.count > seen, timeout, 'a fresh control-loop diagnostics message')
+        return dict(self.latest)
+
+
+def measure_jitter(diagnostics: LoopDiagnostics, work=None):
+    """Run until the loop's stats window holds only this phase's cycles (or PHASE_CAP_S);
+    ``work()`` is called repeatedly meanwhile. Returns (p99 s, coverage 0..1, cycles/s, overruns)."""
+    first = diagnostics.fresh()
+    c0, o0, t0 = int(first['cycles']), int(first['overruns']), time.monotonic()
+    while True:
+        if work is not None:
+            work()
+        last = diagnostics.fresh()
+        done = int(last['cycles']) - c0
+        if done >= STATS_WINDOW or time.monotonic() - t0 > PHASE_CAP_S:
+            break
+    elapsed = time.monotonic() - t0
+    return (float(last['period_error_p99_s']), min(1.0, done / STATS_WINDOW), done / elapsed,
+            int(last['overruns']) - o0)
+
+
+# ============================================================ main
+
+def _load_ros_floor():
+    spec = importlib.util.spec_from_file_location('ros_floor', pathlib.Path(__file__).parent / 'ros_floor.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--emulator', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--control', help=argparse.SUPPRESS)
+    parser.add_argument('--watchdog-ms', type=int, default=100, help='emulator watchdog (firmware default 100 ms)')
+    parser.add_argument('--events', type=int, default=1000, help='interlock events to time (>= 1000)')
+    parser.add_argument('--silence-trials', type=int, default=20, help='scanner-silence trials (>= 20)')
+    parser.add_argument('--floor-count', type=int, default=1000, help='DDS floor pings')
+    args = parser.parse_args()
+    if args.emulator:
+        return run_stamping_emulator(args.control, args.watchdog_ms)
+    if args.events < 1000 or args.silence_trials < 20:
+        parser.error('--events must be >= 1000 and --silence-trials >= 20 for meaningful figures')
+
+    from igt_robot import testing
+    work_dir = pathlib.Path(tempfile.mkdtemp(prefix='bench_interlock_'))
+    env = testing.isolated_ros_env(work_dir / 'ros_log')
+    testing.apply_env(env)
+    shm_before = testing.fastdds_shm_entries()
+    control_path = str(work_dir / 'ctl')
+    processes, graph, emulator, scanner = [], None, None, None
+    try:
+        emu_proc = testing.python_process(__file__, ['--emulator', '--control', control_path, '--watchdog-ms',
+                                                     str(args.watchdog_ms)], env, work_dir / 'emulator.log',
+                                          name='emulator')
+        processes.append(emu_proc)
+        line = testing.wait_for(lambda: next((ln for ln in emu_proc.output().splitlines() if ln.startswith('PTY ')),
+                                             None) or (not emu_proc.alive() and 'exited'), 20, 'the PTY line')
+        if line == 'exited':
+            raise RuntimeError(f'emulator failed: {emu_proc.output()}')
+        pty = line.split(' ', 1)[1].strip()
+        emulator = EmulatorControl(control_path)
+        log = InhibitLog(emulator)
+        processes.append(testing.python_process('igt_robot.nodes.motion_controller_node', [
+            '--ros-args', '--params-file', str(CONFIG / 'robot.yaml'), '--params-file', str(CONFIG / 'motion.yaml'),
+            '-p', 'backend:=serial', '-p', f'serial_port:={pty}'], env, work_dir / 'motion_controller.log',
+            name='motion_controller'))
+
+        import rclpy
+        from rclpy.action import ActionClient
+        from std_msgs.msg import Bool
+
+        from igt_robot.nodes import qos
+        from igt_robot_msgs.action import InsertNeedle
+        graph = testing.SpinningGraph()
+        node = rclpy.create_node('interlock_bench', context=graph.context)
+        insert = ActionClient(node, InsertNeedle, '/motion/insert_needle')
+        permitted = node.create_publisher(Bool, '/safety/motion_permitted', qos.SAFETY_LATCHED)
+        scanner = ScannerSource(node)
+        diagnostics = LoopDiagnostics(node)
+        graph.add(node)            # after the ActionClient: rclpy's rule for clients on a spun node
+        permitted.publish(Bool(data=True))
+        scanner.start()
+        log.wait_released(60)                # the node is up, has seen the permission and a fresh IDLE
+        if emulator.state()['faults']:
+            print(f"# emulator faults latched at start-up: {emulator.state()['faults']}")
+
+        # 1. DDS floor in the same run, with the stack running.
+        rtt, one_way = _load_ros_floor().measure_dds_floor(args.floor_count, env=env, log_dir=work_dir)
+        testing.apply_env(env)
+        dds_p50, dds_p99, dds_max = percentiles(one_way)
+
+        # 2. Interlock latency.
+        latencies, skipped = measure_interlock(scanner, log, args.events)
+        p50, p99, worst = percentiles(latencies)
+        info('dds_one_way_p50 (same run)', dds_p50 * 1e3, 'ms')
+        info('dds_one_way_p99 (same run)', dds_p99 * 1e3, 'ms')
+        info('dds_one_way_max (same run)', dds_max * 1e3, 'ms')
+        info(f'interlock_latency_p50 (n={len(latencies)})', p50 * 1e3, 'ms')
+        report('interlock_latency_p99', p99 * 1e3, 'ms', '<=', 2.0 * dds_p99 * 1e3)
+        report('interlock_latency_max', worst * 1e3, 'ms', '<=', 5.0)
+        info('interlock_p99_over_dds_one_way_p99', p99 / dds_p99, 'x')
+        info('interlock events skipped (inhibit already asserted before the scan)', skipped, 'events')
+
+        # 3. Scanner silence.
+        from_stop, from_last = measure_silence(scanner, log, args.silence_trials)
+        s50, _, smax = percentiles(from_stop)
+        info(f'scanner_silence_detection_p50 (n={len(from_stop)}, from the source stopping)', s50 * 1e3, 'ms')
+        report('scanner_silence_detection_max', smax * 1e3, 'ms', '<=', 3.0 / SCANNER_RATE_HZ * 1e3)
+        info('scanner_silence_detection_max_from_last_message', max(from_last) * 1e3, 'ms')
+
+        # 4. Control-loop period error, holding and moving.
+        idle_p99, idle_cov, idle_rate, idle_over = measure_jitter(diagnostics)
+        report('control_loop_period_error_p99_idle', idle_p99 * 1e3, 'ms', '<=', 0.5)
+        info('control_loop_idle: cycles per second (nominal 1000)', idle_rate, 'Hz')
+        info('control_loop_idle: overruns in the phase', idle_over, 'cycles')
+        info('control_loop_idle: share of the p99 window from this phase', idle_cov, '')
+        if not insert.wait_for_server(timeout_sec=10.0):
+            raise RuntimeError('insert_needle action server not available')
+        target = [0.04]
+        pending = []
+        failures = []
+
+        def keep_moving():
+            if pending and not pending[0].done():
+                return
+            if pending:
+                result = pending.pop().result().result
+                if result.error_code != InsertNeedle.Result.SUCCEEDED:
+                    failures.append(result.message)
+                target[0] = 0.0 if target[0] > 0.0 else 0.04
+            send = insert.send_goal_async(InsertNeedle.Goal(target_depth=target[0]))
+            handle = testing.wait_for(lambda: send.done() and send.result(), 10, 'goal response')
+            pending.append(handle.get_result_async())
+        moving_p99, moving_cov, moving_rate, moving_over = measure_jitter(diagnostics, keep_moving)
+        report('control_loop_period_error_p99_moving', moving_p99 * 1e3, 'ms', '<=', 0.5)
+        info('control_loop_moving: cycles per second (nominal 1000)', moving_rate, 'Hz')
+        info('control_loop_moving: overruns in the phase', moving_over, 'cycles')
+        info('control_loop_moving: share of the p99 window from this phase', moving_cov, '')
+        if failures:
+            print(f'# {len(failures)} motion goal(s) failed during the moving phase; first: {failures[0]}')
+        end = emulator.state()
+        print(f"# emulator at the end: faults {end['faults']}, watchdog trips {end['watchdog_trips']}, "
+              f"overruns {end['overruns']}")
+        return 0
+    finally:
+        if scanner is not None:
+            scanner.stop()
+        if graph is not None:
+            graph.close()
+        for proc in reversed(processes):
+            proc.stop()
+        if emulator is not None:
+            emulator.close()
+        testing.remove_stale_fastdds_shm(shm_before, ignore_pids=[os.getpid()])
+
+
+if __name__ == '__main__':
+    sys.exit(main())
