@@ -240,8 +240,14 @@ class MotionExecutor:
     # ------------------------------------------------------------ internals
     def _start(self, goal: Goal, measured: np.ndarray, now: float, finished: list) -> None:
         req: MotionRequest = goal.request
+        start = measured
+        if self.limits.lower is not None:
+            # A drive that settled a few encoder counts past a limit (inside the goal tolerance) starts
+            # from the limit: otherwise every later goal would be refused and the robot stuck there.
+            clipped = np.clip(measured, self.limits.lower, self.limits.upper)
+            start = np.where(np.abs(clipped - measured) <= self.goal_tolerance, clipped, measured)
         try:
-            traj = plan_waypoints(measured, req.waypoints, self.limits, req.profile, req.speed_scale)
+            traj = plan_waypoints(start, req.waypoints, self.limits, req.profile, req.speed_scale)
         except TrajectoryError as exc:
             self.goals.start(goal.goal_id, now)
             finished.append(self.goals.finish(goal.goal_id, GoalState.ABORTED, ResultCode.ABORTED_INVALID,

@@ -300,9 +300,11 @@ class Firmware:
 
     def _on_motion_inhibit(self, frame):
         inhibit = protocol.decode_motion_inhibit(frame.payload)
-        if inhibit and not self.inhibited:
+        if inhibit and not self.inhibited and self.enabled:
+            # Decelerate and hold; targets refused while set. A de-energised drive is not moving:
+            # starting a stop there would leave it "stopping" (MOVING) forever, as it never steps.
             for d in self.dyn:
-                d.begin_stop()                 # decelerate and hold; targets refused while set
+                d.begin_stop()
         self.inhibited = inhibit
         return self._ack(frame)
 

@@ -247,7 +247,11 @@ class HardwareNode(LifecycleNode):
             self.shared = shared
         with self._fault_lock:
             self._link_error, self._link_error_time = None, -math.inf
+            stale = list(self._active_faults)
             self._active_faults = {}
+        for code in stale:
+            # Reported against the previous connection: the fresh one reports afresh what is still there.
+            self.faults.clear(code, f'{code}: hardware reconfigured')
         self.firmware_version = first.firmware_version
         self._last_published = None
         self.last_failure = ''
@@ -718,9 +722,18 @@ def main(args=None) -> int:
     """Console script ``hardware_node``: spin until SIGINT/SIGTERM, then stop and close the hardware."""
     def make():
         node = HardwareNode()
-        node.autostart_lifecycle()
+        autostart_when_spinning(node)
         return node
     return common.run_node(make, args=args, threads=4)
+
+
+def autostart_when_spinning(node: 'HardwareNode') -> None:
+    """Configure and activate once the executor spins: enabling the axes before anything can feed the
+    controller's watchdog (the heartbeat timer) would let the watchdog trip at start-up."""
+    def once():
+        timer.cancel()
+        node.autostart_lifecycle()
+    timer = node.create_timer(0.01, once)
 
 
 if __name__ == '__main__':

@@ -31,7 +31,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticStatus
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
-from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from std_msgs.msg import Bool
 
@@ -151,14 +151,18 @@ class MotionControllerNode(Node):
         self._finished_event = threading.Condition()
         self._last_beat_cycles = -1
         self._attach_lock = threading.Lock()
+        self._last_hardware_error = None
 
         group = ReentrantCallbackGroup()
+        # Permission inputs in one mutually exclusive group: processed one at a time, in arrival order,
+        # so a stale True can never overwrite a newer False.
+        permission_group = MutuallyExclusiveCallbackGroup()
         self.create_subscription(Bool, '/safety/motion_permitted', self._on_permitted, qos.SAFETY_LATCHED,
-                                 callback_group=group)
+                                 callback_group=permission_group)
         self.create_subscription(SafetyStatus, '/safety/status', self._on_status, qos.SAFETY_LATCHED,
-                                 callback_group=group)
+                                 callback_group=permission_group)
         self.create_subscription(ScannerState, '/scanner/state', self._on_scanner, qos.SCANNER_STATE,
-                                 callback_group=group)
+                                 callback_group=permission_group)
         self.create_subscription(RegistrationResult, '/registration/result', self._on_registration, qos.LATCHED,
                                  callback_group=group)
         self.events = common.create_event_publisher(self)
@@ -239,8 +243,9 @@ class MotionControllerNode(Node):
         self.last_report = report
         if report.tracking_fault is not None:
             self.faults.report('TRACKING_ERROR', report.tracking_fault.describe())
-        if report.hardware_error and not self._inhibited():
-            self.faults.report('HARDWARE_FAULT', report.hardware_error)
+        if report.hardware_error and report.hardware_error != self._last_hardware_error and not self._inhibited():
+            self.faults.report('HARDWARE_FAULT', report.hardware_error)   # once per distinct failure
+        self._last_hardware_error = report.hardware_error
         if report.finished:
             with self._finished_event:
                 for goal in report.finished:
@@ -484,13 +489,14 @@ class _NoHardware:
 
 def main(args=None) -> int:
     """Host the hardware node and the motion controller in one process (one owner of the serial port)."""
-    from igt_robot.nodes.hardware_node import HardwareNode
+    from igt_robot.nodes.hardware_node import HardwareNode, autostart_when_spinning
 
     def build():
         hardware = HardwareNode()
-        hardware.autostart_lifecycle()
+        autostart_when_spinning(hardware)
         return [hardware, MotionControllerNode()]
-    return common.run_node(build)
+    # Threads: each blocked action goal holds one, the control loop has its own; keep callbacks flowing.
+    return common.run_node(build, threads=6)
 
 
 if __name__ == '__main__':

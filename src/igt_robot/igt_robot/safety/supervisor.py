@@ -312,7 +312,10 @@ class SafetySupervisor:
             else:
                 self._set_condition(FaultCode.WORKSPACE_LIMIT.value, '', False)
 
-        if self._max_insertion is not None and self._insertion_index is not None:
+        if self._max_insertion is None:
+            # No limit (any more): a condition raised under an earlier limit has no cause left.
+            self._set_condition(FaultCode.INSERTION_LIMIT.value, '', False)
+        elif self._insertion_index is not None:
             depth = q[self._insertion_index]
             if depth > self._max_insertion:
                 self._raise(FaultCode.INSERTION_LIMIT.value,
