@@ -300,7 +300,14 @@ class ProcedureNode(Node):
         self._check_allowed('control_scan_done')
         acquisition = self._acquire('control')
         self._wf('control_scan_done', acquisition.scan_id, operator_id)
-        check = self._check_tip(acquisition)
+        try:
+            check = self._check_tip(acquisition)
+        except StepFailed as not_found:
+            # A short needle (early steps) can be too faint to find: say so; the operator decides on the next
+            # step (the confirmation scan must find it).
+            self._event('tip_not_found', str(not_found), severity=ProcedureEvent.WARN, scan_id=acquisition.scan_id)
+            outcome = self._wf('tip_checked', '', operator_id)
+            return outcome._replace(message=f'{not_found}; {outcome.message}')
         return self._wf('tip_checked', f'{check.error:.5f}', operator_id)
 
     def _cmd_confirmation_scan(self, arg, operator_id):
