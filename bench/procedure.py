@@ -32,6 +32,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     rng = np.random.default_rng(args.seed)
+    shm_before = testing.fastdds_shm_entries()
     errors, walls, scans, dlp, failures = [], [], [], [], []
     stamp = time.strftime('%Y%m%d-%H%M%S')
     for run in range(args.runs):
@@ -66,6 +67,7 @@ def main() -> int:
         info('dlp_per_procedure_mean', float(np.mean(dlp)), 'mGy*cm')
     for failure in failures:
         print(f'# failed: {failure}', flush=True)
+    testing.remove_stale_fastdds_shm(shm_before, ignore_pids=[os.getpid()])
     return 0
 
 

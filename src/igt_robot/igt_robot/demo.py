@@ -98,11 +98,16 @@ def main(argv=None) -> int:
     parser.add_argument('--steps', type=int, default=3, help='insertion steps (each followed by a control scan)')
     parser.add_argument('--timeout', type=float, default=900.0, help='give up after this many seconds')
     args = parser.parse_args(argv)
+    from igt_robot import testing
+    shm_before = testing.fastdds_shm_entries()
     try:
         summary = run_simulated_procedure(args.seed, args.modality, args.depth, args.steps, args.timeout)
     except ProcedureFailed as failure:
         print(f'[demo] FAILED: {failure}', flush=True)
         return 1
+    finally:
+        # This process exits next: its Fast DDS shared-memory names can go (the mappings live on until exit).
+        testing.remove_stale_fastdds_shm(shm_before, ignore_pids=[os.getpid()])
     print(f'[demo] done: tip {summary["tip_to_target_mm"]:.2f} mm from target; report {summary["report"]}',
           flush=True)
     return 0
