@@ -204,21 +204,17 @@ class MotionExecutor:
             elif not permitted:
                 self._begin_stop(now, ResultCode.ABORTED_INTERLOCK, f'stopped by interlock: {reason}')
             else:
-                sample = self._traj.sample(now - self._t0)
-                failure = self._write(sample, now, measured, err, finished)
+                commanded, ended, failure = self._play(now, measured, err, finished)
                 if failure is not None:
                     return failure
-                commanded = sample.positions
-                if now - self._t0 >= self._traj.duration:
+                if ended:
                     self.mode = ExecutorMode.SETTLING
                     self._settle_since = now
         if self.mode is ExecutorMode.STOPPING:
-            sample = self._traj.sample(now - self._t0)
-            failure = self._write(sample, now, measured, err, finished)
+            commanded, ended, failure = self._play(now, measured, err, finished)
             if failure is not None:
                 return failure
-            commanded = sample.positions
-            if now - self._t0 >= self._traj.duration:
+            if ended:
                 self._end_stop(now, finished)
         elif self.mode is ExecutorMode.SETTLING:
             goal = self.goals.active
@@ -287,6 +283,17 @@ class MotionExecutor:
         self._last_cmd = None
         self._traj = None
         self._stop_code = None
+
+    def _play(self, now: float, measured, err, finished):
+        """Write the current trajectory's setpoint for ``now``.
+
+        Returns (commanded positions, trajectory time over?, failure report or None).
+        """
+        sample = self._traj.sample(now - self._t0)
+        failure = self._write(sample, now, measured, err, finished)
+        if failure is not None:
+            return None, False, failure
+        return sample.positions, now - self._t0 >= self._traj.duration, None
 
     def _write(self, sample: TrajectorySample, now: float, measured, err, finished) -> Optional[StepReport]:
         """Write one setpoint; on refusal return the failure report, else None."""
