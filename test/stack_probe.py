@@ -79,7 +79,14 @@ class StackProbe:
         if self.status.state == 'HOLD':
             reply = self.resume()
             assert reply.success, reply.message
-        return self.wait_status(lambda s: s.motion_permitted, 'motion permitted')
+        status = self.wait_status(lambda s: s.motion_permitted, 'motion permitted')
+        self.wait_drive_released()
+        return status
+
+    def wait_drive_released(self, timeout=20.0):
+        """The hardware node releases the drive's motion-inhibit one hop after the supervisor permits."""
+        return testing.wait_for(lambda: self.robot is not None and not self.robot.motion_inhibited, timeout,
+                                'the drive motion-inhibit released')
 
     def send(self, client, goal, timeout=20.0):
         """Send a goal; return the goal handle (accepted or not)."""

@@ -113,6 +113,7 @@ def test_scan_mid_motion_stops_and_motion_resumes_only_after_explicit_resume(sta
     assert probe.after_more_states()[-1] == pytest.approx(stopped_at, abs=2e-5)
     assert probe.resume().success
     probe.wait_status(lambda s: s.motion_permitted, 'permitted after resume')
+    probe.wait_drive_released()
     done = probe.result(probe.send(probe.insert, InsertNeedle.Goal(target_depth=0.03)))
     assert done.error_code == InsertNeedle.Result.SUCCEEDED, done.message
     assert done.depth == pytest.approx(0.03, abs=3e-4)

@@ -81,23 +81,35 @@ PARAMS = [
 
 
 class Permission:
-    """The executor's view of motion permission (read every control cycle, written by callbacks)."""
+    """The executor's view of motion permission (read every control cycle, written by callbacks).
+
+    Three inputs, all must allow motion: the supervisor's latched gate, the scanner not imaging, and the
+    drive's own motion-inhibit released (the hardware node asserts it one hop after a scan starts and
+    releases it one hop after the supervisor permits: a goal must neither start nor go on against it).
+    """
 
     def __init__(self):
         self.supervisor_permitted = False     # safe default until the supervisor says otherwise
         self.supervisor_reason = 'no safety status received yet'
         self.scanner_imaging = True
         self.scanner_reason = 'no scanner state received yet'
+        self.hardware = None                  # SharedHardware once attached (its cached state is read)
+
+    def _drive_inhibited(self) -> bool:
+        state = self.hardware.last_state if self.hardware is not None else None
+        return bool(state is not None and state.motion_inhibited)
 
     @property
     def motion_permitted(self) -> bool:
-        return self.supervisor_permitted and not self.scanner_imaging
+        return self.supervisor_permitted and not self.scanner_imaging and not self._drive_inhibited()
 
     @property
     def reason(self) -> str:
         if self.scanner_imaging:
             return self.scanner_reason
-        return '' if self.supervisor_permitted else self.supervisor_reason
+        if not self.supervisor_permitted:
+            return self.supervisor_reason
+        return 'the drive\'s motion-inhibit is still asserted' if self._drive_inhibited() else ''
 
 
 _RESULT_CODES = {
@@ -212,6 +224,7 @@ class MotionControllerNode(Node):
             self.loop.stop()
             self.loop = None
             self.hardware = None
+            self.permission.hardware = None
             with self.motion_lock:
                 self.motion.hw = _NoHardware()
         if self.loop is not None and self.loop.running:
@@ -222,6 +235,7 @@ class MotionControllerNode(Node):
         if hardware is None or hardware.retired:
             return
         self.hardware = hardware
+        self.permission.hardware = hardware
         with self.motion_lock:
             self.motion.hw = hardware
         # CPython hands the GIL between threads every sys.getswitchinterval() (5 ms by default):

@@ -435,7 +435,18 @@ class ProcedureNode(Node):
             client.remove_pending_request(future)
             raise
 
+    def _wait_drive_released(self, timeout: float = 3.0) -> None:
+        """When the supervisor permits motion, the drive's inhibit is released one hop later (hardware
+        node): wait for it rather than send a goal the drive would refuse."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            permitted = self.safety is not None and self.safety.motion_permitted
+            if not permitted or (self.robot is not None and not self.robot.motion_inhibited):
+                return   # nothing to wait for: either released, or the goal will be refused with the reason
+            time.sleep(0.02)   # poll the latest robot state
+
     def _run_action(self, client, goal):
+        self._wait_drive_released()
         timeout = self.p['service_timeout']
         name = client._action_name
         if not client.wait_for_server(timeout_sec=min(timeout, 30.0)):
