@@ -296,13 +296,14 @@ class MotionControllerNode(Node):
         return GoalResponse.ACCEPT
 
     def _measured(self) -> np.ndarray:
+        """A fresh reading (goal start is rare; the cache may predate a just-released drive inhibit)."""
         self._attach_hardware()  # a goal may arrive before the periodic look-up found the hardware
         if self.hardware is None:
             raise GoalRefused(-6, f"no hardware: '{self.p['hardware_node']}' is not configured in this process")
-        state = self.hardware.last_state
-        if state is None:
-            state = self.hardware.read()
-        return np.asarray(state.positions, dtype=float)
+        try:
+            return np.asarray(self.hardware.read().positions, dtype=float)
+        except Exception as exc:  # noqa: BLE001 -- any failing read refuses the goal with its reason
+            raise GoalRefused(-6, f'hardware read failed: {exc}') from exc
 
     def _point_in_base(self, point_stamped, what: str) -> np.ndarray:
         p = np.array([point_stamped.point.x, point_stamped.point.y, point_stamped.point.z], dtype=float)
