@@ -15,6 +15,16 @@ Safety contract for every backend:
 * :meth:`emergency_stop` cuts motion immediately and latches until
   :meth:`reset_faults`.
 * Faults latch: they stay in ``state().faults`` until :meth:`reset_faults`.
+
+Trajectory streaming (protocol 2, see docs/serial_protocol.md): the host sends
+time-stamped PVT points (position, velocity, time) ahead of time; the
+controller interpolates and servos at its own rate and stops *itself* (ramp at
+its own deceleration limits, buffer flushed, cause reported in
+``StreamStatus.stop_cause``) on MOTION_INHIBIT, an imaging edge on its scanner
+trigger input, watchdog expiry, buffer underrun, STOP or a fault. While the
+trigger input says imaging, :meth:`set_motion_inhibit` (False) is refused: that
+inhibit does not depend on the host. A host stall shorter than the buffered
+look-ahead changes nothing.
 """
 from __future__ import annotations
 
@@ -41,6 +51,45 @@ class HardwareTimeout(HardwareError):
     """The controller did not answer in time."""
 
 
+@dataclasses.dataclass(frozen=True)
+class PvtPoint:
+    """One trajectory point for the controller's buffer.
+
+    ``time`` is on the stream's own clock, s: 0 is the moment the controller
+    starts executing the stream (its first point arriving), strictly
+    increasing from point to point. The controller reaches ``positions``
+    (m / rad, joint order) with ``velocities`` (m/s, rad/s) at ``time`` and
+    interpolates between points (cubic Hermite) at its servo rate.
+    """
+
+    time: float
+    positions: np.ndarray
+    velocities: np.ndarray
+
+
+# Why a controller stopped a stream by itself (StreamStatus.stop_cause).
+STOP_CAUSES = ('', 'STOP', 'INHIBIT', 'TRIGGER', 'WATCHDOG', 'UNDERRUN', 'ESTOP', 'FAULT', 'LIMIT')
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamStatus:
+    """The controller's trajectory buffer, as last read."""
+
+    stream_id: int = 0                 # id of the current/last stream (0 = none yet)
+    active: bool = False               # points are being executed (or the stop ramp is running)
+    done: bool = False                 # the final point was reached; the axes hold there
+    executed_time: float = 0.0         # stream time the controller has reached, s
+    buffered_until: float = 0.0        # stream time of the last buffered point, s
+    free_slots: int = 0                # points the buffer can still take
+    underruns: int = 0                 # buffer underruns since connect (each one a controlled stop)
+    stop_cause: str = ''               # one of STOP_CAUSES: why the controller ended the stream itself
+
+    @property
+    def lookahead(self) -> float:
+        """Buffered trajectory ahead of the controller, s."""
+        return max(0.0, self.buffered_until - self.executed_time) if self.active else 0.0
+
+
 @dataclasses.dataclass
 class HardwareState:
     """A snapshot of the hardware, in SI units."""
@@ -56,6 +105,8 @@ class HardwareState:
     scanner_trigger: bool = False     # the controller's scanner-trigger input
     firmware_version: str = ''
     counters: dict = dataclasses.field(default_factory=dict)  # diagnostics counters
+    inhibit_cause: str = ''           # why the controller's inhibit is set: HOST, TRIGGER or both ('HOST+TRIGGER')
+    stream: Optional[StreamStatus] = None   # trajectory buffer (None: backend without streaming)
 
 
 class HardwareInterface(abc.ABC):
@@ -109,3 +160,24 @@ class HardwareInterface(abc.ABC):
 
     def heartbeat(self) -> None:
         """Tell the controller the host is alive (no-op where not needed)."""
+
+    # -- trajectory streaming (protocol 2) ----------------------------------------------------------
+
+    def begin_stream(self, start_positions: Sequence[float]) -> int:
+        """Open a new stream starting at ``start_positions`` (must match the axes within tolerance).
+
+        Returns the stream id. Refused (HardwareError) while disabled, inhibited,
+        estopped, faulted or while another stream is active.
+        """
+        raise NotImplementedError(f'{type(self).__name__} does not stream trajectories')
+
+    def push_points(self, stream_id: int, points: Sequence[PvtPoint], final: bool = False) -> StreamStatus:
+        """Append points to the stream's buffer; ``final`` marks the last point of the stream
+        (it must have zero velocity; the buffer running empty after it is the end, not an underrun).
+        Refused (HardwareError) for a stream the controller has already stopped, a full buffer,
+        non-increasing times or points outside the limits."""
+        raise NotImplementedError(f'{type(self).__name__} does not stream trajectories')
+
+    def stream_status(self) -> StreamStatus:
+        """The trajectory buffer's state (also in ``read().stream``)."""
+        raise NotImplementedError(f'{type(self).__name__} does not stream trajectories')
