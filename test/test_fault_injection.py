@@ -73,7 +73,7 @@ def _node_commands(pty: str, extra_controller_args=()):
     return {
         'motion_controller': ('igt_robot.nodes.motion_controller_node', [
             '--ros-args', '--params-file', str(CONFIG / 'robot.yaml'), '--params-file', str(CONFIG / 'motion.yaml'),
-            '-p', 'backend:=serial', '-p', f'serial_port:={pty}', '-p', 'hardware_node:scanner_timeout:=1.0',
+            '-p', 'backend:=serial', '-p', f'serial_port:={pty}', '-p', 'hardware_node:scanner_timeout:=1.0', '-p', 'hardware_node:scanner_period:=0.34',
             '-p', 'hardware_node:serial_timeout:=0.2',
             *extra_controller_args]),
         'scanner_interface': ('igt_robot.nodes.scanner_interface_node', [

@@ -26,7 +26,7 @@ def stack(run_dir):
     shared = {'procedure_id': 'slicer-test', 'record_dir': str(run_dir / 'record')}
     overrides = {'recorder_node': dict(shared), 'procedure_node': dict(shared, scan_duration=0.2),
                  'igtl_bridge': {'port': 0, 'pose_rate': 10.0}, 'scanner_interface': {'igtl_port': 0},
-                 'hardware_node': {'backend': 'mujoco', 'scanner_timeout': 0.5},
+                 'hardware_node': {'backend': 'mujoco', 'scanner_timeout': 0.5, 'scanner_period': 0.2},
                  # The supervisory timeouts have their own tests; a loaded machine must not latch spurious
                  # faults in the middle of the Slicer flow under test.
                  'safety_supervisor': {'heartbeat_timeout_s': 3.0, 'scanner_timeout_s': 2.0}}

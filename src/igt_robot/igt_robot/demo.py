@@ -44,9 +44,11 @@ def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 
     names = available_nodes(PROFILES['workflow'])
     record_dir.mkdir(parents=True, exist_ok=True)
     if not quiet_nodes:
-        print(f'[demo] control process: {", ".join(PROFILES["control"])}; this process: {", ".join(names)}',
+        print(f'[demo] control process: {", ".join(PROFILES["control"])}; supervision process: '
+              f'{", ".join(PROFILES["supervision"])}; this process: {", ".join(names)}',
               flush=True)
     with _control_process(overrides, record_dir / 'control_process.log'), \
+            _control_process(overrides, record_dir / 'supervision_process.log', 'supervision'), \
             Bringup(names, overrides=overrides) as bringup:
         procedure = bringup.nodes['procedure_node']
         finished = procedure.demo_done.wait(timeout)
@@ -69,10 +71,11 @@ def _raise_priority():
 
 
 @contextlib.contextmanager
-def _control_process(overrides: dict, log_path):
-    """The safety-critical nodes (hardware, scanner, supervisor, motion controller) in their own process."""
-    args = [sys.executable, '-m', 'igt_robot.bringup', '--profile', 'control']
-    for node in PROFILES['control']:
+def _control_process(overrides: dict, log_path, profile: str = 'control'):
+    """The safety-critical nodes in their own processes: 'control' (hardware, motion controller) and
+    'supervision' (scanner interface, safety supervisor)."""
+    args = [sys.executable, '-m', 'igt_robot.bringup', '--profile', profile]
+    for node in PROFILES[profile]:
         for key, value in overrides.get(node, {}).items():
             args += ['--set', f'{node}.{key}={value}']
     with open(log_path, 'wb') as log:

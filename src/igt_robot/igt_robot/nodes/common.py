@@ -119,6 +119,20 @@ class PublisherNames:
         return key, name
 
 
+_INTERLOCK_CONFIGS = {}
+
+
+def register_interlock_config(hardware_node: str, config) -> None:
+    """The hardware node's interlock configuration, for the motion controller driving it in the same
+    process: both decide by the same rule with the same values."""
+    _INTERLOCK_CONFIGS[hardware_node] = config
+
+
+def interlock_config(hardware_node: str):
+    """The configuration registered by ``hardware_node`` in this process (None: none)."""
+    return _INTERLOCK_CONFIGS.get(hardware_node)
+
+
 # ---------------------------------------------------------------------- scanner
 
 _PHASE_TO_MSG = {

@@ -143,6 +143,7 @@ class HardwareNode(LifecycleNode):
         super().__init__(NODE_NAME, context=context, cli_args=cli_args, **kwargs)
         self.p = declare(self, PARAMS, read_only=True)
         self.interlock_config = self._interlock_config()
+        common.register_interlock_config(self.get_name(), self.interlock_config)
         self.model = load_robot_model()
         self.kinematics = NeedleGuideKinematics(self.model)
         self.joint_names = tuple(self.model.joint_names)
