@@ -63,12 +63,12 @@ def test_each_parameter_is_refused_or_in_force(graph, make, args):
     assert sorted(accepted) == sorted(n for n in checks if n in names)
 
 
-def test_supervisor_depth_limit_is_applied_when_tightened(graph):
+def test_supervisor_depth_limit_is_applied_within_the_configured_limit(graph):
     node = graph.add(SafetySupervisorNode(context=graph.context,
                                           cli_args=['--ros-args', '-p', 'max_insertion_depth:=0.1']))
     assert node.set_parameters([Parameter('max_insertion_depth', value=0.04)])[0].successful
     assert node.supervisor._max_insertion == pytest.approx(0.04)
-    refused = node.set_parameters([Parameter('max_insertion_depth', value=-1.0)])[0]
+    refused = node.set_parameters([Parameter('max_insertion_depth', value=-1.0)])[0]   # the attack of issue 11
     assert not refused.successful and node.supervisor._max_insertion == pytest.approx(0.04)
     assert node.get_parameter('max_insertion_depth').value == pytest.approx(0.04)
 

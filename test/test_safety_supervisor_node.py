@@ -424,14 +424,17 @@ def test_estop_from_anyone_but_only_the_operator_releases_it(rig):
     inputs.make_ready()
 
 
-def test_insertion_limit_cannot_be_removed_or_loosened_at_run_time(graph):
+def test_insertion_limit_cannot_be_removed_or_loosened_beyond_the_configuration_at_run_time(graph):
     inputs = Inputs(graph)
     node = start_supervisor(graph, 'max_insertion_depth:=0.05')
     inputs.make_ready()
     for value in (-1.0, 0.08):
         result = node.set_parameters([rclpy.parameter.Parameter('max_insertion_depth', value=value)])[0]
-        assert not result.successful and 'only be tightened' in result.reason
+        assert not result.successful and 'within the configured limit' in result.reason
         assert node.get_parameter('max_insertion_depth').value == 0.05
+    for value in (0.03, 0.05):                            # tightening, and restoring the configured limit
+        assert node.set_parameters([rclpy.parameter.Parameter('max_insertion_depth', value=value)])[0].successful
+        assert node.supervisor._max_insertion == value
     inputs.q = [0.0, 0.0, 0.0, 0.0, 0.06]                 # beyond the limit still in force
     assert inputs.wait_state('FAULT').faults[0].code == 'INSERTION_LIMIT'
 

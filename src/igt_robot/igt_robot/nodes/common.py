@@ -91,6 +91,9 @@ def gid_key(gid) -> bytes:
     return bytes(gid or b'')[:16]
 
 
+_UNKNOWN_NODE = '_NODE_NAME_UNKNOWN_'    # what the graph lists for a node it has not heard of yet
+
+
 class PublisherNames:
     """Which node owns the publisher that sent a message (graph introspection, cached by GID).
 
@@ -106,10 +109,14 @@ class PublisherNames:
     def publishers(self) -> dict:
         names = {}
         for info in self._node.get_publishers_info_by_topic(self.topic):
+            if not info.node_name or _UNKNOWN_NODE in info.node_name:
+                # The endpoint is discovered before its participant's node list: not named yet ('').
+                names[gid_key(info.endpoint_gid)] = ''
+                continue
             ns = (info.node_namespace or '/').rstrip('/')
             names[gid_key(info.endpoint_gid)] = f'{ns}/{info.node_name}'
-        self._names = names
-        return dict(names)
+        self._names = {k: v for k, v in names.items() if v}
+        return names
 
     def lookup(self, message_info) -> tuple:
         key = gid_key((message_info or {}).get('publisher_gid'))

@@ -24,7 +24,8 @@ hardware node to reset the drive's latched faults (``drive_reset_service``, with
 operator's secret), so a WATCHDOG or e-stop latched in the drive can be cleared
 once its cause has gone. A /scanner/state publisher other than ``scanner_source``
 is ignored and latched as a fault naming its node. Every parameter is read-only
-except ``max_insertion_depth``, applied live through the core's validation.
+except ``max_insertion_depth``, applied live through the core's validation
+within the configured limit.
 """
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ PARAMS = [
     Param('workspace_lower', Parameter.Type.DOUBLE_ARRAY, 'needle-tip box lower corner x,y,z in base_link (m); '
           'unset = no box'),
     Param('workspace_upper', Parameter.Type.DOUBLE_ARRAY, 'needle-tip box upper corner x,y,z in base_link (m)'),
-    Param('max_insertion_depth', -1.0, 'procedure insertion-depth limit (m); at run time it can only be '
-          'tightened; < 0 = only the URDF limit', -1.0, 1.0, live=True),
+    Param('max_insertion_depth', -1.0, 'procedure insertion-depth limit (m); at run time only within the '
+          'configured value; < 0 = only the URDF limit', -1.0, 1.0, live=True),
     Param('tick_rate_hz', 50.0, 'timeout check rate (Hz); a timeout is seen at most one tick late', 20.0, 1000.0),
     Param('publish_rate_hz', 10.0, 'periodic /safety/status and /safety/motion_permitted rate (Hz)', 1.0, 100.0),
     Param('heartbeat_period_s', 0.1, 'own /heartbeat period (s)', 0.01, 1.0),
@@ -128,6 +129,7 @@ class SafetySupervisorNode(Node):
         self._last_key = None
         self._last_state = None
 
+        self._configured_depth = p['max_insertion_depth']   # the envelope a run-time change stays within
         self._session_path = p['operator_session_file'] or None
         self._token = operator_session.issue_session(self._session_path)
         self._scanner_source = node_key(p['scanner_source'])
@@ -365,14 +367,17 @@ class SafetySupervisorNode(Node):
         return resp
 
     def _apply_parameter(self, name, value) -> None:
-        """Live parameters. The parameter service carries no operator secret, so a run-time change may only
-        tighten the insertion-depth limit; loosening or removing it needs the configuration (a restart)."""
+        """Live parameters. The parameter service carries no operator secret, so a run-time insertion-depth
+        limit stays within the configured one (tighten it, or restore it); loosening or removing the
+        configured limit needs the configuration (a restart)."""
         if name == 'max_insertion_depth':
-            current = self.p[name]
-            if value < 0.0 or (current >= 0.0 and value > current):
-                raise ValueError(f'max_insertion_depth can only be tightened at run time (now {current:g} m, '
-                                 f'asked {value:g} m); loosen or remove it in the configuration')
-            self._apply(lambda now: self._sup.set_max_insertion_depth(value, now))   # ValueError = refused
+            configured = self._configured_depth
+            if configured >= 0.0 and not 0.0 <= value <= configured:
+                raise ValueError(f'max_insertion_depth can only be set within the configured limit '
+                                 f'{configured:g} m at run time (asked {value:g} m); loosen or remove it in the '
+                                 'configuration')
+            depth = value if value >= 0.0 else None
+            self._apply(lambda now: self._sup.set_max_insertion_depth(depth, now))   # ValueError = refused
             self.p[name] = value
 
     # ---------------------------------------------------------------- output

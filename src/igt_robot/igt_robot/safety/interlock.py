@@ -211,14 +211,18 @@ class Interlock:
         permission_publishers = permission_publishers if permission_publishers is not None else {}
         trusted_scanner = [p for p, n in scanner_publishers.items() if n and node_key(n) == self.config.scanner_source]
         for publisher, node in scanner_publishers.items():
-            node = node_key(node) if node else ''
+            if not node:
+                continue                       # not named by the graph yet: judged once it is
+            node = node_key(node)
             # A second publisher under the configured name: the one we have not been listening to is foreign.
             impostor = node == self.config.scanner_source and len(trusted_scanner) > 1 and publisher not in self._sources
             if (node != self.config.scanner_source or impostor) and publisher not in self._foreign:
                 findings += self._foreign_scanner(publisher, node, None)
         trusted_permission = [p for p, n in permission_publishers.items() if n and node_key(n) == self.config.supervisor]
         for publisher, node in permission_publishers.items():
-            node = node_key(node) if node else ''
+            if not node:
+                continue
+            node = node_key(node)
             impostor = (node == self.config.supervisor and len(trusted_permission) > 1
                         and publisher != self._permission_publisher)
             if (node != self.config.supervisor or impostor) and publisher not in self._foreign:
