@@ -29,7 +29,8 @@ Figures:
 2. scanner-silence detection: the scanner source stops (at a random point of its heartbeat
    period, as a crash would) -> MOTION_INHIBIT(1) received, over >= 20 trials. Target: max <=
    3 heartbeat periods (150 ms at 20 Hz).
-3. (when the motion controller still runs a host loop) control-loop period error p99 at 1 kHz from the motion controller's /diagnostics
+3. (while the motion controller still runs a host loop) control-loop period error p99 at 1 kHz from
+   the motion controller's /diagnostics
    (``period_error_p99_s``, a percentile over the loop's last 10000 cycles), once holding still
    and once while moving; each phase runs until that window holds only its own cycles (or a
    time cap; the coverage is printed). Target <= 0.5 ms.

@@ -114,7 +114,6 @@ PARAMS = [
 ]
 
 
-
 def _guarded(interlock: bool = False):
     """Keep a callback's unexpected exception from killing the executor's spin: log it and,
     for an interlock callback, fall back to asserting the inhibit (fail-safe)."""

@@ -159,7 +159,8 @@ class SafetySupervisorNode(Node):
         apply_live(self, PARAMS, self._apply_parameter)
         self.heartbeat = common.HeartbeatPublisher(self, p['heartbeat_period_s'])
         self._publish_periodic()
-        self.get_logger().info(f'operator session issued to {self._session_path or operator_session.default_session_path()}')
+        where = self._session_path or operator_session.default_session_path()
+        self.get_logger().info(f'operator session issued to {where}')
         self.get_logger().info(f'required heartbeats: {config.heartbeat_timeouts}; scanner timeout '
                                f'{config.scanner_timeout:.2f} s; workspace box '
                                f'{"on" if tip_fn else "off"}')

@@ -215,10 +215,12 @@ class Interlock:
                 continue                       # not named by the graph yet: judged once it is
             node = node_key(node)
             # A second publisher under the configured name: the one we have not been listening to is foreign.
-            impostor = node == self.config.scanner_source and len(trusted_scanner) > 1 and publisher not in self._sources
+            impostor = (node == self.config.scanner_source and len(trusted_scanner) > 1
+                        and publisher not in self._sources)
             if (node != self.config.scanner_source or impostor) and publisher not in self._foreign:
                 findings += self._foreign_scanner(publisher, node, None)
-        trusted_permission = [p for p, n in permission_publishers.items() if n and node_key(n) == self.config.supervisor]
+        trusted_permission = [p for p, n in permission_publishers.items()
+                              if n and node_key(n) == self.config.supervisor]
         for publisher, node in permission_publishers.items():
             if not node:
                 continue
