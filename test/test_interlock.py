@@ -136,3 +136,20 @@ def test_supervisor_liveliness_and_drive_state():
 def test_node_key():
     assert node_key('a') == '/a' and node_key('/a') == '/a' and node_key('a', '/ns') == '/ns/a'
     assert Interlock(InterlockConfig()).scanner_phase(0.0) is ScannerPhase.UNKNOWN
+
+
+def test_a_restarted_supervisor_is_accepted_once_its_old_publisher_is_silent():
+    lock = ready()
+    findings = lock.on_permission('gid-impostor', '/safety_supervisor', True, 0.5)   # the original still speaks
+    assert findings and findings[0].code == FOREIGN_PERMISSION
+    lock2 = ready()
+    assert lock2.on_permission('gid-restarted', '/safety_supervisor', True, 2.0) == []
+    lock2.on_scanner(SCANNER, 'scanner_interface', 'IDLE', 2, 2.0)
+    assert not lock2.decide(2.0).inhibit
+
+
+def test_a_lingering_killed_source_on_the_graph_is_not_foreign():
+    lock = ready()
+    assert lock.on_graph({SCANNER: '/scanner_interface', 'gid-old': '/scanner_interface'},
+                         {SUPERVISOR: '/safety_supervisor'}) == []
+    assert not lock.decide(0.0).inhibit

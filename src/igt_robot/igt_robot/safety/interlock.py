@@ -36,6 +36,8 @@ from typing import Dict, Hashable, Iterable, List, NamedTuple, Optional
 from igt_robot.scanner.phases import ScannerPhase, parse_phase
 
 SILENCE_PERIODS = 3          # silence is detected within this many scanner heartbeat periods, by design
+SUPERVISOR_SILENCE = 1.0     # s; the supervisor republishes at 10 Hz: a publisher of its name silent this long
+#                              is replaced by a new one of that name (a restart), never while it speaks
 
 FOREIGN_SCANNER = 'FOREIGN_SCANNER_PUBLISHER'
 FOREIGN_PERMISSION = 'FOREIGN_PERMISSION_PUBLISHER'
@@ -128,6 +130,7 @@ class Interlock:
         self._unidentified_imaging: Optional[tuple] = None   # (phase, arrival) from a publisher not yet named
         self._permission: Optional[bool] = None
         self._permission_publisher: Optional[Hashable] = None
+        self._permission_time = -math.inf
         self._supervisor_alive = True
         self._drive_inhibited: Optional[bool] = None
         self._drive_faults: tuple = ()
@@ -176,6 +179,9 @@ class Interlock:
                 self._permission = False
             return []
         node = node_key(node)
+        if node == self.config.supervisor and self._permission_publisher not in (None, publisher) \
+                and float(now) - self._permission_time > SUPERVISOR_SILENCE:
+            self._permission_publisher = None  # the supervisor restarted (its old publisher went silent)
         if node != self.config.supervisor or (self._permission_publisher not in (None, publisher)):
             self.ignored_permissions += 1
             findings = []
@@ -187,6 +193,7 @@ class Interlock:
                 self._permission = False
             return findings
         self._permission_publisher = publisher
+        self._permission_time = float(now)
         self._permission = bool(permitted)
         self._supervisor_alive = True
         return []
@@ -209,25 +216,19 @@ class Interlock:
         the supervisor)."""
         findings = []
         permission_publishers = permission_publishers if permission_publishers is not None else {}
-        trusted_scanner = [p for p, n in scanner_publishers.items() if n and node_key(n) == self.config.scanner_source]
+        # A second publisher under a configured name is judged by what it sends (on_scanner / on_permission):
+        # a killed source lingers on the graph for a lease beside its restarted self.
         for publisher, node in scanner_publishers.items():
             if not node:
                 continue                       # not named by the graph yet: judged once it is
             node = node_key(node)
-            # A second publisher under the configured name: the one we have not been listening to is foreign.
-            impostor = (node == self.config.scanner_source and len(trusted_scanner) > 1
-                        and publisher not in self._sources)
-            if (node != self.config.scanner_source or impostor) and publisher not in self._foreign:
+            if node != self.config.scanner_source and publisher not in self._foreign:
                 findings += self._foreign_scanner(publisher, node, None)
-        trusted_permission = [p for p, n in permission_publishers.items()
-                              if n and node_key(n) == self.config.supervisor]
         for publisher, node in permission_publishers.items():
             if not node:
                 continue
             node = node_key(node)
-            impostor = (node == self.config.supervisor and len(trusted_permission) > 1
-                        and publisher != self._permission_publisher)
-            if (node != self.config.supervisor or impostor) and publisher not in self._foreign:
+            if node != self.config.supervisor and publisher not in self._foreign:
                 self._foreign[publisher] = (node, FOREIGN_PERMISSION)
                 findings.append(Finding(FOREIGN_PERMISSION, f"node '{node}' publishes motion permission; only "
                                         f'{self.config.supervisor} may: ignored', True, node))
