@@ -128,12 +128,14 @@ def measure_interlock_stressed(events: int, work_dir: pathlib.Path):
         permitted = node.create_publisher(Bool, '/safety/motion_permitted', qos.SAFETY_LATCHED)
         scanner = bench.ScannerSource(node)
         node.create_subscription(ScannerState, '/scanner/state', on_state, qos.SCANNER_STATE)
+        log.recover = bench.drive_reset(node, work_dir)
         graph.add(node)
         permitted.publish(Bool(data=True))
         scanner.start()
         log.wait_released(90)
         latencies, skipped = bench.measure_interlock(scanner, log, events)
         info('interlock events skipped under load (inhibit already asserted)', skipped, 'events')
+        info('drive fault resets needed under load', log.recoveries, 'resets')
         return latencies, gaps
     finally:
         if scanner is not None:
