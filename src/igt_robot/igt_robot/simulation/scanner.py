@@ -15,20 +15,8 @@ import numpy as np
 
 from igt_robot.imaging.io import write_dicom_series, write_nifti
 from igt_robot.imaging.phantom import make_phantom
+from igt_robot.record.dose import DoseFactors
 from igt_robot.simulation.scenario import Scenario
-
-
-@dataclasses.dataclass(frozen=True)
-class DoseFactors:
-    """CT dose factors of a protocol (IEC 60601-2-44 units)."""
-
-    ctdi_vol_mgy: float
-    kv: float
-    mas: float
-
-    def dlp(self, scan_length_m: float) -> float:
-        """DLP (mGy*cm) = CTDIvol x scan length in cm."""
-        return self.ctdi_vol_mgy * scan_length_m * 100.0
 
 
 PROTOCOLS = {
@@ -51,7 +39,7 @@ class Acquisition:
 
     @property
     def dlp_mgy_cm(self) -> float:
-        return self.dose.dlp(self.scan_length_m) if self.dose else 0.0
+        return self.dose.dlp_for_length(self.scan_length_m) if self.dose else 0.0
 
 
 class SimulatedScanner:
