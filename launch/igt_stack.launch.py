@@ -46,6 +46,8 @@ def generate_launch_description():
         DeclareLaunchArgument('use_rviz', default_value='false', description='start rviz2'),
         DeclareLaunchArgument('log_level', default_value='info', description='ROS log level'),
         DeclareLaunchArgument('demo', default_value='false', description='run the simulated procedure'),
+        DeclareLaunchArgument('acquisition', default_value='simulated',
+                              description='image source of the procedure: simulated | dicom | igtl | folder'),
         DeclareLaunchArgument('procedure_id', default_value=time.strftime('proc-%Y%m%d-%H%M%S'),
                               description='record folder name shared by recorder_node and procedure_node'),
         Node(package='robot_state_publisher', executable='robot_state_publisher', output='screen',
@@ -63,6 +65,7 @@ def generate_launch_description():
              extra={'procedure_id': LaunchConfiguration('procedure_id')}),
         node('igt_robot', 'procedure_node', 'procedure.yaml',
              extra={'procedure_id': LaunchConfiguration('procedure_id'), 'demo': LaunchConfiguration('demo'),
+                    'acquisition': LaunchConfiguration('acquisition'),
                     'exit_when_done': LaunchConfiguration('demo')},
              # The procedure is the job: when its node exits (demo finished), the launch ends.
              on_exit=[Shutdown(reason='procedure_node exited')]),

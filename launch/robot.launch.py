@@ -13,8 +13,12 @@ def generate_launch_description():
     return LaunchDescription([
         DeclareLaunchArgument('serial_port', default_value='/dev/ttyUSB0', description='motor controller port'),
         DeclareLaunchArgument('use_rviz', default_value='true'),
+        DeclareLaunchArgument('acquisition', default_value='dicom', choices=['dicom', 'igtl', 'folder'],
+                              description='image source: dicom (Storage SCP), igtl (OpenIGTLink IMAGE) or folder'),
         IncludeLaunchDescription(
             PythonLaunchDescriptionSource(os.path.join(share, 'launch', 'igt_stack.launch.py')),
             launch_arguments={'backend': 'serial', 'serial_port': LaunchConfiguration('serial_port'),
-                              'use_rviz': LaunchConfiguration('use_rviz')}.items()),
+                              'use_rviz': LaunchConfiguration('use_rviz'),
+                              # A real scanner: images arrive over DICOM, never from the simulation.
+                              'acquisition': LaunchConfiguration('acquisition')}.items()),
     ])

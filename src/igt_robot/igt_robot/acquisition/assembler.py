@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from igt_robot.imaging.errors import ImageError
 from igt_robot.imaging.io import CT_IMAGE_STORAGE, MR_IMAGE_STORAGE, volume_from_datasets
@@ -41,6 +41,7 @@ class Verdict:
     accepted: bool
     reason: str = ''
     kind: str = 'image'            # 'image' or 'rdsr'
+    problem: str = ''              # refusals: 'size', 'sop_class', 'modality' or 'attributes'
     series_instance_uid: str = ''
     duplicate: bool = False
 
@@ -75,21 +76,22 @@ class SeriesAssembler:
         sop_class = str(getattr(ds, 'SOPClassUID', '') or '')
         if size_bytes > self.max_instance_bytes:
             return Verdict(False, f'instance of {size_bytes} bytes exceeds the limit of {self.max_instance_bytes} '
-                                  'bytes')
+                                  'bytes', problem='size')
         if sop_class == XRAY_RADIATION_DOSE_SR:
             return Verdict(True, kind='rdsr')
         if sop_class not in IMAGE_SOP_CLASSES:
             return Verdict(False, f'SOP class {sop_class or "(none)"} is not CT or MR Image Storage '
-                                  'or an X-Ray Radiation Dose SR')
+                                  'or an X-Ray Radiation Dose SR', problem='sop_class')
         modality = str(getattr(ds, 'Modality', '') or '').upper()
         if modality != IMAGE_SOP_CLASSES[sop_class]:
             return Verdict(False, f'Modality {modality or "(none)"} does not match the SOP class '
-                                  f'({IMAGE_SOP_CLASSES[sop_class]} Image Storage)')
+                                  f'({IMAGE_SOP_CLASSES[sop_class]} Image Storage)', problem='modality')
         if modality not in self.modalities:
-            return Verdict(False, f'modality {modality} is not used by this procedure ({", ".join(self.modalities)})')
+            return Verdict(False, f'modality {modality} is not used by this procedure ({", ".join(self.modalities)})',
+                           problem='modality')
         missing = [a for a in REQUIRED_IMAGE_ATTRIBUTES if a not in ds]
         if missing:
-            return Verdict(False, f'instance lacks {", ".join(missing)}')
+            return Verdict(False, f'instance lacks {", ".join(missing)}', problem='attributes')
         return Verdict(True, series_instance_uid=str(ds.SeriesInstanceUID))
 
     def add(self, ds, calling_ae: str = '', size_bytes: int = 0) -> Verdict:

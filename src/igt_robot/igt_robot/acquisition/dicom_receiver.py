@@ -16,8 +16,7 @@ import pathlib
 import re
 import socket
 import threading
-import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from .assembler import ACCEPTED_SOP_CLASSES, SeriesAssembler, build_series
 from .base import AcquisitionSource, IrradiationEvent
@@ -128,8 +127,8 @@ class DicomReceiver(AcquisitionSource):
             return self._refuse(STATUS_CANNOT_UNDERSTAND, f'unreadable dataset from {calling}: {exc}', values)
         verdict = self.assembler.check(ds, size)
         if not verdict.accepted:
-            status = (STATUS_SOP_CLASS_NOT_SUPPORTED if 'SOP class' in verdict.reason else
-                      STATUS_NOT_MATCHING_SOP_CLASS if 'odality' in verdict.reason else STATUS_CANNOT_UNDERSTAND)
+            status = {'size': STATUS_OUT_OF_RESOURCES, 'sop_class': STATUS_SOP_CLASS_NOT_SUPPORTED,
+                      'modality': STATUS_NOT_MATCHING_SOP_CLASS}.get(verdict.problem, STATUS_CANNOT_UNDERSTAND)
             return self._refuse(status, f'{verdict.reason} (from {calling})', values)
         if verdict.kind == 'rdsr':
             return self._store_rdsr(event, ds, calling, values)

@@ -118,5 +118,3 @@ class WatchedFolder(AcquisitionSource):
             self._events.extend(e for e in events if e.irradiation_event_uid not in known)
         else:
             self._folders.setdefault(verdict.series_instance_uid, pathlib.Path(path).parent)
-
-

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -19,6 +20,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from typing import Iterable, List, Optional, Sequence
 
 ORTHANC_BINARY = '/usr/sbin/Orthanc'
@@ -88,6 +90,13 @@ class OrthancPeer:
         self.startup_timeout = startup_timeout
         self.process: Optional[subprocess.Popen] = None
 
+    @classmethod
+    def attach(cls, url: str) -> 'OrthancPeer':
+        """A handle on an Orthanc already running at ``url`` (REST only; not started or stopped here)."""
+        peer = cls.__new__(cls)
+        peer.url, peer.process, peer.receivers = url.rstrip('/'), None, {}
+        return peer
+
     def __enter__(self) -> 'OrthancPeer':
         self.start()
         return self
@@ -154,12 +163,17 @@ class OrthancPeer:
         return self._request('GET', path)
 
     def upload(self, paths: Iterable) -> List[str]:
-        """Load files into Orthanc (POST /instances); the Orthanc ids of the instances."""
-        ids = []
-        for p in paths:
-            reply = self._request('POST', '/instances', pathlib.Path(p).read_bytes(), 'application/dicom')
-            ids.append(reply['ID'])
-        return ids
+        """Load files into Orthanc in one POST /instances (a ZIP archive); the Orthanc ids of the instances."""
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, 'w', zipfile.ZIP_STORED) as archive:
+            for n, p in enumerate(paths):
+                archive.write(str(p), f'{n:05d}.dcm')
+        reply = self._request('POST', '/instances', buffer.getvalue(), 'application/zip')
+        replies = reply if isinstance(reply, list) else [reply]
+        failed = [r for r in replies if r.get('Status') not in ('Success', 'AlreadyStored')]
+        if failed:
+            raise PeerError(f'Orthanc refused {len(failed)} file(s): {failed[0]}')
+        return [r['ID'] for r in replies]
 
     def send(self, receiver: str, instance_ids: Sequence[str]) -> dict:
         """C-STORE the instances to the modality ``receiver`` (synchronously); Orthanc's answer."""
