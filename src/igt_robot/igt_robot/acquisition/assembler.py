@@ -22,7 +22,7 @@ import time
 from typing import Callable, Dict, List, Tuple
 
 from igt_robot.imaging.errors import ImageError
-from igt_robot.imaging.io import CT_IMAGE_STORAGE, MR_IMAGE_STORAGE, volume_from_datasets
+from igt_robot.imaging.io import CT_IMAGE_STORAGE, MR_IMAGE_STORAGE, decode_slice, volume_from_datasets
 
 from .base import Series
 from .dose import XRAY_RADIATION_DOSE_SR, header_dose, irradiation_event_uids
@@ -50,6 +50,7 @@ class Verdict:
 class PendingSeries:
     uid: str
     instances: Dict[str, object] = dataclasses.field(default_factory=dict)   # SOPInstanceUID -> dataset
+    pixels: Dict[str, object] = dataclasses.field(default_factory=dict)      # SOPInstanceUID -> float32 slice
     first_received: float = 0.0
     last_received: float = 0.0
     expected: int = 0
@@ -99,6 +100,11 @@ class SeriesAssembler:
         verdict = self.check(ds, size_bytes)
         if not verdict.accepted or verdict.kind != 'image':
             return verdict
+        # Decoded as it arrives (off the lock): at the series' end only the stacking is left to do.
+        try:
+            pixels = decode_slice(ds)
+        except ImageError as exc:
+            return Verdict(False, str(exc), problem='attributes')
         now = self._clock()
         with self._lock:
             pending = self._pending.get(verdict.series_instance_uid)
@@ -108,6 +114,7 @@ class SeriesAssembler:
             sop = str(ds.SOPInstanceUID)
             verdict.duplicate = sop in pending.instances
             pending.instances[sop] = ds
+            pending.pixels[sop] = pixels
             pending.last_received = now
             pending.calling_aes.add(calling_ae)
             announced = int(getattr(ds, 'ImagesInAcquisition', 0) or 0)
@@ -151,7 +158,8 @@ def build_series(pending: PendingSeries, scan_id: str, source: str, folder=None)
         source=source, dicom_dir=folder, irradiation_event_uids=irradiation_event_uids(datasets),
         study_instance_uid=str(getattr(first, 'StudyInstanceUID', '') or ''))
     try:
-        series.volume = volume_from_datasets(datasets, pending.uid, source=f'series {pending.uid}')
+        series.volume = volume_from_datasets(datasets, pending.uid, source=f'series {pending.uid}',
+                                             decoded=pending.pixels)
     except ImageError as exc:
         series.refused = str(exc)
         return series

@@ -108,7 +108,21 @@ def _instance_name(ds) -> str:
     return f'instance {getattr(ds, "InstanceNumber", "?")} ({getattr(ds, "SOPInstanceUID", "no UID")})'
 
 
-def volume_from_datasets(datasets, series_instance_uid: Optional[str] = None, source: str = 'memory') -> Volume:
+def decode_slice(ds) -> np.ndarray:
+    """One image's stored values -> float32 real-world values (RescaleSlope/Intercept; CT -> HU)."""
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise ImageError(f'cannot decode pixel data of {_instance_name(ds)}: {exc}') from exc
+    slope = float(getattr(ds, 'RescaleSlope', 1.0) or 1.0)
+    intercept = float(getattr(ds, 'RescaleIntercept', 0.0) or 0.0)
+    out = np.multiply(pixels, np.float32(slope), dtype=np.float32)
+    out += np.float32(intercept)
+    return out
+
+
+def volume_from_datasets(datasets, series_instance_uid: Optional[str] = None, source: str = 'memory',
+                         decoded: Optional[dict] = None) -> Volume:
     """Assemble one DICOM image series held in memory (pydicom datasets) into a :class:`Volume`.
 
     This is where a series received over the network becomes a volume without a
@@ -116,8 +130,10 @@ def volume_from_datasets(datasets, series_instance_uid: Optional[str] = None, so
     naming the problem): a single SeriesInstanceUID (or the one requested), one
     orientation, one pixel spacing and matrix size, no duplicate and no missing
     slice (uniform spacing along the slice normal), non-zero spacing. Values are
-    rescaled with RescaleSlope/Intercept (CT -> HU).
+    rescaled with RescaleSlope/Intercept (CT -> HU). ``decoded`` (SOPInstanceUID ->
+    slice from :func:`decode_slice`) holds slices decoded as they arrived.
     """
+    decoded = decoded or {}
     headers = [ds for ds in datasets if 'ImagePositionPatient' in ds and 'ImageOrientationPatient' in ds]
     if not headers:
         raise ImageError(f'no DICOM images with patient geometry in {source}')
@@ -180,14 +196,8 @@ def volume_from_datasets(datasets, series_instance_uid: Optional[str] = None, so
 
     data = np.empty((len(headers), rows0, cols0), dtype=np.float32)
     for k, ds in enumerate(headers):
-        try:
-            pixels = ds.pixel_array
-        except Exception as exc:
-            raise ImageError(f'cannot decode pixel data of {_instance_name(ds)}: {exc}') from exc
-        slope = float(getattr(ds, 'RescaleSlope', 1.0) or 1.0)
-        intercept = float(getattr(ds, 'RescaleIntercept', 0.0) or 0.0)
-        np.multiply(pixels, np.float32(slope), out=data[k], casting='unsafe')
-        data[k] += np.float32(intercept)
+        ready = decoded.get(str(getattr(ds, 'SOPInstanceUID', '')))
+        data[k] = ready if ready is not None else decode_slice(ds)
     # DICOM: PixelSpacing = [row spacing (between rows, along the column direction),
     # column spacing (between columns, along the row direction)]
     direction = np.stack([row_cos, col_cos, normal], axis=1)
