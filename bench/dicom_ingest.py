@@ -108,6 +108,8 @@ def bench_ingest() -> None:
             receiver.stop()
     info('sent_by', 0, sender)
     info('registration_accepted', float(outcome.accepted), 'bool')
+    info('series_assembly', series.completed_at - series.last_received, 's')
+    info('registration', done - series.completed_at, 's')
     report('series_received_to_registration_s', done - series.last_received, 's', '<=', 3.0)
     span = series.last_received - series.first_received
     report('dicom_instances_per_s', (series.instance_count - 1) / span if span > 0 else float('nan'),

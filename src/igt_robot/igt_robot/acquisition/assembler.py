@@ -100,11 +100,6 @@ class SeriesAssembler:
         verdict = self.check(ds, size_bytes)
         if not verdict.accepted or verdict.kind != 'image':
             return verdict
-        # Decoded as it arrives (off the lock): at the series' end only the stacking is left to do.
-        try:
-            pixels = decode_slice(ds)
-        except ImageError as exc:
-            return Verdict(False, str(exc), problem='attributes')
         now = self._clock()
         with self._lock:
             pending = self._pending.get(verdict.series_instance_uid)
@@ -114,7 +109,7 @@ class SeriesAssembler:
             sop = str(ds.SOPInstanceUID)
             verdict.duplicate = sop in pending.instances
             pending.instances[sop] = ds
-            pending.pixels[sop] = pixels
+            pending.pixels.pop(sop, None)       # a resent instance is decoded again
             pending.last_received = now
             pending.calling_aes.add(calling_ae)
             announced = int(getattr(ds, 'ImagesInAcquisition', 0) or 0)
@@ -139,6 +134,22 @@ class SeriesAssembler:
                                                 f'then nothing for {self.quiet_period_s:g} s (connection dropped?); '
                                                 'the instances are kept, a resend of the rest completes it'))
         return complete, incomplete
+
+    def decode_arrived(self) -> int:
+        """Decode the slices that arrived since the last call (a worker thread, not the network thread):
+        when a series completes only the stacking is left to do. Returns how many were decoded."""
+        with self._lock:
+            todo = [(p, sop, ds) for p in self._pending.values() for sop, ds in p.instances.items()
+                    if sop not in p.pixels]
+        for pending, sop, ds in todo:
+            try:
+                pixels = decode_slice(ds)
+            except ImageError:
+                continue            # left to volume assembly, which refuses the series with the reason
+            with self._lock:
+                if pending.instances.get(sop) is ds:
+                    pending.pixels[sop] = pixels
+        return len(todo)
 
     def pending_count(self) -> int:
         with self._lock:

@@ -70,6 +70,7 @@ class Series:
     scan_length_m: float = 0.0
     refused: str = ''                               # why the series cannot be used ('' = usable)
     truth: Optional[object] = None                  # simulation only: the phantom's ground truth
+    completed_at: float = 0.0                       # monotonic s: assembled and handed on
 
     @property
     def usable(self) -> bool:
@@ -143,6 +144,7 @@ class SeriesInbox:
         self._listeners.append(listener)
 
     def put(self, series: Series) -> None:
+        series.completed_at = self._clock()
         with self._cond:
             self._series.append(series)
             self._cond.notify_all()

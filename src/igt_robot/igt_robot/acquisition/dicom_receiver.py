@@ -185,6 +185,7 @@ class DicomReceiver(AcquisitionSource):
                 _log.exception('series assembly failed')
 
     def _poll(self) -> None:
+        self.assembler.decode_arrived()
         complete, incomplete = self.assembler.poll()
         for pending, reason in incomplete:
             self.refusals.append(reason)
