@@ -156,7 +156,8 @@ class SeriesInbox:
             return list(self._series)
 
     def wait_for(self, request: ScanRequest, timeout: float,
-                 on_mismatch: Optional[Callable[[str], None]] = None) -> Series:
+                 on_mismatch: Optional[Callable[[str], None]] = None,
+                 cancelled: Callable[[], bool] = lambda: False) -> Series:
         """Block until a usable series matches ``request``; AcquisitionError on timeout, ambiguity or refusal.
 
         A series refused by the receiver (missing slices, ...) that would otherwise match is
@@ -186,6 +187,8 @@ class SeriesInbox:
                 if found is not None:
                     self._series.remove(found)
                     return found
+                if cancelled():
+                    raise AcquisitionError(f'the {request.protocol} scan request was withdrawn')
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     detail = f'; last refusal: {last_refusal}' if last_refusal else ''
@@ -214,8 +217,9 @@ class AcquisitionSource(abc.ABC):
         return []
 
     def wait_for_series(self, request: ScanRequest, timeout: float,
-                        on_mismatch: Optional[Callable[[str], None]] = None) -> Series:
-        return self.inbox.wait_for(request, timeout, on_mismatch)
+                        on_mismatch: Optional[Callable[[str], None]] = None,
+                        cancelled: Callable[[], bool] = lambda: False) -> Series:
+        return self.inbox.wait_for(request, timeout, on_mismatch, cancelled)
 
     def describe(self) -> str:
         return self.kind

@@ -153,6 +153,7 @@ class ProcedureNode(Node):
             max_instance_bytes=int(self.p['max_instance_mib'] * 1024 * 1024), igtl_port=self.p['igtl_image_port'],
             watch_dir=self.p['watch_dir'], on_event=self._source_event)
         self.dose_ledger = DoseLedger()               # dose records this node published (image-derived)
+        self._scan_wait = threading.Event()           # set while a requested scan is awaited; 'stop' clears it
         self.safety: Optional[SafetyStatus] = None
         self.robot: Optional[RobotState] = None
         self.lock = threading.RLock()                 # one operator command at a time
@@ -223,7 +224,9 @@ class ProcedureNode(Node):
             allowed = ', '.join(self.workflow.allowed_commands())
             return self._result(True, f'{self._safety_text()}; allowed: {allowed}')
         if name == 'stop':
-            return self._result(True, self._cancel_motion())
+            withdrawn = self._scan_wait.is_set()
+            self._scan_wait.clear()     # a scan being waited for is no longer awaited (the step fails)
+            return self._result(True, self._cancel_motion() + ('; scan request withdrawn' if withdrawn else ''))
         if not self.lock.acquire(timeout=1.0):
             return self._result(False, f'{name} refused: another command is being carried out')
         try:
@@ -435,12 +438,16 @@ class ProcedureNode(Node):
         self.get_logger().warning(f'operator: {request.prompt}')
         if self.stand_in is not None:
             self.stand_in.request(protocol, with_labels)
+        self._scan_wait.set()
         try:
             series = self.source.wait_for_series(
                 request, self.p['scan_wait_timeout'],
-                on_mismatch=lambda text: self._event('series_not_used', text, severity=ProcedureEvent.WARN))
+                on_mismatch=lambda text: self._event('series_not_used', text, severity=ProcedureEvent.WARN),
+                cancelled=lambda: not self._scan_wait.is_set())
         except acq.AcquisitionError as exc:
             raise StepFailed(str(exc)) from exc
+        finally:
+            self._scan_wait.clear()
         self._scan_counter = getattr(self, '_scan_counter', 0) + 1
         series.scan_id = f'scan{self._scan_counter:02d}_{protocol}'
         labels = self.stand_in.labels.get(series.series_instance_uid) if self.stand_in is not None else None
