@@ -57,9 +57,13 @@ class PvtPoint:
 
     ``time`` is on the stream's own clock, s: 0 is the moment the controller
     starts executing the stream (its first point arriving), strictly
-    increasing from point to point. The controller reaches ``positions``
+    increasing from point to point (so the first point has time > 0; the
+    stream's implicit first knot is the controller's own rest position at
+    time 0 with zero velocity). The controller reaches ``positions``
     (m / rad, joint order) with ``velocities`` (m/s, rad/s) at ``time`` and
-    interpolates between points (cubic Hermite) at its servo rate.
+    interpolates between points (cubic Hermite) at its servo rate. The
+    reference model of that controller is
+    :class:`igt_robot.hardware.controller_core.ControllerCore`.
     """
 
     time: float
