@@ -6,7 +6,8 @@ import pytest
 
 from igt_robot.control import (ExecutorMode, FixedRateLoop, GoalManager, GoalState, GoalStateError, ResultCode,
                                StreamingExecutor, TrackingMonitor, TrajectoryStreamer)
-from igt_robot.hardware.interface import HardwareFault, HardwareInterface, HardwareState, PvtPoint, StreamStatus
+from igt_robot.hardware.controller_core import AxisLimits, ControllerCore, Refusal
+from igt_robot.hardware.interface import HardwareFault, HardwareInterface, HardwareState
 from igt_robot.safety import SafetyConfig, SafetyState, SafetySupervisor
 from igt_robot.trajectory import JointLimits, plan_waypoints
 
@@ -15,7 +16,7 @@ VEL = np.array([0.010, 0.010, 0.20, 0.20, 0.005])
 ACC = np.array([0.02, 0.02, 0.5, 0.5, 0.01])
 LOWER = np.array([-0.04, -0.04, -0.5236, -0.5236, 0.0])
 UPPER = np.array([0.04, 0.04, 0.5236, 0.5236, 0.150])
-SERVO_DT = 0.001          # the simulated controller's servo period, s
+SERVO_DT = 0.001          # the controller's servo period, s (ControllerCore's default)
 HOST_DT = 0.02           # the executor's cycle (50 Hz), s
 
 
@@ -174,167 +175,100 @@ def test_goal_manager_preempt_policy():
 
 
 # ----------------------------------------------------------------------- executor
-def hermite(p0, p1, t):
-    """Cubic Hermite between two PVT points at time t (positions, velocities)."""
-    h = p1.time - p0.time
-    s = (t - p0.time) / h
-    q = ((2 * s ** 3 - 3 * s ** 2 + 1) * p0.positions + (s ** 3 - 2 * s ** 2 + s) * h * p0.velocities
-         + (-2 * s ** 3 + 3 * s ** 2) * p1.positions + (s ** 3 - s ** 2) * h * p1.velocities)
-    v = ((6 * s ** 2 - 6 * s) * p0.positions + (-6 * s ** 2 + 6 * s) * p1.positions) / h \
-        + (3 * s ** 2 - 4 * s + 1) * p0.velocities + (3 * s ** 2 - 2 * s) * p1.velocities
-    return q, v
+class CoreController(HardwareInterface):
+    """The controller model (:class:`ControllerCore`, the same logic the emulator and the MuJoCo
+    backend run) behind the hardware interface, on a simulated clock (``advance``).
 
-
-class SimController(HardwareInterface):
-    """Test double of a streaming motor controller on a simulated clock (``advance``).
-
-    Interpolates the buffered PVT points (cubic Hermite) every servo period and
-    stops by itself -- every axis decelerating at ``decel`` to rest, buffer
-    flushed, cause reported -- on STOP, inhibit, its trigger input or an
-    underrun. The axes follow the interpolated setpoint exactly except ``stuck``
-    ones. Refuses what a controller refuses (stopped stream, full buffer,
-    non-increasing times, a start away from the axes).
+    The axes follow the controller's reference exactly, except ``stuck`` ones. Its drive limits
+    are 25 % above what the executor plans with (the 80 % headroom of config/motion.yaml).
     """
 
     joint_names = NAMES
 
-    def __init__(self, q0=None, capacity=64, decel=ACC * 1.25):
-        self.t = 0.0
+    def __init__(self, q0=None, capacity=128):
+        axes = [AxisLimits(LOWER[i], UPPER[i], VEL[i] / 0.8, ACC[i] / 0.8, 1e-7, NAMES[i]) for i in range(5)]
         self.pos = np.zeros(5) if q0 is None else np.array(q0, float)
         self.vel = np.zeros(5)
-        self.capacity = capacity
-        self.decel = decel
-        self.inhibit = False
-        self.trigger = False
+        self.core = ControllerCore(axes, watchdog_timeout=None, buffer_capacity=capacity, positions=self.pos,
+                                   measure=lambda: self.pos)
+        self.core.enable()
+        self.decel = self.core.a_max
         self.stuck = np.zeros(5, bool)
-        self.stream_id = 0
-        self.mode = 'hold'            # hold | armed | stream | ramp
-        self.points = []
-        self.final = False
-        self.done = False
-        self.tau = 0.0
-        self.underruns = 0
-        self.stop_cause = ''
         self.stop_calls = 0
         self.pushes = []              # (controller time, number of points)
-        self.lookaheads = []          # (look-ahead, final point buffered?) every servo step while streaming
-        self.trace = []               # (t, positions) every servo step
+        self.lookaheads = []          # (look-ahead, final point buffered?) every servo tick while streaming
+        self.trace = []               # (t, positions) every servo tick
+
+    @property
+    def t(self):
+        return self.core.time
+
+    def _do(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Refusal as exc:
+            raise HardwareFault(exc.reason, str(exc)) from exc
 
     # the interface ---------------------------------------------------------------
     def connect(self): pass
     def close(self): pass
-    def enable(self): pass
-    def disable(self): pass
-    def emergency_stop(self): pass
-    def reset_faults(self): pass
+    def enable(self): self._do(self.core.enable)
+    def disable(self): self._do(self.core.disable)
+    def emergency_stop(self): self.core.emergency_stop()
+    def reset_faults(self): self._do(self.core.reset_faults)
 
     def write(self, positions, velocities=None):
-        raise HardwareFault('PROTOCOL', 'this controller only takes streamed trajectories')
+        raise HardwareFault('PROTOCOL', 'this test controller only takes streamed trajectories')
 
     def read(self):
         return HardwareState(stamp=self.t, positions=self.pos.copy(), velocities=self.vel.copy(), enabled=True,
-                             motion_inhibited=self.inhibit or self.trigger, moving=bool(np.any(self.vel != 0)),
-                             stream=self.stream_status())
+                             motion_inhibited=self.core.inhibited, moving=self.core.moving,
+                             stream=self.core.stream_status())
 
     def stream_status(self):
-        pending = sum(1 for p in self.points if p.time > self.tau)
-        return StreamStatus(stream_id=self.stream_id, active=self.mode in ('armed', 'stream', 'ramp'),
-                            done=self.done, executed_time=self.tau,
-                            buffered_until=self.points[-1].time if self.points else 0.0,
-                            free_slots=self.capacity - pending, underruns=self.underruns,
-                            stop_cause=self.stop_cause)
+        return self.core.stream_status()
 
     def begin_stream(self, start_positions):
-        if self.inhibit or self.trigger:
-            raise HardwareFault('INHIBITED', 'motion inhibit is engaged')
-        if self.mode != 'hold':
-            raise HardwareFault('BUSY', f'stream {self.stream_id} still active')
-        start = np.asarray(start_positions, float)
-        if np.any(np.abs(start - self.pos) > 1e-4):
-            raise HardwareFault('START', 'stream start away from the axes')
-        self.stream_id += 1
-        self.points = [PvtPoint(0.0, start, np.zeros(5))]
-        self.final = self.done = False
-        self.tau = 0.0
-        self.stop_cause = ''
-        self.mode = 'armed'
-        return self.stream_id
+        return self._do(self.core.begin_stream, start_positions)
 
     def push_points(self, stream_id, points, final=False):
-        if stream_id != self.stream_id or self.mode not in ('armed', 'stream'):
-            raise HardwareFault('STREAM', f'stream {stream_id} is not open ({self.stop_cause or self.mode})')
-        if self.final:
-            raise HardwareFault('STREAM', 'points after the final point')
-        if self.stream_status().free_slots < len(points):
-            raise HardwareFault('FULL', 'buffer full')
-        last = self.points[-1].time
-        for p in points:
-            assert p.time > last, 'non-increasing point times'
-            assert np.all(p.positions >= LOWER - 1e-12) and np.all(p.positions <= UPPER + 1e-12)
-            assert np.all(np.abs(p.velocities) <= VEL * (1 + 1e-9))
-            last = p.time
-        if final:
-            assert np.all(points[-1].velocities == 0)
-        self.points.extend(points)
-        self.final = final
-        self.mode = 'stream'
+        status = self._do(self.core.push_points, stream_id, points, final)
         self.pushes.append((self.t, len(points)))
-        return self.stream_status()
+        return status
 
     def stop(self):
         self.stop_calls += 1
-        self._ramp('STOP')
+        self.core.stop()
 
     def set_motion_inhibit(self, inhibit):
-        self.inhibit = bool(inhibit)
-        if inhibit:
-            self._ramp('INHIBIT')
+        self._do(self.core.set_inhibit, inhibit)
 
     def set_trigger(self, imaging):
-        self.trigger = bool(imaging)
-        if imaging:
-            self._ramp('TRIGGER')
+        self.core.set_trigger(imaging)
 
     # the servo -------------------------------------------------------------------
-    def _ramp(self, cause):
-        if self.mode in ('armed', 'stream'):
-            self.stop_cause = cause
-            self.points = self.points[:1] if not self.points else [self.points[0]]
-            self.mode = 'ramp' if np.any(self.vel != 0) else 'hold'
+    @property
+    def underruns(self):
+        return self.core.underruns
+
+    @property
+    def stop_cause(self):
+        return self.core.stream_status().stop_cause
+
+    @property
+    def stream_id(self):
+        return self.core.stream_status().stream_id
 
     def advance(self, duration):
         for _ in range(int(round(duration / SERVO_DT))):
-            self.t += SERVO_DT
-            self._servo()
+            self.core.step()
+            before = self.pos
+            self.pos = np.where(self.stuck, self.pos, self.core.ref_pos)
+            self.vel = (self.pos - before) / SERVO_DT
+            status = self.core.stream_status()
+            if status.active and not status.stop_cause:
+                self.lookaheads.append((status.lookahead, self.core._stream.final_received))
             self.trace.append((self.t, self.pos.copy()))
-
-    def _servo(self):
-        if self.mode == 'stream':
-            self.tau += SERVO_DT
-            end = self.points[-1]
-            self.lookaheads.append((end.time - self.tau, self.final))
-            if self.tau >= end.time - 1e-12:
-                if self.final:
-                    self.tau = end.time
-                    self.pos = np.where(self.stuck, self.pos, end.positions)
-                    self.vel[:] = 0.0
-                    self.mode, self.done = 'hold', True
-                    return
-                self.underruns += 1
-                self._ramp('UNDERRUN')
-                self._servo()
-                return
-            k = max(i for i, p in enumerate(self.points) if p.time <= self.tau)
-            q, v = hermite(self.points[k], self.points[k + 1], self.tau)
-            self.vel = np.where(self.stuck, 0.0, v)
-            self.pos = np.where(self.stuck, self.pos, q)
-        elif self.mode == 'ramp':
-            dv = self.decel * SERVO_DT
-            new = np.where(np.abs(self.vel) <= dv, 0.0, self.vel - np.sign(self.vel) * dv)
-            self.pos = self.pos + 0.5 * (self.vel + new) * SERVO_DT
-            self.vel = new
-            if not np.any(self.vel):
-                self.mode = 'hold'
 
 
 class Permission:
@@ -349,8 +283,8 @@ LIMITS = JointLimits(velocity=VEL, acceleration=ACC, lower=LOWER, upper=UPPER, j
 
 
 def make_executor(policy='reject', q0=None, permission=None, lookahead=0.3, spacing=0.02, tolerance=None,
-                  cycles=3):
-    ctrl = SimController(q0)
+                  cycles=3, capacity=128):
+    ctrl = CoreController(q0, capacity)
     perm = permission or Permission()
     tol = VEL * 0.002 if tolerance is None else np.asarray(tolerance, float)
     mon = TrackingMonitor(tolerance=tol, hard_limit=tol * 10, consecutive_cycles=cycles, joint_names=NAMES)
@@ -456,7 +390,7 @@ def test_host_stall_longer_than_the_lookahead_is_an_underrun_stop_reported_as_su
     assert ctrl.stop_calls == 0                               # the controller stopped by itself
     assert not np.allclose(ctrl.pos, [0.02, 0.0, 0.3, 0.0, 0.0])
     # The controller is at rest; the executor holds there and takes the next goal from there.
-    assert ex.mode is ExecutorMode.IDLE and not ctrl.vel.any()
+    assert ex.mode is ExecutorMode.IDLE and not ctrl.core.moving
     assert ex.submit('g2', np.zeros(5), ctrl.t).accepted
     _, fin = run_until(ex, ctrl, lambda r: r.finished)
     assert fin[0].result_code is ResultCode.SUCCEEDED and np.allclose(ctrl.pos, 0.0, atol=1e-12)
@@ -487,10 +421,12 @@ def _check_stop(ex, ctrl, trigger, expect_state, expect_code):
     g = fin[0]
     assert g.state is expect_state and g.result_code is expect_code, g.message
     assert 'holding' in g.message
-    assert not ctrl.vel.any() and ex.mode is ExecutorMode.IDLE
-    # Stopped by the controller's ramp within its braking distance (plus one host period of travel).
+    assert not ctrl.core.moving and ex.mode is ExecutorMode.IDLE
+    # Stopped by the controller's ramp (every axis at rest together, the slowest-stopping at its own
+    # deceleration limit) within that braking distance, plus one host period of travel before it began.
+    ramp_time = np.max(np.abs(v0) / ctrl.decel)
     travelled = np.abs(ctrl.pos - p0)
-    assert np.all(travelled <= v0 ** 2 / (2 * ctrl.decel) + np.abs(v0) * HOST_DT + 1e-9)
+    assert np.all(travelled <= np.abs(v0) * (ramp_time / 2 + HOST_DT) + 1e-9)
     pushes = len(ctrl.pushes)
     for k in range(1, 20):
         ex.step(ctrl.t + k * HOST_DT)
@@ -547,7 +483,7 @@ def test_tracking_error_aborts_and_hands_over_to_the_controller_stop():
     assert 'stage_x' in fin[0].message and ctrl.stop_calls == 1 and ctrl.stop_cause == 'STOP'
     assert ex.mode is ExecutorMode.IDLE
     ctrl.stuck[0] = False
-    rep, _ = run_until(ex, ctrl, lambda r: not ctrl.vel.any() and r.mode is ExecutorMode.IDLE)
+    rep, _ = run_until(ex, ctrl, lambda r: not ctrl.core.moving and r.mode is ExecutorMode.IDLE)
     for _ in range(20):
         ctrl.advance(HOST_DT)
         assert ex.step(ctrl.t).tracking_fault is None         # holding where the controller stopped
@@ -618,8 +554,7 @@ def test_refused_points_with_no_controller_stop_are_a_hardware_abort():
 
 
 def test_a_full_buffer_is_respected_not_overfilled():
-    ex, ctrl, _ = make_executor(lookahead=0.5)
-    ctrl.capacity = 8                                         # fewer slots than the look-ahead needs
+    ex, ctrl, _ = make_executor(lookahead=0.5, capacity=8)    # fewer slots than the look-ahead needs
     assert ex.submit('g1', [0.004, 0, 0, 0, 0], 0.0).accepted
     _, fin = run_until(ex, ctrl, lambda r: r.finished)
     assert fin[0].result_code is ResultCode.SUCCEEDED and ctrl.underruns == 0
