@@ -180,6 +180,13 @@ class FixedRateLoop:
             self._cycles += 1
             self._max_step = max(self._max_step, end - start)
 
+    def reset_period_stats(self) -> None:
+        """Start a new period-error window (a measurement phase); cycle and overrun counts go on."""
+        with self._lock:
+            self._n_err = 0
+            self._max_err = 0.0
+            self._max_step = 0.0
+
     def stats(self) -> LoopStats:
         """A consistent snapshot (safe to call from another thread)."""
         with self._lock:
