@@ -73,6 +73,19 @@ def test_loop_counts_overruns_and_resyncs_to_the_grid(cost_periods, expected_nex
     assert stats.period_error_max == pytest.approx(max_error, rel=1e-6)
 
 
+def test_loop_period_stats_restart_for_a_new_phase():
+    clock = FakeClock(0.0)
+
+    def step(now):
+        clock.t += 0.035 if 5 <= now / 0.02 < 6 else 0.001     # one late cycle early on
+
+    loop = FixedRateLoop(step, rate_hz=50, clock=clock, sleep=clock.sleep)
+    assert loop.run(max_cycles=20).period_error_max == pytest.approx(0.015, rel=1e-6)
+    loop.reset_period_stats()
+    stats = loop.run(max_cycles=40)
+    assert stats.period_error_max < 1e-9 and stats.cycles == 40 and stats.mean_period == pytest.approx(0.02)
+
+
 def test_loop_stops_on_false_and_propagates_errors():
     clock = FakeClock()
     n = []

@@ -186,6 +186,8 @@ class FixedRateLoop:
             self._n_err = 0
             self._max_err = 0.0
             self._max_step = 0.0
+            self._last_start = None     # the next period starts at the next cycle
+            self._first_start = None
 
     def stats(self) -> LoopStats:
         """A consistent snapshot (safe to call from another thread)."""
@@ -193,7 +195,8 @@ class FixedRateLoop:
             n = min(self._n_err, self._errors.size)
             errs = self._errors[:n].copy()
             cycles = self._cycles
-            mean = ((self._last_start - self._first_start) / (cycles - 1)) if cycles > 1 else 0.0
+            n_periods = self._n_err
+            mean = ((self._last_start - self._first_start) / n_periods) if n_periods else 0.0
             return LoopStats(
                 cycles=cycles, overruns=self._overruns, skipped_cycles=self._skipped,
                 rate_hz=self.rate_hz,
