@@ -646,10 +646,13 @@ class ControllerCore:
         s = self._stream
         if s is not None and s.state == 'ramping':
             s.state = 'stopped'
-        self._hold_at(self.ref_pos)
         if self._ramp_power_off:
+            # De-energised, a (non-backdrivable) axis stays where it physically is.
+            self._hold_at(self._measured())
             self.enabled = False
             self._ramp_power_off = False
+        else:
+            self._hold_at(self.ref_pos)
 
     def _step_stream(self) -> None:
         s = self._stream

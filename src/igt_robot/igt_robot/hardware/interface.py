@@ -47,6 +47,14 @@ class HardwareFault(HardwareError):
         self.code = code
 
 
+class CommandRefused(HardwareFault):
+    """The controller refused a command; ``code`` says why: a NAK reason name such as
+    ``'NOT_ENABLED'``, ``'INHIBITED'``, ``'TRIGGER_ACTIVE'`` (the scanner-trigger input says
+    imaging), ``'ESTOPPED'``, ``'RANGE'``, ``'STREAM_ACTIVE'``, ``'STREAM_CLOSED'``,
+    ``'BUFFER_FULL'``, ``'TIME_ORDER'``, ``'START_MISMATCH'``, ``'MOVING'``, ``'REPLAY'``, or for a
+    latched fault the fault's name (``'WATCHDOG'``, ...)."""
+
+
 class HardwareTimeout(HardwareError):
     """The controller did not answer in time."""
 
