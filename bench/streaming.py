@@ -43,7 +43,7 @@ SAFETY_STACK = ['hardware_node', 'scanner_interface', 'safety_supervisor', 'moti
 DEPTHS = (0.01, 0.0)
 
 
-def phase(node, probe, moves, stall=0.0):
+def phase(node, probe, moves, name, stall=0.0):
     """Run ``moves`` insertion moves; returns (period error p99 s, lookahead_min s, failures)."""
     from igt_robot_msgs.action import InsertNeedle
     with node.motion_lock:
@@ -54,7 +54,7 @@ def phase(node, probe, moves, stall=0.0):
         depth = DEPTHS[k % 2]
         handle = probe.send(probe.insert, InsertNeedle.Goal(target_depth=depth))
         if not handle.accepted:
-            failures.append(f'move {k}: not accepted')
+            failures.append(f'{name} move {k}: not accepted')
             continue
         if stall > 0.0:
             # Mid-motion (the move takes ~2.7 s): pause the host side of the stream.
@@ -63,7 +63,7 @@ def phase(node, probe, moves, stall=0.0):
                 time.sleep(stall)
         result = probe.result(handle, timeout=60.0)
         if result.error_code != InsertNeedle.Result.SUCCEEDED:
-            failures.append(f'move {k} to {depth * 1e3:.0f} mm: {result.message}')
+            failures.append(f'{name} move {k} to {depth * 1e3:.0f} mm: {result.message}')
             probe.make_ready_after_fault()
     return node.loop.stats().period_error_p99, node.motion.stats.lookahead_min, failures
 
@@ -108,10 +108,10 @@ def main() -> int:
             print(f'# stream_rate {rate:g} Hz, lookahead {lookahead:g} s, point spacing '
                   f"{node.p['point_spacing']:g} s; {args.moves} moves per phase; 2 cores shared", flush=True)
 
-            quiet_p99, quiet_la, quiet_fail = phase(node, probe, args.moves)
-            stall_p99, stall_la, stall_fail = phase(node, probe, args.moves, stall=stall)
+            quiet_p99, quiet_la, quiet_fail = phase(node, probe, args.moves, 'quiet')
+            stall_p99, stall_la, stall_fail = phase(node, probe, args.moves, 'stalled', stall=stall)
             busy = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(args.busy)]
-            loaded_p99, loaded_la, loaded_fail = phase(node, probe, args.moves)
+            loaded_p99, loaded_la, loaded_fail = phase(node, probe, args.moves, 'loaded')
             for proc in busy:
                 proc.kill()
                 proc.wait()
