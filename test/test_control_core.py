@@ -7,7 +7,7 @@ import pytest
 from igt_robot.control import (ExecutorMode, FixedRateLoop, GoalManager, GoalState, GoalStateError, ResultCode,
                                StreamingExecutor, TrackingMonitor, TrajectoryStreamer)
 from igt_robot.hardware.controller_core import AxisLimits, ControllerCore, Refusal
-from igt_robot.hardware.interface import HardwareFault, HardwareInterface, HardwareState
+from igt_robot.hardware.interface import HardwareFault, HardwareInterface, HardwareState, StreamStatus
 from igt_robot.safety import SafetyConfig, SafetyState, SafetySupervisor
 from igt_robot.trajectory import JointLimits, plan_waypoints
 
@@ -543,6 +543,25 @@ def test_invalid_goals_rejected_with_reason():
     assert ex.submit('d', np.zeros(5), 0.0).code is ResultCode.REJECTED_NOT_PERMITTED
     with pytest.raises(ValueError, match='lookahead'):
         make_executor(lookahead=0.03, spacing=0.02)
+
+
+def test_a_stop_the_executor_did_not_send_is_a_hardware_abort():
+    ex, ctrl, _ = make_executor()
+    _moving(ex, ctrl)
+    ctrl.core.stop()                              # e.g. another client of the controller sent STOP
+    rep, fin = run_until(ex, ctrl, lambda r: r.finished)
+    assert fin[0].result_code is ResultCode.ABORTED_HARDWARE and 'itself: STOP' in fin[0].message
+    assert rep.hardware_error is not None and not ctrl.core.moving
+
+
+def test_a_goal_waits_for_the_controller_to_end_its_stream_but_not_forever():
+    ex, ctrl, _ = make_executor()
+    stuck = StreamStatus(stream_id=7, active=True, executed_time=1.0, buffered_until=1.0)
+    ctrl.core.stream_status = lambda: stuck       # a controller that never ends stream 7
+    assert ex.submit('g1', [0.004, 0, 0, 0, 0], 0.0).accepted
+    assert not ex.step(1.0).finished and ctrl.pushes == []
+    fin = ex.step(ex.stop_timeout + 0.1).finished
+    assert fin[0].result_code is ResultCode.ABORTED_HARDWARE and 'still runs stream 7' in fin[0].message
 
 
 def test_goal_at_the_current_position_succeeds_without_a_stream():

@@ -296,6 +296,11 @@ class StreamingExecutor:
                     pushed, failure = self._top_up(stream, fresh=True)
                     if failure is not None:
                         return self._push_failure(now, failure, measured, err, finished)
+            elif now - goal.accepted_at > self.stop_timeout:
+                finished.append(self.goals.finish(
+                    goal.goal_id, GoalState.ABORTED, ResultCode.ABORTED_HARDWARE,
+                    f'not started: the controller still runs stream {stream.stream_id} after '
+                    f'{self.stop_timeout:g} s', now))
             goal = self.goals.active
 
         # 3. Keep streaming, or stop.
