@@ -1,5 +1,6 @@
 """Control core: fixed-rate loop scheduling, tracking monitor, goal manager, streaming executor."""
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -236,6 +237,7 @@ class CoreController(HardwareInterface):
     def read(self):
         return HardwareState(stamp=self.t, positions=self.pos.copy(), velocities=self.vel.copy(), enabled=True,
                              motion_inhibited=self.core.inhibited, moving=self.core.moving,
+                             faults=tuple(self.core.faults), inhibit_cause=self.core.inhibit_cause,
                              stream=self.core.stream_status())
 
     def stream_status(self):
@@ -335,7 +337,7 @@ def test_streamer_cuts_points_at_the_spacing_and_ends_at_rest_on_the_goal():
     rest, final = streamer.take(1e9, 10 ** 6)
     times = np.array([p.time for p in first + few + rest])
     assert final and streamer.finished and times[-1] == traj.duration
-    assert np.all(np.diff(times) >= 0.01 - 1e-12) and np.all(np.diff(times) <= 0.02 + 1e-12)
+    assert np.allclose(np.diff(times)[:-1], 0.02) and 0.02 - 1e-12 <= times[-1] - times[-2] < 0.04
     assert np.array_equal(rest[-1].positions, traj.end_positions) and not rest[-1].velocities.any()
     for p in first:
         assert np.allclose(p.positions, traj.sample(p.time).positions)
@@ -479,10 +481,28 @@ def test_controller_stopping_by_itself_ends_the_goal_quoting_its_cause(cause):
     trigger = (lambda: ctrl.set_trigger(True)) if cause == 'TRIGGER' else (lambda: ctrl.set_motion_inhibit(True))
     g, rep = _check_stop(ex, ctrl, trigger, GoalState.ABORTED, ResultCode.ABORTED_INTERLOCK)
     assert cause in g.message and rep.hardware_error is None and ctrl.stop_calls == 0
-    # While the controller's inhibit holds, a new goal cannot open a stream.
+    # While the controller's inhibit holds, a new goal cannot open a stream: an interlock, with its cause.
     assert ex.submit('g2', np.zeros(5), ctrl.t).accepted
     rep = ex.step(ctrl.t + HOST_DT)
-    assert rep.finished[0].result_code is ResultCode.ABORTED_HARDWARE and 'INHIBITED' in rep.finished[0].message
+    g2 = rep.finished[0]
+    assert g2.result_code is ResultCode.ABORTED_INTERLOCK and rep.hardware_error is None
+    assert 'INHIBITED' in g2.message and ('TRIGGER' if cause == 'TRIGGER' else 'HOST') in g2.message
+    assert ctrl.core.stream_status().stream_id == 1 and ex.mode is ExecutorMode.IDLE
+
+
+def test_controller_inhibit_ahead_of_the_supervisor_ends_the_goal_with_the_supervisor_reason():
+    """The hardware node inhibits the controller one hop after a scan starts, usually before the
+    supervisor's verdict reaches the executor: the result still says why."""
+    status = types.SimpleNamespace(motion_permitted=True, reason='')
+    ex, ctrl, _ = make_executor(permission=lambda: status)
+    _moving(ex, ctrl)
+    ctrl.set_motion_inhibit(True)
+    ctrl.advance(HOST_DT)
+    ex.step(ctrl.t)                                           # sees the controller's INHIBIT first
+    status.motion_permitted, status.reason = False, 'scanner ACQUIRING'
+    _, fin = run_until(ex, ctrl, lambda r: r.finished)
+    assert fin[0].result_code is ResultCode.ABORTED_INTERLOCK
+    assert 'INHIBIT' in fin[0].message and 'scanner ACQUIRING' in fin[0].message
 
 
 def test_tracking_error_aborts_and_hands_over_to_the_controller_stop():
@@ -552,6 +572,16 @@ def test_a_stop_the_executor_did_not_send_is_a_hardware_abort():
     rep, fin = run_until(ex, ctrl, lambda r: r.finished)
     assert fin[0].result_code is ResultCode.ABORTED_HARDWARE and 'itself: STOP' in fin[0].message
     assert rep.hardware_error is not None and not ctrl.core.moving
+
+
+@pytest.mark.parametrize('fault', ['OVERCURRENT', 'FOLLOWING_ERROR'])   # immediate halt / ramp first
+def test_a_controller_fault_ends_the_goal_naming_the_fault(fault):
+    ex, ctrl, _ = make_executor()
+    _moving(ex, ctrl)
+    ctrl.core.latch_fault(fault, 4)
+    rep, fin = run_until(ex, ctrl, lambda r: r.finished)
+    assert fin[0].result_code is ResultCode.ABORTED_HARDWARE
+    assert 'FAULT' in fin[0].message and fault in fin[0].message and fault in rep.hardware_error
 
 
 def test_a_goal_waits_for_the_controller_to_end_its_stream_but_not_forever():

@@ -41,7 +41,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..hardware.interface import HardwareError, HardwareInterface, PvtPoint, StreamStatus
+from ..hardware.interface import HardwareError, HardwareInterface, HardwareState, PvtPoint, StreamStatus
 from ..trajectory import JointLimits, Trajectory, TrajectoryError, plan_waypoints
 from .goal_manager import Goal, GoalDecision, GoalManager, GoalState, ResultCode
 from .tracking import TrackingFault, TrackingMonitor
@@ -118,8 +118,11 @@ class TrajectoryStreamer:
     """Cuts a trajectory into PVT points every ``spacing`` s (stream time), the last one at its end, at rest.
 
     Points are produced in order, on demand, so only what the buffer can take is
-    sampled. A grid point closer than half a spacing to the end is dropped, so the
-    final segment is never shorter than half a spacing.
+    sampled. The final segment is between one and two spacings long: a grid point
+    just before the end of a deceleration has a position only a few encoder counts
+    from the goal but a clearly non-zero velocity, and once both are quantised for
+    the wire the interpolated segment could dip past the goal -- past the joint
+    limit when the goal is on it (a retracted needle).
     """
 
     def __init__(self, trajectory: Trajectory, spacing: float):
@@ -128,7 +131,7 @@ class TrajectoryStreamer:
         self.trajectory = trajectory
         self.duration = float(trajectory.duration)
         self.spacing = float(spacing)
-        n_grid = max(0, int(math.ceil(self.duration / self.spacing - 0.5)) - 1)
+        n_grid = max(0, int(math.floor(self.duration / self.spacing - 1.0 + 1e-9)))
         self._times = np.append(np.arange(1, n_grid + 1) * self.spacing, self.duration)
         self._next = 0
 
@@ -289,7 +292,7 @@ class StreamingExecutor:
                 finished.append(self.goals.finish(goal.goal_id, GoalState.ABORTED, ResultCode.ABORTED_INTERLOCK,
                                                   f'not started: {reason}', now))
             elif stream is None or not stream.active:
-                failure = self._start(goal, measured, now, finished)
+                failure = self._start(goal, state, now, finished)
                 if failure is not None:
                     return self._hardware_failure(now, failure, measured, stream, finished, err)
                 if self.mode is ExecutorMode.MOVING:
@@ -310,7 +313,7 @@ class StreamingExecutor:
                                               f'(now reports stream {stream.stream_id if stream else None})',
                                               measured, stream, finished, err)
             if self.mode is ExecutorMode.MOVING and stream.stop_cause:
-                self._controller_stopped(now, stream.stop_cause)
+                self._controller_stopped(now, stream.stop_cause, '' if permitted else reason)
             elif goal.state is GoalState.CANCELING:
                 code = goal.cancel_code or ResultCode.CANCELED
                 if self.mode is ExecutorMode.SETTLING:
@@ -335,6 +338,9 @@ class StreamingExecutor:
                 self._settle(now, measured, finished)
 
         if self.mode is ExecutorMode.STOPPING:
+            if not permitted and self._stop_code is ResultCode.ABORTED_INTERLOCK and reason not in self._stop_message:
+                # The controller's inhibit usually comes one hop before the supervisor's verdict.
+                self._stop_message += f' ({reason})'
             failure = self._wait_stopped(now, state, stream, finished)
             if failure is not None:
                 return self._hardware_failure(now, failure, measured, stream, finished, err)
@@ -369,9 +375,10 @@ class StreamingExecutor:
             return self._hold
         return None
 
-    def _start(self, goal: Goal, measured: np.ndarray, now: float, finished: list) -> Optional[str]:
+    def _start(self, goal: Goal, state: HardwareState, now: float, finished: list) -> Optional[str]:
         """Plan the goal and open its stream. Returns a hardware failure message, or None."""
         req: MotionRequest = goal.request
+        measured = np.asarray(state.positions, dtype=float)
         start = measured
         if self.limits.lower is not None:
             # A drive that settled a few encoder counts past a limit (inside the goal tolerance) starts
@@ -396,6 +403,13 @@ class StreamingExecutor:
         try:
             self._stream_id = int(self.hw.begin_stream(traj.start_positions))
         except (HardwareError, NotImplementedError) as exc:
+            if state.motion_inhibited:
+                # The controller's own interlock (host inhibit or its scanner-trigger input) refused it.
+                cause = f' ({state.inhibit_cause})' if state.inhibit_cause else ''
+                self._finish(now, GoalState.ABORTED, ResultCode.ABORTED_INTERLOCK,
+                             f"not started: the controller's motion inhibit is engaged{cause}: {exc}", finished,
+                             hold=None)
+                return None
             return f'stream refused: {exc}'
         self._streamer = TrajectoryStreamer(traj, self.point_spacing)
         self.stats.moves += 1
@@ -450,8 +464,9 @@ class StreamingExecutor:
             # controller's watchdog/underrun are the remaining lines; report it.
             self._stop_message += f'; STOP refused: {exc}'
 
-    def _controller_stopped(self, now: float, cause: str) -> None:
-        """The controller ended our stream by itself (its stop ramp is running or done)."""
+    def _controller_stopped(self, now: float, cause: str, reason: str = '') -> None:
+        """The controller ended our stream by itself (its stop ramp is running or done).
+        ``reason``: why motion is not permitted, if it is not (the likely cause of an INHIBIT)."""
         if self.mode is ExecutorMode.STOPPING:
             return
         self.stats.controller_stops += 1
@@ -459,7 +474,8 @@ class StreamingExecutor:
             code = ResultCode.ABORTED_INTERLOCK
         else:   # UNDERRUN, WATCHDOG, FAULT, LIMIT, or a STOP this executor did not send
             code = ResultCode.ABORTED_HARDWARE
-        self._enter_stopping(now, code, f'the controller stopped the stream itself: {cause}')
+        self._enter_stopping(now, code, f'the controller stopped the stream itself: {cause}'
+                             + (f' ({reason})' if reason else ''))
         goal = self.goals.active
         if goal is not None and goal.state is GoalState.CANCELING:
             self._stop_message += ' (while canceling)'
@@ -481,6 +497,9 @@ class StreamingExecutor:
         if at_rest:
             if ours and stream.stop_cause and stream.stop_cause not in self._stop_message:
                 self._stop_message += f' (controller stop cause: {stream.stop_cause})'
+            faults = [f for f in state.faults if f not in self._stop_message]
+            if faults:
+                self._stop_message += f" (controller faults: {', '.join(faults)})"
             code = self._stop_code
             goal = self.goals.active
             if code in (ResultCode.CANCELED, ResultCode.PREEMPTED) and goal is not None \

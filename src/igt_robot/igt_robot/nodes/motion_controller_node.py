@@ -289,6 +289,14 @@ class MotionControllerNode(Node):
         if report.hardware_error and report.hardware_error != self._last_hardware_error and not self._inhibited():
             self.faults.report('HARDWARE_FAULT', report.hardware_error)   # once per distinct failure
         self._last_hardware_error = report.hardware_error
+        for goal in report.finished:
+            if goal.state is not GoalState.SUCCEEDED:
+                stream = report.stream
+                self.get_logger().warning(
+                    f'{goal.goal_id} {goal.state.value}: {goal.message}' + (
+                        f' [stream {stream.stream_id}: executed {stream.executed_time:.3f} s, buffered to '
+                        f'{stream.buffered_until:.3f} s, underruns {stream.underruns}; host look-ahead min '
+                        f'{self.motion.stats.lookahead_min:.3f} s]' if stream is not None else ''))
         if report.finished:
             with self._finished_event:
                 for goal in report.finished:
@@ -297,8 +305,8 @@ class MotionControllerNode(Node):
         return True
 
     def _inhibited(self) -> bool:
-        """Is the hardware motion-inhibit asserted now? A fresh read: a refused setpoint and the
-        inhibit that caused it can both be newer than the cached state."""
+        """Is the hardware motion-inhibit asserted now? (Then the supervisor already knows why the
+        motion stopped, and a hardware error is not reported again as a fault.) A fresh read."""
         if self.hardware is None:
             return False
         try:
@@ -412,9 +420,6 @@ class MotionControllerNode(Node):
         result.error_code = _RESULT_CODES.get(finished.result_code, -6)
         result.message = finished.message
         measured = self._measured()
-        if finished.result_code is ResultCode.ABORTED_HARDWARE and self._inhibited():
-            result.error_code = action.Result.INTERLOCK
-            result.message = f'stopped by the hardware motion-inhibit ({self.permission.reason or "interlock"})'
         self._fill_result(result, action, measured, waypoint)
         if finished.state is GoalState.SUCCEEDED:
             goal_handle.succeed()
