@@ -357,9 +357,8 @@ def test_operator_commands_carry_the_operator_session(graph, bridge, session_fil
     node, client = bridge
     services = FakeServices(graph)
     _, token = session_file
-    testing.wait_for(lambda: all(c.service_is_ready() for c in (node.command_client, node.estop_client,
-                                                               node.resume_client, node.acknowledge_client)),
-                     10, 'service discovery')
+    needed = (node.command_client, node.estop_client, node.resume_client, node.acknowledge_client)
+    testing.wait_for(lambda: all(c.service_is_ready() for c in needed), 10, 'service discovery')
     command(client, 'RELEASE_ESTOP', '0020')
     assert reply(client, 'RELEASE_ESTOP').code == StatusCode.OK
     assert services.tokens[-1] == ('estop', False, token)
