@@ -499,7 +499,7 @@ def test_idle_client_is_closed_for_a_newcomer_when_the_slots_are_full(make_core)
 
 
 def test_fifty_clients_are_all_served(make_core):
-    core, rec = make_core(max_clients=64)
+    core, rec = make_core()  # default limits
     socks = [_connect(core.port) for _ in range(50)]
     try:
         for i, s in enumerate(socks):

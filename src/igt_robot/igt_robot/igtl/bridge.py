@@ -101,7 +101,7 @@ class BridgeConfig:
     message_timeout_s: float = 5.0
     idle_timeout_s: float = 60.0
     auth_timeout_s: float = 10.0
-    max_clients: int = 16
+    max_clients: int = 64
     rate_limit_hz: float = 500.0
     rate_burst: int = 1000
     max_send_buffer_bytes: int = 64 * MIB

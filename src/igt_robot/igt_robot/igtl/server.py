@@ -60,6 +60,9 @@ POLL_S = 0.05               # loop wake-up period when nothing happens: bounds t
 RECV_CHUNK = 1 << 16        # per client per loop turn: a client streaming an image cannot starve the others
 CLOSE_GRACE_S = 1.0         # time given to flush a last STATUS before a connection is closed
 BUSY_NOTICE_PERIOD_S = 1.0  # at most one STATUS BUSY per client per period while it is rate limited
+# A large body gets extra time on top of message_timeout_s at this rate (a 64 MiB image over a 100 Mbit/s
+# link takes ~5.4 s); a client announcing a large body still cannot hold its slot beyond that bound.
+MIN_TRANSFER_BYTES_PER_S = 10e6
 AUTH_DEVICE = 'AUTH'
 MIB = 1 << 20
 
@@ -113,6 +116,7 @@ class StreamReader:
         self._drain_left = 0                  # bytes of a refused body still to discard
         self._drain_refusal: Optional[tuple] = None  # refusal reported once the drained body has passed
         self.message_started: Optional[float] = None
+        self.expected_bytes = 0               # body size announced by the header in progress (0 before it)
         self.last_progress = clock()          # last byte received (for clients that watch silence)
 
     @property
@@ -140,7 +144,7 @@ class StreamReader:
                 if not self._drain_left:
                     out.append(self._drain_refusal)
                     self._drain_refusal = None
-                    self.message_started = None
+                    self.message_started, self.expected_bytes = None, 0
                 continue
             if self._header is None:
                 need = HEADER_SIZE - len(self._buf)
@@ -150,13 +154,14 @@ class StreamReader:
                     break
                 fields = self._parse_header(bytes(self._buf))
                 self._buf.clear()
+                self.expected_bytes = fields['body_size']
                 refusal = self._admit(fields)
                 if refusal is not None:
                     self._drain_left, self._drain_refusal = fields['body_size'], refusal
                     if not self._drain_left:
                         out.append(refusal)
                         self._drain_refusal = None
-                        self.message_started = None
+                        self.message_started, self.expected_bytes = None, 0
                     continue
                 self._header = fields
             fields = self._header
@@ -168,7 +173,7 @@ class StreamReader:
             out.append(self._finish(fields, bytes(self._buf)))
             self._buf.clear()
             self._header = None
-            self.message_started = None
+            self.message_started, self.expected_bytes = None, 0
         return out
 
     def _admit(self, fields: dict) -> Optional[tuple]:
@@ -222,7 +227,7 @@ class StreamReader:
 class ServerSettings:
     """Per-connection limits of :class:`IgtlServer` (times in s on the steady clock, sizes in bytes)."""
 
-    max_clients: int = 16
+    max_clients: int = 64
     message_timeout_s: float = 5.0
     idle_timeout_s: float = 60.0
     auth_timeout_s: float = 10.0
@@ -323,6 +328,7 @@ class IgtlServer:
         self._outbox: Deque[Tuple[object, Optional[int]]] = collections.deque()
         self._lock = threading.Lock()             # guards _outbox and the client snapshot
         self._eligible: Tuple[int, ...] = ()      # ids of authenticated clients (snapshot for other threads)
+        self._info: Tuple[dict, ...] = ()         # clients() snapshot for other threads
         self._message_ids = itertools.count(1)
         self._stop = False
         self._thread: Optional[threading.Thread] = None
@@ -361,8 +367,8 @@ class IgtlServer:
 
     def clients(self) -> List[dict]:
         """Snapshot of the connections (for diagnostics)."""
-        return [{'id': c.id, 'peer': c.peer, 'header_version': c.header_version, 'authenticated': c.authenticated}
-                for c in list(self._clients.values())]
+        with self._lock:
+            return [dict(info) for info in self._info]
 
     # -------------------------------------------------------------- sending (any thread)
     def send(self, message, to: Optional[int] = None) -> bool:
@@ -513,8 +519,9 @@ class IgtlServer:
             message, code, reason = None, exc.code, exc.reason
         else:
             code, reason = StatusCode.ILLEGAL_INSTRUCTION, f'message type {fields["message_type"]} is not supported'
-        if message is not None:
+        if message is not None and client.header_version != fields['header_version']:
             client.header_version = fields['header_version']
+            self._snapshot()
         if not client.authenticated:
             self._authenticate(client, message)
             return
@@ -640,8 +647,10 @@ class IgtlServer:
             if client.closing_since is not None:
                 if now - client.closing_since > CLOSE_GRACE_S:
                     self._drop(client, client.closing_reason)
-            elif client.reader.mid_message and now - client.reader.message_started > s.message_timeout_s:
-                self._close(client, StatusCode.TIME_OUT, f'a message took more than {s.message_timeout_s:g} s '
+            elif client.reader.mid_message and now - client.reader.message_started > \
+                    s.message_timeout_s + client.reader.expected_bytes / MIN_TRANSFER_BYTES_PER_S:
+                allowed = s.message_timeout_s + client.reader.expected_bytes / MIN_TRANSFER_BYTES_PER_S
+                self._close(client, StatusCode.TIME_OUT, f'a message took more than {allowed:.3g} s '
                                                          'to arrive (slow or stalled client)')
             elif not client.authenticated and now - client.connected_at > s.auth_timeout_s:
                 self._close(client, StatusCode.TIME_OUT, f'not authenticated within {s.auth_timeout_s:g} s')
@@ -675,6 +684,9 @@ class IgtlServer:
         with self._lock:
             self._eligible = tuple(c.id for c in self._clients.values()
                                    if c.authenticated and c.closing_since is None)
+            self._info = tuple({'id': c.id, 'peer': c.peer, 'header_version': c.header_version,
+                                'authenticated': c.authenticated, 'closing': c.closing_since is not None}
+                               for c in self._clients.values())
 
     def _notify(self, connected: bool, client: Client, reason: str) -> None:
         if self._on_connection is not None:

@@ -110,7 +110,7 @@ PARAMS = [
                                      'STATUS TIME_OUT, s', 0.5, 600.0),
     Param('validate_plan', True, 'check TARGET + ENTRY with /planner/validate and reply STATUS PLAN'),
     Param('diagnostics_period_s', 1.0, 'period of /diagnostics, s', 0.1, 60.0),
-    Param('max_clients', 16, 'OpenIGTLink clients served at once (Slicer, scanner bridge, ...)', 1, 256,
+    Param('max_clients', 64, 'OpenIGTLink clients served at once (Slicer, scanner bridge, ...)', 1, 256,
           read_only=True),
     Param('message_timeout_s', 5.0, 'a message not complete this long after its first byte closes that '
                                     'connection (slow or stalled client), s', 0.5, 120.0, read_only=True),
