@@ -638,11 +638,15 @@ def test_shared_secret_is_required_before_anything_else(make_core):
         s.close()
 
 
-def test_allow_list_refuses_other_addresses(make_core):
-    core, rec = make_core(allowed_clients=('10.9.8.0/24',))
-    sock = _connect(core.port)
-    sock.settimeout(TIMEOUT)
-    assert sock.recv(100) == b''  # closed at once, nothing said
-    sock.close()
-    wait_for(lambda: any(k == 'connection' and 'allow-list' in d['reason'] for k, d in rec.events),
-             what='the refusal event')
+def test_allow_list_refuses_other_addresses_and_a_flood_is_one_record(make_core):
+    core, rec = make_core(allowed_clients=('10.9.8.0/24',), refusal_report_interval_s=2.0)
+    for _ in range(20):
+        sock = _connect(core.port)
+        sock.settimeout(TIMEOUT)
+        assert sock.recv(100) == b''  # closed at once, nothing said
+        sock.close()
+    wait_for(lambda: [d for k, d in rec.events if k == 'refused'], what='the refusal digest')
+    refused = [d for k, d in rec.events if k == 'refused']
+    assert len(refused) == 1 and refused[0]['count'] == 20 and refused[0]['codes'] == {'ACCESS_DENIED': 20}
+    assert 'allow-list' in refused[0]['examples'][0]['reason']
+    assert not [d for k, d in rec.events if k == 'connection']  # no event per attempt

@@ -338,10 +338,20 @@ class BridgeCore:
     def _on_connection(self, connected: bool, address, reason: str) -> None:
         client = self._current_client()
         client_id = client.id if client is not None else None
+        peer = client.peer if client else str(address)
+        if not connected and reason.startswith('refused:'):
+            # Turned away at accept (allow-list, no free slot): a connection flood is one digest per
+            # address per interval, like refused messages.
+            host = address[0] if isinstance(address, tuple) else str(address)
+            with self._lock:
+                self.counters['refused'] += 1
+                self._digest.add(f'connections from {host}', host, time.monotonic(), '', 'CONNECTION',
+                                 StatusCode.ACCESS_DENIED if 'allow-list' in reason else StatusCode.BUSY,
+                                 reason[len('refused: '):])
+            return
         if not connected:
             self._flush_refusals(time.monotonic(), key=client_id)
-        self._event('connection', {'connected': connected, 'peer': client.peer if client else str(address),
-                                   'client': client_id, 'reason': reason})
+        self._event('connection', {'connected': connected, 'peer': peer, 'client': client_id, 'reason': reason})
 
     def _server_message(self, message) -> List[Any]:
         client = self._current_client()
