@@ -74,6 +74,11 @@ def _printable(raw: bytes) -> Tuple[str, bool]:
     return ''.join(chr(b) if 32 <= b < 127 else '?' for b in raw).strip(), ok
 
 
+def _may_be_priority(fields: dict) -> bool:
+    """Only a STRING command can be exempt from the rate limit; anything else is dropped undecoded."""
+    return fields['message_type'] == 'STRING' and fields['device_name'].upper().startswith('CMD_')
+
+
 class FramingError(Exception):
     """The byte stream no longer follows OpenIGTLink framing; the connection must close."""
 
@@ -513,6 +518,10 @@ class IgtlServer:
             self._reply(client, self._call(client, self._on_refused, device, mtype, code, reason), None)
             return
         _, fields, body = item
+        has_token = client.authenticated and client.take_token(now, self.settings)
+        if client.authenticated and not has_token and not _may_be_priority(fields):
+            self._rate_limited(client, now, fields['device_name'], fields['message_type'])  # not even decoded
+            return
         try:
             message = codec.decode(fields, body)
         except codec.BodyError as exc:
@@ -525,7 +534,7 @@ class IgtlServer:
         if not client.authenticated:
             self._authenticate(client, message)
             return
-        if not client.take_token(now, self.settings) and not (message is not None and self._safe_priority(message)):
+        if not has_token and not (message is not None and self._safe_priority(message)):
             self._rate_limited(client, now, fields['device_name'], fields['message_type'])
             return
         if message is None:
