@@ -10,13 +10,16 @@ Arguments:
   log_level      ROS log level of every node
   demo           run the simulated procedure automatically (procedure_node), then exit
   procedure_id   name of the record folder shared by recorder_node and procedure_node
+  use_security   enforce SROS2 (ROS_SECURITY_ENABLE/STRATEGY/KEYSTORE); needs a keystore made by
+                 tools/sros2_keystore.sh and an RMW with DDS-Security (not the PyPI Fast DDS)
+  keystore       SROS2 keystore folder (use_security); each process uses enclave /igt_robot/<executable>
 """
 import os
 import time
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, Shutdown
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable, Shutdown
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
@@ -30,14 +33,16 @@ def generate_launch_description():
     backend = LaunchConfiguration('backend')
     log_level = LaunchConfiguration('log_level')
     ros_args = ['--ros-args', '--log-level', log_level]
+    use_security = IfCondition(LaunchConfiguration('use_security'))
 
     def node(package, executable, *params_files, extra=None, on_exit=None):
         # No `name=` remap: the motion_controller process hosts two nodes (hardware_node and
         # motion_controller), and a name remap would rename both. Each node's own name selects its
         # section of the parameter files.
+        # One SROS2 enclave per process (tools/sros2_policy.py); ignored unless security is enabled.
         return Node(package=package, executable=executable, output='screen',
                     parameters=[os.path.join(config, f) for f in params_files] + ([extra] if extra else []),
-                    arguments=ros_args, on_exit=on_exit)
+                    arguments=ros_args + ['--enclave', f'/igt_robot/{executable}'], on_exit=on_exit)
 
     return LaunchDescription([
         DeclareLaunchArgument('backend', default_value='mujoco', description='mujoco | serial'),
@@ -48,8 +53,15 @@ def generate_launch_description():
         DeclareLaunchArgument('demo', default_value='false', description='run the simulated procedure'),
         DeclareLaunchArgument('procedure_id', default_value=time.strftime('proc-%Y%m%d-%H%M%S'),
                               description='record folder name shared by recorder_node and procedure_node'),
+        DeclareLaunchArgument('use_security', default_value='false',
+                              description='enforce SROS2 with the keystore of tools/sros2_keystore.sh'),
+        DeclareLaunchArgument('keystore', default_value='build/sros2/keystore', description='SROS2 keystore'),
+        SetEnvironmentVariable('ROS_SECURITY_ENABLE', 'true', condition=use_security),
+        SetEnvironmentVariable('ROS_SECURITY_STRATEGY', 'Enforce', condition=use_security),
+        SetEnvironmentVariable('ROS_SECURITY_KEYSTORE', LaunchConfiguration('keystore'), condition=use_security),
         Node(package='robot_state_publisher', executable='robot_state_publisher', output='screen',
-             parameters=[{'robot_description': robot_description}]),
+             parameters=[{'robot_description': robot_description}],
+             arguments=['--ros-args', '--enclave', '/igt_robot/robot_state_publisher']),
         # hardware_node + motion_controller in one process: the control loop runs where the hardware is
         # (as ros2_control's controller manager), and the serial port has exactly one owner.
         node('igt_robot', 'motion_controller', 'robot.yaml', 'motion.yaml',
@@ -67,5 +79,6 @@ def generate_launch_description():
              # The procedure is the job: when its node exits (demo finished), the launch ends.
              on_exit=[Shutdown(reason='procedure_node exited')]),
         Node(package='rviz2', executable='rviz2', output='screen', condition=IfCondition(LaunchConfiguration('use_rviz')),
-             arguments=['-d', os.path.join(config, 'igt_robot.rviz')]),
+             arguments=['-d', os.path.join(config, 'igt_robot.rviz'),
+                        '--ros-args', '--enclave', '/igt_robot/rviz2']),
     ])
