@@ -46,7 +46,7 @@ setup(
         ('bin', ['scripts/' + tool for tool in TOOLS]),
     ],
     install_requires=['setuptools'],
-    tests_require=['pytest'],
+    extras_require={'test': ['pytest']},   # colcon test runs pytest
     zip_safe=False,
     maintainer='igt_robot maintainers',
     maintainer_email='maintainers@igt-robot.invalid',
