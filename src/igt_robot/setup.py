@@ -25,6 +25,7 @@ NODES = {
     'igtl_bridge': 'igt_robot.nodes.igtl_bridge_node:main',
     'procedure_node': 'igt_robot.nodes.procedure_node:main',
     'recorder_node': 'igt_robot.nodes.recorder_node:main',
+    'state_publisher': 'igt_robot.nodes.state_publisher_node:main',
 }
 TOOLS = {
     'igt-bringup': 'igt_robot.bringup:main',

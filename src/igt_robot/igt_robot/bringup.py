@@ -35,6 +35,8 @@ NODES: Dict[str, tuple] = {
     'motion_controller': ('igt_robot.nodes.motion_controller_node:MotionControllerNode', 'motion.yaml'),
     'registration_node': ('igt_robot.nodes.registration_node:RegistrationNode', 'registration.yaml'),
     'planner_node': ('igt_planner.planner_node:PlannerNode', 'planner.yaml'),
+    # /robot_description, /tf, /tf_static (robot links too: no robot_state_publisher without ROS installed).
+    'state_publisher': ('igt_robot.nodes.state_publisher_node:StatePublisherNode', 'robot.yaml'),
     'igtl_bridge': ('igt_robot.nodes.igtl_bridge_node:IgtlBridgeNode', 'procedure.yaml'),
     'recorder_node': ('igt_robot.nodes.recorder_node:RecorderNode', 'procedure.yaml'),
     'procedure_node': ('igt_robot.nodes.procedure_node:ProcedureNode', 'procedure.yaml'),
