@@ -73,8 +73,8 @@ def move_conftest(dry) -> None:
     if dry:
         return
     rewrite(FIXTURES_MODULE, lambda t: t.replace(
-        "REPO = pathlib.Path(__file__).resolve().parents[1]",
-        "from igt_robot import paths  # noqa: E402\n\nREPO = paths.repo_root()").replace(
+        "REPO = pathlib.Path(__file__).resolve().parents[1]", "REPO = paths.repo_root()").replace(
+        "from igt_robot import testing\n", "from igt_robot import paths, testing\n", 1).replace(
         '"""Test-suite wide isolation', '"""pytest fixtures of the suite (both packages\' conftest.py import them); test-suite wide isolation',
         1), dry)
     for package, folder in PACKAGES.items():
