@@ -59,7 +59,7 @@ from igt_robot.robot_model import load_robot_model
 from igt_robot_msgs.msg import ProcedureEvent, RegistrationResult
 from igt_robot_msgs.srv import RegisterImage
 
-from . import common, qos
+from . import common, qos, topics
 from .params import Param, declare
 
 try:  # tf2_msgs is optional: without it the transform is only on /registration/result
@@ -68,9 +68,9 @@ except ImportError:  # pragma: no cover - depends on the install
     TFMessage = None
 
 METHODS = ('zframe', 'fiducials')
-REGISTER_SERVICE = '/registration/register'
-RESULT_TOPIC = '/registration/result'
-TF_STATIC_TOPIC = '/tf_static'
+REGISTER_SERVICE = topics.REGISTRATION_REGISTER
+RESULT_TOPIC = topics.REGISTRATION_RESULT
+TF_STATIC_TOPIC = topics.TF_STATIC
 _GATES = ZFrameGates()
 PARAMS = [
     Param('default_method', 'zframe', 'registration method used when a request leaves method empty',
