@@ -75,8 +75,8 @@ def move_conftest(dry) -> None:
     rewrite(FIXTURES_MODULE, lambda t: t.replace(
         "REPO = pathlib.Path(__file__).resolve().parents[1]", "REPO = paths.repo_root()").replace(
         "from igt_robot import testing\n", "from igt_robot import paths, testing\n", 1).replace(
-        '"""Test-suite wide isolation', '"""pytest fixtures of the suite (both packages\' conftest.py import them); test-suite wide isolation',
-        1), dry)
+        '"""Test-suite wide isolation',
+        '"""pytest fixtures of the suite (both packages\' conftest.py import them); test-suite wide isolation', 1), dry)
     for package, folder in PACKAGES.items():
         (folder / 'conftest.py').write_text(CONFTEST.format(package=package))
         run(['git', 'add', folder / 'conftest.py'], dry)
