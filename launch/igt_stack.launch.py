@@ -17,6 +17,9 @@ Arguments:
   demo             run the simulated procedure automatically, then end the launch with its exit code
   use_rviz         start rviz2 with config/igt_robot.rviz (if rviz2 is installed)
   log_level        ROS log level of every node
+  use_security     enforce SROS2 (ROS_SECURITY_ENABLE/STRATEGY/KEYSTORE); needs a keystore made by
+                   tools/sros2_keystore.sh and an RMW with DDS-Security (not the PyPI Fast DDS)
+  keystore         SROS2 keystore folder (use_security); each process uses enclave /igt_robot/<executable>
 
 /robot_description and /tf: robot_state_publisher from /joint_states where it is installed, else
 the stack's state_publisher fills in; state_publisher always adds zframe, the scanner frame of the
@@ -27,7 +30,7 @@ import time
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
@@ -46,14 +49,16 @@ def generate_launch_description():
     ros_args = ['--ros-args', '--log-level', arg('log_level')]
     demo = ParameterValue(arg('demo'), value_type=bool)
     have_robot_state_publisher = installed('robot_state_publisher')
+    use_security = IfCondition(arg('use_security'))
 
     def node(package, executable, *params_files, extra=None, on_exit=None):
         # No `name=` remap: the motion_controller process hosts two nodes (hardware_node and
         # motion_controller), and a name remap would rename both. Each node's own name selects its
         # section of the parameter files.
+        # One SROS2 enclave per process (tools/sros2_policy.py); ignored unless security is enabled.
         return Node(package=package, executable=executable, output='screen',
                     parameters=[os.path.join(config, f) for f in params_files] + ([extra] if extra else []),
-                    arguments=ros_args, on_exit=on_exit)
+                    arguments=ros_args + ['--enclave', f'/igt_robot/{executable}'], on_exit=on_exit)
 
     return LaunchDescription([
         DeclareLaunchArgument('backend', default_value='mujoco', description='mujoco | serial'),
@@ -73,9 +78,16 @@ def generate_launch_description():
                               description='run the simulated procedure automatically, then end the launch'),
         DeclareLaunchArgument('use_rviz', default_value='false', description='start rviz2'),
         DeclareLaunchArgument('log_level', default_value='info', description='ROS log level'),
+        DeclareLaunchArgument('use_security', default_value='false',
+                              description='enforce SROS2 with the keystore of tools/sros2_keystore.sh'),
+        DeclareLaunchArgument('keystore', default_value='build/sros2/keystore', description='SROS2 keystore'),
+        SetEnvironmentVariable('ROS_SECURITY_ENABLE', 'true', condition=use_security),
+        SetEnvironmentVariable('ROS_SECURITY_STRATEGY', 'Enforce', condition=use_security),
+        SetEnvironmentVariable('ROS_SECURITY_KEYSTORE', arg('keystore'), condition=use_security),
         optional_node('robot_state_publisher', 'state_publisher publishes the robot links instead',
                       executable='robot_state_publisher', output='screen',
-                      parameters=[{'robot_description': robot_description}]),
+                      parameters=[{'robot_description': robot_description}],
+                      arguments=['--ros-args', '--enclave', '/igt_robot/robot_state_publisher']),
         node('igt_robot', 'state_publisher', 'robot.yaml',
              extra={'publish_robot_links': not have_robot_state_publisher}),
         # hardware_node + motion_controller in one process: the control loop runs where the hardware is
@@ -98,5 +110,7 @@ def generate_launch_description():
              # The procedure is the job: the launch ends with it, failing when it failed.
              on_exit=end_launch_with('procedure_node')),
         optional_node('rviz2', 'no rviz window (use_rviz:=true)', condition=IfCondition(arg('use_rviz')),
-                      executable='rviz2', output='screen', arguments=['-d', os.path.join(config, 'igt_robot.rviz')]),
+                      executable='rviz2', output='screen',
+                      arguments=['-d', os.path.join(config, 'igt_robot.rviz'),
+                                 '--ros-args', '--enclave', '/igt_robot/rviz2']),
     ])
