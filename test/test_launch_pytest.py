@@ -68,9 +68,8 @@ def test_stack_reports_safety_status_and_joint_states():
 
 @launch_pytest.fixture
 def simulated_procedure():
-    return LaunchDescription([_include('sim.launch.py', record_root=os.path.join(os.environ.get('ROS_LOG_DIR', '/tmp'),
-                                                                              'records')),
-                              launch_pytest.actions.ReadyToTest()])
+    records = os.path.join(os.environ.get('ROS_LOG_DIR', '/tmp'), 'records')
+    return LaunchDescription([_include('sim.launch.py', record_root=records), launch_pytest.actions.ReadyToTest()])
 
 
 @pytest.mark.launch(fixture=simulated_procedure)
