@@ -299,6 +299,16 @@ class ControllerCore:
             stop_cause=s.stop_cause)
 
     @property
+    def stream_state(self) -> str:
+        """'' (no stream yet) | 'open' | 'running' | 'ramping' | 'done' | 'stopped'."""
+        return '' if self._stream is None else self._stream.state
+
+    @property
+    def target(self) -> np.ndarray:
+        """The legacy SET_TARGET setpoint being tracked (or held)."""
+        return self._target.copy()
+
+    @property
     def stream_open(self) -> bool:
         """A stream accepts points (begun, not yet ended)."""
         return self._stream is not None and self._stream.state in ('open', 'running')
