@@ -446,9 +446,9 @@ class IgtlServer:
                 sock.close()  # say nothing to a stranger
                 self._turned_away(client, f'{client.host} is not in the allow-list')
                 continue
-            if len(self._clients) >= self.settings.max_clients and not self._evict_idle(now):
-                self._reject(client, StatusCode.BUSY, f'{len(self._clients)} clients connected (the limit); '
-                                                      'try again later')
+            active = sum(1 for c in self._clients.values() if c.closing_since is None)
+            if active >= self.settings.max_clients and not self._evict_idle(now):
+                self._reject(client, StatusCode.BUSY, f'{active} clients connected (the limit); try again later')
                 continue
             self._clients[client.id] = client
             self._selector.register(sock, selectors.EVENT_READ, client.id)
@@ -470,7 +470,8 @@ class IgtlServer:
         ``idle_timeout_s`` <= 0: never (a server for one fixed peer keeps it however long it is silent)."""
         if self.settings.idle_timeout_s <= 0:
             return False
-        idle = [c for c in self._clients.values() if now - c.last_message > self.settings.idle_timeout_s]
+        idle = [c for c in self._clients.values()
+                if c.closing_since is None and now - c.last_message > self.settings.idle_timeout_s]
         if not idle:
             return False
         victim = min(idle, key=lambda c: (c.proven, c.last_message))
