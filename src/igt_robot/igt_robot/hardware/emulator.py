@@ -94,6 +94,11 @@ def _parse_version(text: str, parts: int) -> Tuple[int, ...]:
     return values
 
 
+_STREAM_STATES = {'': protocol.StreamState.NONE, 'open': protocol.StreamState.OPEN,
+                  'running': protocol.StreamState.RUNNING, 'ramping': protocol.StreamState.RAMPING,
+                  'done': protocol.StreamState.DONE, 'stopped': protocol.StreamState.STOPPED}
+
+
 class Firmware:
     """The controller's logic without any I/O: protocol handling around a
     :class:`~igt_robot.hardware.controller_core.ControllerCore` (in encoder counts) plus the
@@ -115,22 +120,23 @@ class Firmware:
         self.axes = list(axes)
         self.infos = [a.to_axis_info() for a in self.axes]
         n = len(self.axes)
-        self.following_error_limit = np.array([max(FOLLOWING_ERROR_MIN_COUNTS, FOLLOWING_ERROR_SECONDS * i.max_velocity)
-                                               for i in self.infos])
+        self.following_error_limit = [max(FOLLOWING_ERROR_MIN_COUNTS, FOLLOWING_ERROR_SECONDS * i.max_velocity)
+                                      for i in self.infos]
         self.limit_switch = [(i.min_counts - LIMIT_SWITCH_MARGIN * (i.max_counts - i.min_counts),
                               i.max_counts + LIMIT_SWITCH_MARGIN * (i.max_counts - i.min_counts))
                              for i in self.infos]
         # Park inside the range (insertion's range starts at 0, the stage is centred).
         park = np.array([float(min(max(0, i.min_counts), i.max_counts)) for i in self.infos])
-        # The mechanics: axes follow the controller's reference exactly unless stalled.
-        self.actual = park.copy()
-        self.actual_velocity = np.zeros(n)
+        # The mechanics: axes follow the controller's reference exactly unless stalled
+        # (plain lists: this runs every servo tick).
+        self.actual = park.tolist()
+        self.actual_velocity = [0.0] * n
         self.stalled = [False] * n
         self.core = ControllerCore(
             [AxisLimits(float(i.min_counts), float(i.max_counts), float(i.max_velocity), float(i.max_acceleration),
                         1.0, a.name) for i, a in zip(self.infos, self.axes)],
             servo_period=1.0 / tick_hz, buffer_capacity=buffer_capacity, watchdog_timeout=watchdog_ms / 1000.0,
-            positions=park, measure=lambda: self.actual.copy())
+            positions=park, measure=lambda: np.array(self.actual))
         self.firmware_version = tuple(firmware_version)
         self.protocol_version = tuple(protocol_version)
         self.watchdog_ms = int(watchdog_ms)
@@ -198,7 +204,7 @@ class Firmware:
 
     @property
     def moving(self) -> bool:
-        return self.core.moving or bool(np.any(self.actual_velocity))
+        return self.core.moving or any(self.actual_velocity)
 
     # ------------------------------------------------------------------ line side
     def receive(self, data: bytes) -> List[bytes]:
@@ -430,17 +436,17 @@ class Firmware:
         self._follow()
         if not core.enabled:
             return
-        error = np.abs(core.ref_pos - self.actual)
-        for i in np.flatnonzero(error > self.following_error_limit):
-            if i not in core.fault_axes:
-                core.latch_fault('FOLLOWING_ERROR', int(i))
-        for i, (lo, hi) in enumerate(self.limit_switch):
-            if not lo <= self.actual[i] <= hi:
+        ref, _ = core.reference()
+        for i, (r, x, limit, (lo, hi)) in enumerate(zip(ref, self.actual, self.following_error_limit,
+                                                         self.limit_switch)):
+            if abs(r - x) > limit and i not in core.fault_axes:
+                core.latch_fault('FOLLOWING_ERROR', i)
+            if not lo <= x <= hi:
                 core.latch_fault('LIMIT_SWITCH', i)
 
     def _follow(self) -> None:
         """The mechanics follow the controller's reference at once, except a stalled axis."""
-        ref, ref_vel = self.core.ref_pos, self.core.ref_vel
+        ref, ref_vel = self.core.reference()
         for i in range(len(self.axes)):
             if self.stalled[i]:
                 self.actual_velocity[i] = 0.0
@@ -450,11 +456,8 @@ class Firmware:
 
     def stream_info(self) -> protocol.StreamInfo:
         st = self.core.stream_status()
-        state = {'': protocol.StreamState.NONE, 'open': protocol.StreamState.OPEN,
-                 'running': protocol.StreamState.RUNNING, 'ramping': protocol.StreamState.RAMPING,
-                 'done': protocol.StreamState.DONE, 'stopped': protocol.StreamState.STOPPED}[self.core.stream_state]
         return protocol.StreamInfo(
-            stream_id=st.stream_id, state=state, stop_cause=protocol.stop_cause_code(st.stop_cause),
+            stream_id=st.stream_id, state=_STREAM_STATES[self.core.stream_state], stop_cause=protocol.stop_cause_code(st.stop_cause),
             inhibit_cause=protocol.inhibit_cause_bits(self.core.inhibit_cause),
             executed_us=int(round(st.executed_time * 1e6)), buffered_until_us=int(round(st.buffered_until * 1e6)),
             free_slots=st.free_slots, underruns=st.underruns)
@@ -490,7 +493,7 @@ class Firmware:
             'inhibited': self.inhibited, 'inhibit_cause': self.core.inhibit_cause, 'estop': self.estop,
             'estop_input': self.estop_input, 'faults': list(protocol.fault_names(self.faults)),
             'fault_axes': sorted(int(i) for i in self.core.fault_axes),
-            'positions': self.actual.tolist(), 'velocities': self.actual_velocity.tolist(),
+            'positions': list(self.actual), 'velocities': list(self.actual_velocity),
             'targets': self.core.target.tolist(), 'stalled': list(self.stalled),
             'moving': self.moving, 'mode': self.core.mode, 'trigger': self.trigger,
             'trigger_edges': self.trigger_edges, 'handshake_done': self.handshake_done,
@@ -833,6 +836,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument('--no-robot-model', action='store_true',
                         help='use the limits of docs/contracts.md instead of loading the URDF')
     parser.add_argument('--device-name', default=DEVICE_NAME)
+    parser.add_argument('--rt-priority', type=int, default=0, metavar='N',
+                        help='run the servo loop under SCHED_FIFO priority N (1..99), as the dedicated '
+                             'microcontroller it stands in for is never starved by the host\'s load; 0 (default) '
+                             '= normal scheduling. Falls back to normal scheduling (with a note) when not permitted')
     parser.add_argument('--link', metavar='PATH',
                         help='also make PATH a symlink to the pty (a fixed port name for launch files); '
                              'removed on exit')
@@ -860,6 +867,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         print(f'emulator: {exc}', file=sys.stderr)
         return 2
+    if args.rt_priority:
+        try:
+            if not 1 <= args.rt_priority <= 99:
+                raise ValueError(f'--rt-priority must be 1..99, got {args.rt_priority}')
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.rt_priority))
+        except (OSError, AttributeError, ValueError) as exc:
+            print(f'emulator: real-time priority not applied ({exc}); normal scheduling', file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, server.request_stop)
     signal.signal(signal.SIGINT, server.request_stop)
     try:
