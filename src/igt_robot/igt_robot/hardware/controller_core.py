@@ -70,6 +70,9 @@ MAX_POINT_SPACING = 1.0
 #: host dies (then the buffer underruns and the controller ramps down), and it is what the
 #: watchdog tolerates on top of its own period while a stream runs (see ControllerCore).
 DEFAULT_MAX_LOOKAHEAD = 1.0
+#: A stream starts executing once this much trajectory (s) is buffered, or its final point is in:
+#: a first batch that needs several frames is not already running dry between them.
+DEFAULT_START_LOOKAHEAD = 0.1
 
 DEFAULT_BUFFER_CAPACITY = 128
 DEFAULT_SERVO_PERIOD = 0.001
@@ -135,6 +138,8 @@ class ControllerCore:
         than the buffer changes nothing, and a dead host's motion still ends at the buffer's end
         (UNDERRUN ramp), then the watchdog latches.
     :param max_lookahead: points more than this (s) ahead of the executed stream time are refused.
+    :param start_lookahead: a stream starts executing once this much (s) is buffered or its
+        final point has arrived.
     :param start_tolerance: per-axis (or scalar) distance the host's stream start may differ
         from the controller's reference; default 50 encoder counts.
     :param positions: initial (power-on) positions; default the lower limit clipped to 0.
@@ -147,7 +152,8 @@ class ControllerCore:
                  buffer_capacity: int = DEFAULT_BUFFER_CAPACITY, watchdog_timeout: Optional[float] = 0.1,
                  start_tolerance=None, positions: Optional[Sequence[float]] = None,
                  measure: Optional[Callable[[], np.ndarray]] = None,
-                 max_lookahead: float = DEFAULT_MAX_LOOKAHEAD):
+                 max_lookahead: float = DEFAULT_MAX_LOOKAHEAD,
+                 start_lookahead: float = DEFAULT_START_LOOKAHEAD):
         if not axes:
             raise ValueError('the controller needs at least one axis')
         if not (math.isfinite(servo_period) and 0 < servo_period <= 0.001):
@@ -171,6 +177,9 @@ class ControllerCore:
             raise ValueError(f'max_lookahead must be positive seconds, got {max_lookahead!r}')
         self.watchdog_timeout = watchdog_timeout
         self.max_lookahead = float(max_lookahead)
+        if not 0 < start_lookahead <= max_lookahead:
+            raise ValueError(f'start_lookahead must be in (0, max_lookahead], got {start_lookahead!r}')
+        self.start_lookahead = float(start_lookahead)
         self._measure = measure
         if positions is None:
             start = np.clip(np.zeros(n), self.lower, self.upper)
@@ -495,8 +504,9 @@ class ControllerCore:
         """Append points (all or none). Refused for another or ended stream, a full buffer, times
         not strictly increasing (or not beyond what was executed), positions outside the limits
         anywhere along the interpolated segment, velocities above the limits, a ``final`` point
-        with non-zero velocity, or while inhibited / not enabled. The first accepted point
-        starts the stream's clock."""
+        with non-zero velocity, or while inhibited / not enabled. The stream's clock starts
+        (time 0) with the push that brings the buffer to ``start_lookahead`` or holds the final
+        point."""
         s = self._stream
         if s is None or s.stream_id != stream_id:
             raise Refusal('STREAM_CLOSED', f'stream {stream_id} is not the current stream '
@@ -546,7 +556,7 @@ class ControllerCore:
         s.points.extend(checked)
         s.buffered_until = checked[-1].time
         s.final_received = bool(final)
-        if s.state == 'open':
+        if s.state == 'open' and (s.final_received or s.buffered_until >= self.start_lookahead - 1e-9):
             s.state = 'running'
             s.start_tick = self.ticks
             self.mode = STREAM

@@ -71,6 +71,9 @@ from igt_robot.hardware.protocol import Fault, MsgType, NakReason, StatusFlag
 DEFAULT_FIRMWARE_VERSION = (2, 0, 0)
 DEFAULT_WATCHDOG_MS = 100
 DEFAULT_TICK_HZ = 1000
+#: Python's GIL switch interval in the emulator (s): bounds how long the line thread can keep
+#: the servo thread waiting.
+GIL_SWITCH_INTERVAL = 0.0002
 DEVICE_NAME = 'igt-firmware-emulator'
 
 #: A following error larger than this many seconds of full-speed travel
@@ -437,8 +440,8 @@ class Firmware:
         if not core.enabled:
             return
         ref, _ = core.reference()
-        for i, (r, x, limit, (lo, hi)) in enumerate(zip(ref, self.actual, self.following_error_limit,
-                                                         self.limit_switch)):
+        checks = zip(ref, self.actual, self.following_error_limit, self.limit_switch)
+        for i, (r, x, limit, (lo, hi)) in enumerate(checks):
             if abs(r - x) > limit and i not in core.fault_axes:
                 core.latch_fault('FOLLOWING_ERROR', i)
             if not lo <= x <= hi:
@@ -457,7 +460,8 @@ class Firmware:
     def stream_info(self) -> protocol.StreamInfo:
         st = self.core.stream_status()
         return protocol.StreamInfo(
-            stream_id=st.stream_id, state=_STREAM_STATES[self.core.stream_state], stop_cause=protocol.stop_cause_code(st.stop_cause),
+            stream_id=st.stream_id, state=_STREAM_STATES[self.core.stream_state],
+            stop_cause=protocol.stop_cause_code(st.stop_cause),
             inhibit_cause=protocol.inhibit_cause_bits(self.core.inhibit_cause),
             executed_us=int(round(st.executed_time * 1e6)), buffered_until_us=int(round(st.buffered_until * 1e6)),
             free_slots=st.free_slots, underruns=st.underruns)
@@ -542,6 +546,8 @@ class EmulatorServer:
         self.trigger_edge_wall: Optional[float] = None
         self.ramp_start_wall: Optional[float] = None
         self._ramp_seen: Optional[int] = None
+        self._lock = threading.Lock()          # the firmware state, shared by the servo and line threads
+        self._host_seen = False
 
     # ------------------------------------------------------------------ setup / teardown
     def open(self) -> str:
@@ -587,41 +593,63 @@ class EmulatorServer:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
+        """Serve until stopped: the servo loop in this thread, the line and the control channel
+        in a second one.
+
+        Two threads, as a controller has a servo timer and a UART interrupt: the tty layer can
+        hold a reader or writer of the pty for milliseconds (its buffer work runs in a normal
+        kernel worker), which must not delay servo ticks. The firmware state is shared under
+        one lock, held for microseconds; a short GIL switch interval keeps a busy I/O thread
+        from delaying a tick by more than that interval.
+        """
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        io_thread = threading.Thread(target=self._io_loop, name='emulator-line', daemon=True)
+        io_thread.start()
+        try:
+            return self._servo_loop()
+        finally:
+            self._stop = True
+            io_thread.join(timeout=2.0)
+
+    def _servo_loop(self) -> int:
         parent = os.getppid()
         next_tick = time.monotonic()
         next_parent_check = next_tick
         max_catch_up = 100                     # ticks; beyond that we were starved: skip ahead
         while not self._stop:
-            # Frames that arrived while we were not running are decoded first so the
-            # catch-up ticks know the host was alive (no false watchdog trip after this
-            # process was descheduled), and executed after them so that a STATUS reply
-            # shows the present, not the moment we were descheduled.
-            frames = self._read_frames()
             now = time.monotonic()
-            if now >= next_tick:
-                due = int((now - next_tick) / self.tick) + 1
-                if due > max_catch_up:
-                    # Starved for longer than we are willing to replay: drop the excess
-                    # time (it never reaches the watchdog clock either) and go on.
-                    self.overruns += 1
-                    due = max_catch_up
-                    next_tick = now - (due - 1) * self.tick
+            if now < next_tick:
+                time.sleep(next_tick - now)
+                continue
+            due = int((now - next_tick) / self.tick) + 1
+            if due > max_catch_up:
+                # Starved for longer than we are willing to replay: drop the excess
+                # time (it never reaches the watchdog clock either) and go on.
+                self.overruns += 1
+                due = max_catch_up
+                next_tick = now - (due - 1) * self.tick
+            with self._lock:
+                # Frames that arrived while this thread was not running count as received in
+                # time for the watchdog (no false trip after the process was descheduled).
+                seen, self._host_seen = self._host_seen, False
                 for k in range(due):
                     self.tick_lateness.append(now - (next_tick + k * self.tick))
-                    self.fw.step(host_seen=bool(frames))
+                    self.fw.step(host_seen=seen)
                     ramp = self.fw.core.ramp_started_tick
                     if ramp is not None and ramp != self._ramp_seen:
                         # The first servo tick of a new stop ramp has run.
                         self._ramp_seen = ramp
                         self.ramp_start_wall = time.monotonic()
-                next_tick += due * self.tick
-                if now >= next_parent_check:
-                    next_parent_check = now + 0.1
-                    if os.getppid() != parent:
-                        print('emulator: parent process died, exiting', file=self.log, flush=True)
-                        break
-            for reply in self.fw.respond(frames):
-                self._transmit(reply)
+            next_tick += due * self.tick
+            if now >= next_parent_check:
+                next_parent_check = now + 0.1
+                if os.getppid() != parent:
+                    print('emulator: parent process died, exiting', file=self.log, flush=True)
+                    break
+        return 0
+
+    def _io_loop(self) -> None:
+        while not self._stop:
             rlist = list(self._clients)
             if self.master >= 0:
                 rlist.append(self.master)
@@ -629,19 +657,26 @@ class EmulatorServer:
                 rlist.append(self._listener)
             wlist = [self.master] if self._tx and self.master >= 0 else []
             try:
-                readable, writable, _ = select.select(rlist, wlist, [], max(0.0, next_tick - time.monotonic()))
+                readable, writable, _ = select.select(rlist, wlist, [], 0.1)
             except InterruptedError:
                 continue
+            except (OSError, ValueError):
+                continue                       # an fd closed under us (unplug): rebuild the lists
             if self.master in writable:
                 self._flush_tx()
             for src in readable:
                 if src is self._listener:
                     self._accept()
                 elif src == self.master:
-                    pass                               # read at the top of the loop
+                    frames = self._read_frames()
+                    with self._lock:
+                        if frames:
+                            self._host_seen = True
+                        replies = self.fw.respond(frames)   # also a NAK(CRC) the decoder queued
+                    for reply in replies:
+                        self._transmit(reply)
                 elif isinstance(src, socket.socket):
                     self._read_control(src)
-        return 0
 
     def _read_frames(self) -> List[protocol.Frame]:
         """Decode whatever the host has sent (non-blocking); [] when nothing or silenced."""
@@ -657,7 +692,8 @@ class EmulatorServer:
             raise
         if self.silenced or not data:
             return []
-        return self.fw.decode(data)
+        with self._lock:
+            return self.fw.decode(data)
 
     def _transmit(self, frame: bytes) -> None:
         self.tx_frames += 1
@@ -723,7 +759,9 @@ class EmulatorServer:
             line, _, rest = bytes(buf).partition(b'\n')
             buf[:] = rest
             try:
-                reply = 'ok' + ((' ' + r) if (r := self.control(line.decode('utf-8', 'replace'))) else '')
+                with self._lock:
+                    result = self.control(line.decode('utf-8', 'replace'))
+                reply = 'ok' + ((' ' + result) if result else '')
             except (ValueError, KeyError, IndexError) as exc:
                 reply = f'error {exc}'
             try:
