@@ -71,9 +71,7 @@ from igt_robot.hardware.protocol import Fault, MsgType, NakReason, StatusFlag
 DEFAULT_FIRMWARE_VERSION = (2, 0, 0)
 DEFAULT_WATCHDOG_MS = 100
 DEFAULT_TICK_HZ = 1000
-#: Python's GIL switch interval in the emulator (s): bounds how long the line thread can keep
-#: the servo thread waiting.
-GIL_SWITCH_INTERVAL = 0.0002
+
 DEVICE_NAME = 'igt-firmware-emulator'
 
 #: A following error larger than this many seconds of full-speed travel
@@ -599,10 +597,10 @@ class EmulatorServer:
         Two threads, as a controller has a servo timer and a UART interrupt: the tty layer can
         hold a reader or writer of the pty for milliseconds (its buffer work runs in a normal
         kernel worker), which must not delay servo ticks. The firmware state is shared under
-        one lock, held for microseconds; a short GIL switch interval keeps a busy I/O thread
-        from delaying a tick by more than that interval.
+        one lock, held for microseconds. Python's default GIL switch interval is kept: the line
+        thread releases the GIL whenever it waits on the pty, and a shorter interval makes the
+        two threads convoy on the GIL when the machine is loaded.
         """
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         io_thread = threading.Thread(target=self._io_loop, name='emulator-line', daemon=True)
         io_thread.start()
         try:
