@@ -883,6 +883,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if '--ros-args' in argv:   # started as a launch_ros Node, which appends ROS arguments
+        argv = argv[:argv.index('--ros-args')]
     args = build_arg_parser().parse_args(argv)
     cpus = None
     if args.counts_per_unit:

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import threading
 import time
 from typing import Optional
@@ -515,10 +516,28 @@ class ProcedureNode(Node):
         return f'{self.workflow.phase.value}/{self.workflow.step.value}; {self._safety_text()}'
 
 
+def exit_code(node: Optional['ProcedureNode']) -> int:
+    """The process's exit code: non-zero when the demo procedure failed or did not finish."""
+    if node is None or not node.p['demo']:
+        return 0 if node is not None else 1
+    return 0 if node.demo_done.is_set() and not node.demo_error else 1
+
+
 def main(args=None) -> int:
-    return common.run_node(ProcedureNode, args)
+    built = []
+
+    def make_node():
+        built.append(ProcedureNode())
+        return built[-1]
+
+    common.run_node(make_node, args)
+    code = exit_code(built[0] if built else None)
+    if code:
+        node = built[0] if built else None
+        why = 'the node could not start' if node is None else (node.demo_error or 'the procedure did not finish')
+        print(f'procedure_node: FAILED: {why}', file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == '__main__':
-    import sys
     sys.exit(main())

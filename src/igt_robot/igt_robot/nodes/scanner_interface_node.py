@@ -35,7 +35,7 @@ from diagnostic_msgs.msg import DiagnosticStatus
 from pyigtl import messages as pyigtl_messages
 from rclpy.node import Node
 
-from igt_robot.igtl.server import FramingError, IgtlServer, StreamReader
+from igt_robot.igtl.server import FramingError, IgtlServer, ServerSettings, StreamReader
 from igt_robot.record.dose import (KV_RANGE, MAX_CTDI_VOL_MGY, MAX_DLP_MGY_CM, MAX_MAS, MODALITY_CT,
                                    DoseLedger, ScanDose)
 from igt_robot.scanner import (MODEM_LINES, ModemTriggerInterpreter, ScannerPhase, SimulatedScannerSchedule,
@@ -380,9 +380,12 @@ class ScannerInterfaceNode(Node):
         limit_for = lambda mtype: IGTL_MAX_TEXT_BODY if mtype in IGTL_TEXT_TYPES else 0  # noqa: E731
         host, port = self.p['igtl_host'], self.p['igtl_port']
         if self.p['igtl_mode'] == 'server':
+            # One peer: the scanner. Others are told BUSY and closed without touching its reading; a silent
+            # scanner keeps its connection however long it is quiet.
             self._igtl = IgtlServer(host, port, on_message=lambda m: self._on_igtl(m) or (),
                                     on_refused=lambda dev, mtype, code, why: self._on_igtl(None, dev, mtype) or (),
-                                    limit_for=limit_for, on_connection=self._on_igtl_connection)
+                                    limit_for=limit_for, on_connection=self._on_igtl_connection,
+                                    settings=ServerSettings(max_clients=1, idle_timeout_s=0.0))
             self._igtl.start()
             self.igtl_port = self._igtl.port
         else:
