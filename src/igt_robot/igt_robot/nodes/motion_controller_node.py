@@ -463,8 +463,8 @@ class MotionControllerNode(Node):
                         except HardwareError as exc:
                             self.get_logger().error(f'stop after the streaming loop died failed: {exc}')
                         goal = self.motion.goals.finish(goal_id, GoalState.ABORTED, ResultCode.ABORTED_HARDWARE,
-                                                          f'streaming loop stopped: {self.loop.error}',
-                                                          time.monotonic())
+                                                        f'streaming loop stopped: {self.loop.error}',
+                                                        time.monotonic())
                 return goal
             self._publish_feedback(goal_handle, action, waypoint)
 
