@@ -23,9 +23,9 @@ import time
 from typing import Dict, List, Optional
 
 import rclpy
-from rclpy.executors import ExternalShutdownException
 
 from igt_robot import paths
+from igt_robot.nodes.spinning import BackgroundSpinner, shutdown_executor
 
 # name -> (module:class, parameter file). Order is start order.
 NODES: Dict[str, tuple] = {
@@ -35,6 +35,8 @@ NODES: Dict[str, tuple] = {
     'motion_controller': ('igt_robot.nodes.motion_controller_node:MotionControllerNode', 'motion.yaml'),
     'registration_node': ('igt_robot.nodes.registration_node:RegistrationNode', 'registration.yaml'),
     'planner_node': ('igt_planner.planner_node:PlannerNode', 'planner.yaml'),
+    # /robot_description, /tf, /tf_static (robot links too: no robot_state_publisher without ROS installed).
+    'state_publisher': ('igt_robot.nodes.state_publisher_node:StatePublisherNode', 'robot.yaml'),
     'igtl_bridge': ('igt_robot.nodes.igtl_bridge_node:IgtlBridgeNode', 'procedure.yaml'),
     'recorder_node': ('igt_robot.nodes.recorder_node:RecorderNode', 'procedure.yaml'),
     'procedure_node': ('igt_robot.nodes.procedure_node:ProcedureNode', 'procedure.yaml'),
@@ -44,9 +46,10 @@ PROFILES = {
     'sim': list(NODES),
     'robot': list(NODES),
     'safety': list(CONTROL_NODES),
-    # The split `make demo` uses: the hardware and motion control in a lean process (the scanner callback
-    # commands the drive, nothing else time-critical shares its GIL), the scanner interface and the
-    # supervisor in a second, image processing and the workflow in a third (docs/safety.md).
+    # The split `make demo` uses: the hardware node and the trajectory streaming in a lean process (the
+    # scanner callback commands the drive, nothing else time-critical shares its GIL), the scanner
+    # interface and the supervisor in a second, image processing and the workflow in a third
+    # (docs/safety.md).
     'control': ['hardware_node', 'motion_controller'],
     'supervision': ['scanner_interface', 'safety_supervisor'],
     'workflow': [name for name in NODES if name not in CONTROL_NODES],
@@ -93,20 +96,15 @@ class Bringup:
             node = load_class(target)(context=self.context, cli_args=args)
             self.nodes[name] = node
             self.executor.add_node(node)
-        self._thread = None
+        self._spinner = None
 
     def start(self):
-        self._thread = threading.Thread(target=self._spin, name='bringup-executor', daemon=True)
-        self._thread.start()
+        self._spinner = BackgroundSpinner(self.executor, name='bringup-executor')
         for node in self.nodes.values():
             autostart = getattr(node, 'autostart_lifecycle', None)
             if callable(autostart):
                 autostart()
         return self
-
-    def _spin(self):
-        with contextlib.suppress(ExternalShutdownException, KeyboardInterrupt):
-            self.executor.spin()
 
     def shutdown(self):
         for node in reversed(list(self.nodes.values())):
@@ -114,14 +112,16 @@ class Bringup:
                 shutdown_hook = getattr(node, 'on_bringup_shutdown', None)
                 if callable(shutdown_hook):
                     shutdown_hook()
-        self.executor.shutdown(timeout_sec=3.0)
+        # Callbacks finish before the nodes are destroyed (igt_robot.nodes.spinning says why).
+        if self._spinner is not None:
+            self._spinner.stop(timeout_sec=3.0)
+        else:
+            shutdown_executor(self.executor, timeout_sec=3.0)
         for node in reversed(list(self.nodes.values())):
             with contextlib.suppress(Exception):
                 node.destroy_node()
         with contextlib.suppress(Exception):
             rclpy.shutdown(context=self.context)
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
 
     def __enter__(self):
         return self.start()
