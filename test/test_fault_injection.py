@@ -649,13 +649,14 @@ def test_stalled_axis_is_caught_by_the_drive_following_error_first(ready):
     status = probe.wait_status(lambda s: 'FOLLOWING_ERROR' in fault_codes(s), 'FOLLOWING_ERROR', WAIT)
     assert status.state == 'FAULT'
     stack.wait_event(mark, 'safety_fault', code='FOLLOWING_ERROR')
-    stack.assert_acknowledge_refused('FOLLOWING_ERROR')
     stack.assert_goal_refused()
     stack.emulator.control('release_axis needle_insertion')
-    stack.clear_drive()
-    stack.wait_causes_cleared()
-    stack.assert_goal_refused()
-    stack.acknowledge_and_resume()
+    # The operator's acknowledge resets the drive's FOLLOWING_ERROR (RESET_FAULTS through the hardware node).
+    reply = probe.acknowledge()
+    assert reply.success, reply.message
+    assert stack.emu_state()['faults'] == []
+    probe.wait_status(lambda s: s.state == 'HOLD', 'HOLD after the acknowledge', WAIT)
+    stack.resume()
     done = stack.insert_to(0.005)
     assert done.error_code == InsertNeedle.Result.SUCCEEDED, done.message
 

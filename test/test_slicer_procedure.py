@@ -36,6 +36,7 @@ def stack(run_dir):
                  'safety_supervisor': dict(session, heartbeat_timeout_s=3.0, scanner_timeout_s=2.0)}
     (run_dir / 'record').mkdir(parents=True, exist_ok=True)
     with _control_process(overrides, run_dir / 'control_process.log'), \
+            _control_process(overrides, run_dir / 'supervision_process.log', 'supervision'), \
             Bringup(PROFILES['workflow'], overrides=overrides) as bringup:
         yield bringup
 
