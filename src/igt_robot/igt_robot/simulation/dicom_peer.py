@@ -124,6 +124,7 @@ class OrthancPeer:
             'DicomModalities': {name: [ae, '127.0.0.1', int(port)] for name, (ae, port) in self.receivers.items()},
             'Plugins': [], 'ConcurrentJobs': 1, 'HttpThreadsCount': 4, 'SaveJobs': False,
             'StableAge': 1, 'DicomAlwaysAllowStore': False, 'DicomAlwaysAllowEcho': True,
+            'MaximumPduLength': 131072,     # Orthanc's largest: fewer P-DATA PDUs per slice for the receiver
         }
         path = self.folder / 'orthanc.json'
         path.write_text(json.dumps(config, indent=2))
