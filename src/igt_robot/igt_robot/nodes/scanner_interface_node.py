@@ -36,6 +36,7 @@ from pyigtl import messages as pyigtl_messages
 from rclpy.node import Node
 
 from igt_robot.igtl.server import FramingError, IgtlServer, StreamReader
+from igt_robot.record import procedure_id
 from igt_robot.record.dose import (KV_RANGE, MAX_CTDI_VOL_MGY, MAX_DLP_MGY_CM, MAX_MAS, MODALITY_CT,
                                    DoseLedger, ScanDose)
 from igt_robot.scanner import (MODEM_LINES, ModemTriggerInterpreter, ScannerPhase, SimulatedScannerSchedule,
@@ -336,6 +337,7 @@ class ScannerInterfaceNode(Node):
                                  kv=reading.kv, mas=reading.mas, stamp=time.time())
             self._ledger.add(scan_dose)
             record = DoseRecord(**self._ledger.dose_record_fields(scan_dose))
+            record.procedure_id = procedure_id.current()   # the recorder keeps only its own procedure's doses
             record.header.stamp = common.stamp_now(self)
             self._dose_pub.publish(record)
 
