@@ -551,6 +551,7 @@ class ProcedureNode(Node):
         """Loss of the control process is seen here within one heartbeat timeout: an event, a console line,
         waiting goals end, steps are refused with the reason (until the heartbeats are back)."""
         self.control_lost: Optional[str] = None
+        self.control_lost_since = 0.0                      # monotonic time of the loss
         self._waiting = set()
         self._control_watch = HeartbeatWatch(timeout=1.0)   # the supervisor's heartbeat_timeout_s
         self.heartbeat = common.HeartbeatPublisher(self, 0.1, callback_group=group)   # the supervisor needs it
@@ -564,6 +565,7 @@ class ProcedureNode(Node):
         if change is None:
             return
         self.control_lost = change.reason if change.lost else None
+        self.control_lost_since = time.monotonic()
         if change.lost:
             print(f'[procedure] !! {change.reason}: waiting steps end, no step is accepted', flush=True)
             self.get_logger().error(change.reason)

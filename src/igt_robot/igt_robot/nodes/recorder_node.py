@@ -77,7 +77,7 @@ from igt_robot.record import (KIND_CONFIRMATION, KIND_DOSE, KIND_EVENT, KIND_INT
 from igt_robot.record import procedure_id as procedure_identity
 from igt_robot.record.dose import CM_PER_M
 from igt_robot.record.recovery import close_all_unfinished, close_session
-from igt_robot.record.store import (KIND_CLOSED, KIND_RECORD_GAP, PROCEDURE_SPACE_BYTES, check_free_space,
+from igt_robot.record.store import (KIND_CLOSED, KIND_POSITION, KIND_RECORD_GAP, PROCEDURE_SPACE_BYTES, check_free_space,
                                     describe_os_error, session_open)
 from igt_robot.workflow import CONFIRMATIONS
 from igt_robot_msgs.msg import (DoseRecord, NeedlePlan, ProcedureEvent, RegistrationResult, RobotState, SafetyStatus,
@@ -86,7 +86,6 @@ from igt_robot_msgs.msg import (DoseRecord, NeedlePlan, ProcedureEvent, Registra
 NODE_NAME = 'recorder_node'
 KIND_DOSE_UNVERIFIED = 'dose_unverified'
 KIND_RECORDER = 'recorder'
-KIND_POSITION = 'position'
 KIND_FOREIGN = 'foreign_procedure'
 RECORD_FAILED = 'RECORD_FAILED'
 FIGURES_FOLDER = 'figures'

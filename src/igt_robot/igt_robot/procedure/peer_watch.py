@@ -1,9 +1,11 @@
 """Liveness of the control process as the workflow side sees it (pure; no rclpy, no clock).
 
 The procedure node feeds every /heartbeat (frame_id = node name) and ticks with its monotonic time.
-The control process counts as lost when any watched node that has been seen is silent for longer than
-``timeout`` (the supervisor's heartbeat timeout): the workflow then ends waiting goals and refuses
-steps with the reason, and reports the loss once (and the return once).
+The control process counts as lost when every watched node that has been seen is silent for longer
+than ``timeout`` (the supervisor's heartbeat timeout): a dead process silences all of them at once,
+while one silent node in a live process is the supervisor's HEARTBEAT_LOST fault (shown in its status),
+not a lost process. The workflow then ends waiting goals and refuses steps with the reason, and
+reports the loss once (and the return once).
 """
 from __future__ import annotations
 
@@ -36,7 +38,10 @@ class HeartbeatWatch:
 
     def tick(self, now: float) -> Optional[LivenessChange]:
         """The change since the last tick (lost / back), or None."""
+        seen = sum(1 for t in self._last.values() if t is not None)
         silent = self.silent(now)
+        if len(silent) < seen or not seen:
+            silent = ()
         if silent and self.lost_reason is None:
             names = ', '.join(f'{n} ({s:.1f} s)' for n, s in silent)
             self.lost_reason = f'control process lost: no heartbeat from {names} (timeout {self.timeout:g} s)'

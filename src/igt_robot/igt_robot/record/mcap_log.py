@@ -286,7 +286,8 @@ def mcap_file_status(path) -> Dict[str, Any]:
     For a file not finalised (its writer was killed) every complete chunk is read; what was still
     buffered in the writer's open chunk is lost and counted nowhere (the report says so).
     """
-    from mcap.reader import make_reader
+    from mcap.records import Message
+    from mcap.stream_reader import StreamReader
     path = os.fspath(path)
     size = os.path.getsize(path)
     with open(path, 'rb') as f:
@@ -298,8 +299,10 @@ def mcap_file_status(path) -> Dict[str, Any]:
         f.seek(0)
         messages, last_ns, error = 0, None, ''
         try:
-            reader = make_reader(f)
-            for _schema, _channel, message in reader.iter_messages(log_time_order=False):
+            # Read forward record by record: an unfinished file has no summary to seek to.
+            for message in StreamReader(f, skip_magic=False).records:
+                if not isinstance(message, Message):
+                    continue
                 messages += 1
                 last_ns = message.log_time if last_ns is None else max(last_ns, message.log_time)
         except Exception as exc:  # noqa: BLE001 -- a truncated file ends the readable part

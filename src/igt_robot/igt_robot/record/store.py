@@ -63,11 +63,13 @@ KIND_SESSION_START = 'recorder'
 KIND_CLOSED = 'record_closed'
 KIND_ABNORMAL_END = 'ended_abnormally'
 KIND_RECORD_GAP = 'record_gap'
+KIND_POSITION = 'position'        # needle position sampled while the robot moves
 
-# Free space a procedure needs in its record folder (docs/record.md, "Disk space"): measured from a real
-# demo record (CT, 3 insertion steps: events.jsonl ~0.5 MB, MCAP ~1 MB, scans ~40 MB, report ~1 MB), times
-# two for longer procedures (more control scans) plus headroom for the report and the torn-tail side file.
-PROCEDURE_SPACE_BYTES = 200 * 1024 * 1024
+# Free space a procedure needs in its record folder (docs/record.md, "Disk space"), from a real demo record:
+# one simulated CT scan (DICOM series + label map) is 4.0 MiB; a procedure has about 8 scans (planning,
+# control scans, unexpected scan, confirmation) = 33 MiB, plus events, MCAP and report (< 1 MiB); x3 for
+# longer procedures.
+PROCEDURE_SPACE_BYTES = 100 * 1024 * 1024
 
 _KIND_RE = re.compile(r'^[a-z][a-z0-9_]{0,63}$')
 # The CRC trailer has a fixed shape so it can be split off the raw bytes without
@@ -345,7 +347,7 @@ def last_known_state(entries: Sequence[RecordEntry]) -> Dict[str, Any]:
                              'total_dlp_mgy_cm': 0.0, 'workflow': ''}
     for e in entries:
         p = e.payload
-        if e.kind == KIND_MOTION and p.get('insertion_depth_m') is not None:
+        if e.kind in (KIND_MOTION, KIND_POSITION) and p.get('insertion_depth_m') is not None:
             state['last_insertion_depth_m'] = p['insertion_depth_m']
         elif e.kind == KIND_DOSE:
             state['ct_scan_count'] += 1 if p.get('modality', 'CT') == 'CT' else 0
