@@ -77,8 +77,8 @@ from igt_robot.record import (KIND_CONFIRMATION, KIND_DOSE, KIND_EVENT, KIND_INT
 from igt_robot.record import procedure_id as procedure_identity
 from igt_robot.record.dose import CM_PER_M
 from igt_robot.record.recovery import close_all_unfinished, close_session
-from igt_robot.record.store import (KIND_CLOSED, KIND_POSITION, KIND_RECORD_GAP, PROCEDURE_SPACE_BYTES, check_free_space,
-                                    describe_os_error, session_open)
+from igt_robot.record.store import (KIND_CLOSED, KIND_POSITION, KIND_RECORD_GAP, PROCEDURE_SPACE_BYTES,
+                                    check_free_space, describe_os_error, session_open)
 from igt_robot.workflow import CONFIRMATIONS
 from igt_robot_msgs.msg import (DoseRecord, NeedlePlan, ProcedureEvent, RegistrationResult, RobotState, SafetyStatus,
                                 ScannerState)
