@@ -232,3 +232,29 @@ def test_other_procedure_is_ignored_and_reported_once(tmp_path):
         assert len([e for e in got if e.kind == 'foreign_procedure']) <= 2   # aggregated, not one per message
         assert recorder.ledger.totals().ct_scan_count == 0
         recorder.finalize()
+
+
+# ------------------------------------------------------------------ supervisor: heartbeats required for motion
+def test_motion_heartbeats_hold_motion_only():
+    from igt_robot.safety import SafetyConfig, SafetyState, SafetySupervisor
+    config = SafetyConfig(heartbeat_timeouts={'hw': 1.0, 'recorder_node': 1.0}, motion_heartbeats=('recorder_node',),
+                          scanner_required=False, require_estop_input=False, require_joint_state=False)
+    sup = SafetySupervisor(config, now=0.0)
+    sup.heartbeat('hw', 0.0)
+    assert sup.state is SafetyState.HOLD                 # INIT does not wait for a motion-only heartbeat
+    sup.resume(0.1)                                       # accepted, but READY needs the recorder's heartbeat
+    assert sup.state is SafetyState.HOLD and 'recorder_node' in sup.reason
+    sup.heartbeat('recorder_node', 0.2)
+    assert sup.resume(0.2).accepted and sup.state is SafetyState.READY
+    sup.heartbeat('hw', 1.0)
+    sup.tick(1.1)
+    assert sup.state is SafetyState.READY
+    sup.heartbeat('hw', 1.5)
+    sup.tick(1.25)                                        # recorder silent 1.05 s while READY: motion stops
+    assert sup.state is SafetyState.HOLD and not sup.motion_permitted
+    assert 'no heartbeat from recorder_node' in sup.reason
+    assert not sup.status().faults                        # a hold, not a fault
+    sup.heartbeat('recorder_node', 1.6)
+    sup.tick(1.6)
+    assert sup.state is SafetyState.HOLD                  # never resumed implicitly
+    assert sup.resume(1.7).accepted and sup.state is SafetyState.READY

@@ -26,8 +26,8 @@ from igt_robot import fastdds_shm, paths
 from igt_robot.bringup import PARENT_PIPE_ENV, PROFILES, Bringup, available_nodes
 from igt_robot.record import procedure_id as procedure_identity
 
-# Nodes of this (workflow) process whose heartbeat the supervisor requires: without the workflow or the
-# recorder nothing moves (config/safety.yaml lists the control process's own nodes).
+# Nodes of this (workflow) process whose heartbeat the supervisor requires for motion: without the workflow
+# or the recorder nothing moves. Only for motion: image work may starve this process while nothing moves.
 WORKFLOW_HEARTBEATS = ['recorder_node', 'procedure_node']
 PR_SET_PDEATHSIG = 1
 
@@ -38,14 +38,14 @@ class ProcedureFailed(RuntimeError):
 
 def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 0.0, steps: int = 3,
                             timeout: float = 900.0, procedure_id: str = '', quiet_nodes: bool = False,
-                            extra_overrides: dict = None) -> dict:
+                            extra_overrides: dict = None, record_dir: str = '') -> dict:
     """Bring the stack up in this process, run one simulated procedure, return its summary."""
     procedure_id = procedure_id or time.strftime('demo-%Y%m%d-%H%M%S')
     procedure_identity.set_current(procedure_id)   # every event and dose of both processes carries it
-    record_dir = paths.repo_root() / 'build' / 'records' / procedure_id
+    record_dir = paths.record_dir(procedure_id, record_dir)
     shared = {'procedure_id': procedure_id, 'record_dir': str(record_dir)}
     overrides = {
-        'safety_supervisor': {'required_heartbeats': required_heartbeats()},
+        'safety_supervisor': {'motion_heartbeats': WORKFLOW_HEARTBEATS},
         'recorder_node': dict(shared),
         'procedure_node': dict(shared, demo=True, scenario_seed=seed, modality=modality, target_depth=depth,
                                insertion_steps=steps),
@@ -63,6 +63,8 @@ def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 
     with _control_process(overrides, record_dir / 'control_process.log') as control, \
             Bringup(names, overrides=overrides) as bringup:
         procedure = bringup.nodes['procedure_node']
+        if not quiet_nodes:
+            print(f'[demo] control process pid {control.pid}', flush=True)
         try:
             finished = _wait_for_procedure(procedure, control, timeout)
         except BaseException:
@@ -80,19 +82,16 @@ def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 
     return procedure.demo_summary
 
 
-def required_heartbeats() -> list:
-    """The supervisor's required heartbeats for the split stack: its configured ones plus the workflow's."""
-    import yaml
-    with open(paths.data_file('config', 'safety.yaml')) as f:
-        configured = yaml.safe_load(f)['safety_supervisor']['ros__parameters']['required_heartbeats']
-    return list(configured) + [n for n in WORKFLOW_HEARTBEATS if n not in configured]
-
-
 def _wait_for_procedure(procedure, control, timeout: float) -> bool:
     """Wait for the demo; a lost control process ends it at once with the reason."""
     deadline = time.monotonic() + timeout
     while not procedure.demo_done.wait(0.2):
         if control.poll() is not None:
+            # The procedure node sees the loss within one heartbeat timeout: let it record and say so first.
+            with contextlib.suppress(Exception):
+                from igt_robot.waiting import wait_for
+                wait_for(lambda: procedure.control_lost, 3.0, 'the procedure node to see the loss', poll=0.05)
+                time.sleep(0.3)   # the control_lost event reaches the recorder
             raise ProcedureFailed(f'the control process exited (code {control.returncode}); see '
                                   'control_process.log in the record folder')
         if procedure.control_lost and time.monotonic() - procedure.control_lost_since > 5.0:
@@ -196,6 +195,8 @@ def main(argv=None) -> int:
     parser.add_argument('--depth', type=float, default=0.0, help='target depth below the skin, m (0 = random)')
     parser.add_argument('--steps', type=int, default=3, help='insertion steps (each followed by a control scan)')
     parser.add_argument('--timeout', type=float, default=900.0, help='give up after this many seconds')
+    parser.add_argument('--procedure-id', default='', help='procedure id (default demo-<date>-<time>)')
+    parser.add_argument('--record-dir', default='', help='record folder (default build/records/<procedure id>)')
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, _interrupt_once)
     signal.signal(signal.SIGTERM, _interrupt_once)
@@ -204,7 +205,8 @@ def main(argv=None) -> int:
         print(f'[demo] removed {len(removed)} Fast DDS shared-memory file(s) of dead processes', flush=True)
     shm_before = fastdds_shm.fastdds_shm_entries()
     try:
-        summary = run_simulated_procedure(args.seed, args.modality, args.depth, args.steps, args.timeout)
+        summary = run_simulated_procedure(args.seed, args.modality, args.depth, args.steps, args.timeout,
+                                          procedure_id=args.procedure_id, record_dir=args.record_dir)
     except ProcedureFailed as failure:
         print(f'[demo] FAILED: {failure}', flush=True)
         return 1

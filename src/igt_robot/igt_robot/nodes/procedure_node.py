@@ -451,8 +451,8 @@ class ProcedureNode(Node):
                 raise StepFailed(f'{what} did not answer within {timeout:g} s')
         finally:
             self._waiting.discard(done)
-        if not future.done() and self.control_lost:
-            raise StepFailed(f'{what}: {self.control_lost}')
+        if not future.done():   # ended by _check_control_process
+            raise StepFailed(f'{what}: {self._loss_reason}')
         return future.result()
 
     def _call(self, client, request):
@@ -552,6 +552,7 @@ class ProcedureNode(Node):
         waiting goals end, steps are refused with the reason (until the heartbeats are back)."""
         self.control_lost: Optional[str] = None
         self.control_lost_since = 0.0                      # monotonic time of the loss
+        self._loss_reason = ''
         self._waiting = set()
         self._control_watch = HeartbeatWatch(timeout=1.0)   # the supervisor's heartbeat_timeout_s
         self.heartbeat = common.HeartbeatPublisher(self, 0.1, callback_group=group)   # the supervisor needs it
@@ -567,6 +568,7 @@ class ProcedureNode(Node):
         self.control_lost = change.reason if change.lost else None
         self.control_lost_since = time.monotonic()
         if change.lost:
+            self._loss_reason = change.reason
             print(f'[procedure] !! {change.reason}: waiting steps end, no step is accepted', flush=True)
             self.get_logger().error(change.reason)
             for done in list(self._waiting):

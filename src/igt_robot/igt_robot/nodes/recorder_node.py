@@ -120,7 +120,7 @@ PARAMS = [
           'the fault RECORD_FAILED (docs/record.md, "Disk space")', 0, 1_000_000, read_only=True),
     Param('mcap_flush_period_s', 2.0, 'the MCAP chunk in progress is written out this often, s (a kill loses '
                                       'at most this much of the MCAP)', 0.2, 60.0, read_only=True),
-    Param('position_sample_period_s', 0.5, 'while the robot moves, a position entry this often, s (the last '
+    Param('position_sample_period_s', 0.2, 'while the robot moves, a position entry this often, s (the last '
                                            'known needle depth after an abnormal end)', 0.05, 10.0, read_only=True),
     Param('foreign_report_period_s', 5.0, "another procedure's messages are reported as one entry per "
                                           'period, s', 0.5, 600.0, read_only=True),
