@@ -13,6 +13,11 @@ isolated ROS domain, with an observer node in this process, and measures:
   any joint keeps moving afterwards (last change > 2 um of the observed /joint_states).
 * ``motion_with_record_failure_s``: the record folder is on a small tmpfs that is filled while the robot
   moves; how long any joint keeps moving after the disk is full (RECORD_FAILED stops it).
+
+The two motion figures use a lean workflow process (``--role workflow``: the demo's control process as
+its child, the recorder, and a driver that resumes and sends one slow InsertNeedle goal) rather than the
+whole demo, whose imaging steps do not reliably reach motion on a heavily loaded 2-core machine; the stop
+paths measured (parent death -> control process; record failure -> supervisor) are the same.
 * ``orphans_left``: control processes still alive 10 s after their demo ended.
 
     python bench/durability.py [--kills 10] [--seed 1]
@@ -103,13 +108,14 @@ def _changed(a, b) -> bool:
 class Demo:
     """One `python -m igt_robot.demo` run in its own session, output to a log file."""
 
-    def __init__(self, env, procedure_id, record_dir, log_path, steps=2):
+    def __init__(self, env, procedure_id, record_dir, log_path, steps=2, lean=False):
         self.record_dir = pathlib.Path(record_dir)
         self.log_path = pathlib.Path(log_path)
         self._log = open(self.log_path, 'wb')
+        argv = ([sys.executable, __file__, '--role', 'workflow'] if lean else
+                [sys.executable, '-m', 'igt_robot.demo', '--steps', str(steps), '--timeout', '300'])
         self.proc = subprocess.Popen(
-            [sys.executable, '-m', 'igt_robot.demo', '--procedure-id', procedure_id, '--record-dir',
-             str(record_dir), '--steps', str(steps), '--timeout', '300'],
+            argv + ['--procedure-id', procedure_id, '--record-dir', str(record_dir)],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.control_pid = None
 
@@ -229,7 +235,7 @@ def motion_trial(env, run_dir, name, observer, action, timeout=240.0):
     procedure = f'dur-{os.getpid()}-{name}'
     record_dir = run_dir / ('fullfs' if name == 'disk' else 'records') / procedure
     observer.reset()
-    demo = Demo(env, procedure, record_dir, run_dir / f'{procedure}.log')
+    demo = Demo(env, procedure, record_dir, run_dir / f'{procedure}.log', lean=True)
     control = demo.wait_control_pid()
     try:
         testing.wait_for(lambda: observer.moving_since() or demo.proc.poll() is not None, timeout,
@@ -249,6 +255,73 @@ def motion_trial(env, run_dir, name, observer, action, timeout=240.0):
     orphans = reap_orphan(control)
     print(f'# {name}: motion {moved:.3f} s after the trigger; faults seen {faults}', flush=True)
     return moved, orphans
+
+
+def workflow_role(procedure_id: str, record_dir: str) -> int:
+    """A lean workflow process: the demo's control process (child), the recorder and a motion driver."""
+    import rclpy
+    from rclpy.action import ActionClient
+
+    from igt_robot.bringup import Bringup
+    from igt_robot.demo import ControlProcess
+    from igt_robot.nodes import common, qos
+    from igt_robot.record import procedure_id as identity
+    from igt_robot_msgs.action import InsertNeedle
+    from igt_robot_msgs.msg import SafetyStatus
+    from igt_robot_msgs.srv import AcknowledgeFaults, ResumeMotion
+    identity.set_current(procedure_id)
+    pathlib.Path(record_dir).mkdir(parents=True, exist_ok=True)
+    overrides = {'safety_supervisor': {'motion_heartbeats': ['recorder_node', 'durability_driver']},
+                 'hardware_node': {'backend': 'mujoco'}, 'scanner_interface': {'igtl_port': 0},
+                 'recorder_node': {'procedure_id': procedure_id, 'record_dir': record_dir,
+                                   'close_unfinished_records': False}}
+    try:
+        from igt_robot.safety.operator_session import read_session
+        token = read_session()
+    except Exception:  # noqa: BLE001 -- no operator session configured: resume without one
+        token = ''
+    with ControlProcess(overrides, pathlib.Path(record_dir) / 'control_process.log') as control, \
+            Bringup(['recorder_node'], overrides=overrides) as bringup:
+        print(f'[demo] control process pid {control.pid}', flush=True)
+        driver = rclpy.create_node('durability_driver', context=bringup.context)
+        bringup.executor.add_node(driver)
+        common.HeartbeatPublisher(driver, 0.1)
+        status = {}
+        driver.create_subscription(SafetyStatus, '/safety/status', lambda m: status.update(msg=m), qos.SAFETY_LATCHED)
+        resume = driver.create_client(ResumeMotion, '/safety/resume')
+        ack = driver.create_client(AcknowledgeFaults, '/safety/acknowledge')
+        insert = ActionClient(driver, InsertNeedle, '/motion/insert_needle')
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            msg = status.get('msg')
+            if msg is not None and msg.motion_permitted:
+                break
+            if msg is not None and msg.state == 'FAULT':      # start-up faults under load: the operator acks
+                ack.call_async(AcknowledgeFaults.Request(operator_id='bench', operator_token=token))
+            elif msg is not None and msg.state == 'HOLD':
+                resume.call_async(ResumeMotion.Request(operator_id='bench', operator_token=token))
+            time.sleep(0.5)
+        insert.wait_for_server(timeout_sec=30)
+        depths = [0.12, 0.01]
+        result = None
+        try:
+            while control.poll() is None:
+                # Keep the needle moving: a goal ended by an interlock (stale scanner state under load) is sent
+                # again after the operator's resume.
+                msg = status.get('msg')
+                if result is None or result.done():
+                    if msg is not None and msg.state == 'HOLD':
+                        resume.call_async(ResumeMotion.Request(operator_id='bench', operator_token=token))
+                    if msg is not None and msg.motion_permitted:
+                        handle = insert.send_goal_async(InsertNeedle.Goal(target_depth=depths[0], max_velocity=0.005))
+                        while not handle.done():
+                            time.sleep(0.05)
+                        result = handle.result().get_result_async() if handle.result().accepted else None
+                        depths.reverse()
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+    return 0
 
 
 def fill_disk(folder: pathlib.Path) -> float:
@@ -271,7 +344,18 @@ def main(argv=None) -> int:
     parser.add_argument('--seed', type=int, default=1)
     parser.add_argument('--margin', type=float, default=2.0,
                         help='events published at least this long before a kill must be in the record (s)')
+    parser.add_argument('--role', choices=('bench', 'workflow'), default='bench', help=argparse.SUPPRESS)
+    parser.add_argument('--procedure-id', default='', help=argparse.SUPPRESS)
+    parser.add_argument('--record-dir', default='', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.role == 'workflow':
+        from igt_robot.demo import _interrupt_once
+        signal.signal(signal.SIGINT, _interrupt_once)
+        signal.signal(signal.SIGTERM, _interrupt_once)
+        try:
+            return workflow_role(args.procedure_id, args.record_dir)
+        except KeyboardInterrupt:
+            return 130
     rng = random.Random(args.seed)
     run_dir = REPO / 'build' / 'bench_durability' / time.strftime('%Y%m%d-%H%M%S')
     run_dir.mkdir(parents=True)

@@ -175,7 +175,7 @@ def _event(kind, procedure_id, n=0):
 def test_recorder_on_full_disk_raises_record_failed_until_writable(tmp_path):
     with small_tmpfs(tmp_path / 'fs', '1m') as fs, testing.SpinningGraph() as graph:
         faults = _fault_listener(graph)
-        recorder = _recorder(graph, fs / 'rec', 'min_free_mib:=0')
+        recorder = _recorder(graph, fs / 'rec', 'min_free_mib:=0', 'reserve_free_mib:=0')
         pub = graph.create_node('event_probe').create_publisher(ProcedureEvent, '/procedure/events', qos.EVENTS)
         testing.wait_for(lambda: pub.get_subscription_count() > 0, 10, 'recorder subscription')
         filler = fill(fs)
@@ -201,6 +201,21 @@ def test_recorder_preflight_free_space(tmp_path):
         testing.wait_for(lambda: any(f.code == RECORD_FAILED and f.cause_active for f in faults), 10,
                          'RECORD_FAILED for too little free space')
         assert 'MiB free' in faults[-1].detail and 'needs 100 MiB' in faults[-1].detail
+        recorder.finalize()
+
+
+def test_recorder_reserve_catches_a_filling_disk_before_writes_fail(tmp_path):
+    with small_tmpfs(tmp_path / 'fs', '4m') as fs, testing.SpinningGraph() as graph:
+        faults = _fault_listener(graph)
+        recorder = _recorder(graph, fs / 'rec', 'min_free_mib:=1', 'reserve_free_mib:=1')
+        pub = graph.create_node('event_probe').create_publisher(ProcedureEvent, '/procedure/events', qos.EVENTS)
+        testing.wait_for(lambda: pub.get_subscription_count() > 0, 10, 'recorder subscription')
+        assert recorder.record_failed is None
+        fill(fs)
+        pub.publish(_event('step', 'this_proc', 1))    # fits in the file's last block: the write succeeds
+        testing.wait_for(lambda: any(f.code == RECORD_FAILED and f.cause_active for f in faults), 10,
+                         'RECORD_FAILED for a full disk')
+        assert 'MiB free' in next(f for f in faults if f.code == RECORD_FAILED).detail
         recorder.finalize()
 
 

@@ -116,8 +116,10 @@ PARAMS = [
     Param('report_file', 'report.html', 'report file name inside record_dir'),
     Param('diagnostics_period_s', 1.0, 'period of /diagnostics and of the free-space / write-retry checks, s',
           0.1, 60.0),
-    Param('min_free_mib', PROCEDURE_SPACE_BYTES // 2**20, 'free space the record folder needs, MiB; less is '
-          'the fault RECORD_FAILED (docs/record.md, "Disk space")', 0, 1_000_000, read_only=True),
+    Param('min_free_mib', PROCEDURE_SPACE_BYTES // 2**20, 'free space the record folder needs at start (preflight), '
+          'MiB; less is the fault RECORD_FAILED (docs/record.md, "Disk space")', 0, 1_000_000, read_only=True),
+    Param('reserve_free_mib', 8, 'once the preflight passed: less free space than this is RECORD_FAILED (the disk '
+          'is about to fill; checked before every entry), MiB', 0, 1_000_000, read_only=True),
     Param('mcap_flush_period_s', 2.0, 'the MCAP chunk in progress is written out this often, s (a kill loses '
                                       'at most this much of the MCAP)', 0.2, 60.0, read_only=True),
     Param('position_sample_period_s', 0.2, 'while the robot moves, a position entry this often, s (the last '
@@ -203,6 +205,8 @@ class RecorderNode(Node):
         self.lost_entries = 0
         self._write_failure: Optional[str] = None    # cause of the last failed write, until a write succeeds
         self._space_problem: Optional[str] = None
+        self._preflight_ok = False
+        self._space_checked = -math.inf
         self._fault_active = False
         self._write_started: Optional[float] = None
         self._foreign = collections.Counter()        # (what, source, procedure_id) -> messages ignored
@@ -326,7 +330,12 @@ class RecorderNode(Node):
         """Commit one entry; a failure is logged and counted (diagnostics ERROR), never raised into rclpy."""
         if self._finalized:
             return None  # shutting down: callbacks still queued in the executor find the record closed
-        self._write_started = time.monotonic()
+        self._write_started = now = time.monotonic()
+        if now - self._space_checked >= 0.1:   # statvfs is cheap; slack in the file's last block hides a full disk
+            had = self._space_problem
+            self._check_space()
+            if self._space_problem != had:
+                self._update_fault()
         try:
             return self.record.append(kind, _json_safe(payload))
         except (RecordError, OSError) as exc:
@@ -354,9 +363,13 @@ class RecorderNode(Node):
         return started is None or time.monotonic() - started < self.p['write_hang_s']
 
     def _check_space(self) -> None:
-        problem = check_free_space(self.record_dir, int(self.p['min_free_mib']) * 2**20)
+        """Free space: the preflight amount until it was once available, then the reserve."""
+        self._space_checked = time.monotonic()
+        needed = self.p['reserve_free_mib'] if self._preflight_ok else self.p['min_free_mib']
+        problem = check_free_space(self.record_dir, int(needed) * 2**20)
         with self._lock:
             self._space_problem = problem
+            self._preflight_ok = self._preflight_ok or problem is None
 
     def _check_record(self) -> None:
         """Periodic: free space; after a failed write, try a record_gap entry; keep the fault up to date."""
