@@ -264,6 +264,7 @@ class RecorderNode(Node):
         self.create_timer(self.p['diagnostics_period_s'], self._publish_diagnostics, callback_group=stream_group)
         self.create_timer(self.p['diagnostics_period_s'], self._check_record, callback_group=record_group)
         self.create_timer(self.p['foreign_report_period_s'], self._report_foreign, callback_group=record_group)
+        self.create_timer(0.1, self._watch_space, callback_group=MutuallyExclusiveCallbackGroup())
         if self.mcap is not None:
             self.create_timer(self.p['mcap_flush_period_s'], self._flush_mcap, callback_group=stream_group)
         self.heartbeat = common.HeartbeatPublisher(self, self.p['heartbeat_period_s'],
@@ -332,10 +333,7 @@ class RecorderNode(Node):
             return None  # shutting down: callbacks still queued in the executor find the record closed
         self._write_started = now = time.monotonic()
         if now - self._space_checked >= 0.1:   # statvfs is cheap; slack in the file's last block hides a full disk
-            had = self._space_problem
-            self._check_space()
-            if self._space_problem != had:
-                self._update_fault()
+            self._watch_space()
         try:
             return self.record.append(kind, _json_safe(payload))
         except (RecordError, OSError) as exc:
@@ -361,6 +359,15 @@ class RecorderNode(Node):
     def _writer_alive(self) -> bool:
         started = self._write_started
         return started is None or time.monotonic() - started < self.p['write_hang_s']
+
+    def _watch_space(self) -> None:
+        """Free space now (also every 0.1 s from its own timer): a filling disk halts motion at once."""
+        if self._finalized:
+            return
+        had = self._space_problem
+        self._check_space()
+        if self._space_problem != had:
+            self._update_fault()
 
     def _check_space(self) -> None:
         """Free space: the preflight amount until it was once available, then the reserve."""
