@@ -19,6 +19,8 @@ its child, the recorder, and a driver that resumes and sends one slow InsertNeed
 whole demo, whose imaging steps do not reliably reach motion on a heavily loaded 2-core machine; the stop
 paths measured (parent death -> control process; record failure -> supervisor) are the same.
 * ``orphans_left``: control processes still alive 10 s after their demo ended.
+* ``ctrl_c_exit_s``: SIGINT to a running demo until it and its control process have exited (exit code 130,
+  no traceback, or the figure is NaN).
 
     python bench/durability.py [--kills 10] [--seed 1]
 """
@@ -324,6 +326,27 @@ def workflow_role(procedure_id: str, record_dir: str) -> int:
     return 0
 
 
+def ctrl_c_trial(env, run_dir, observer):
+    """SIGINT a running demo; seconds until the demo and its control process have both exited."""
+    procedure = f'dur-{os.getpid()}-ctrl-c'
+    demo = Demo(env, procedure, run_dir / 'records' / procedure, run_dir / f'{procedure}.log')
+    control = demo.wait_control_pid()
+    testing.wait_for(lambda: len(demo.entries()) >= 3 or demo.proc.poll() is not None, 120, 'the record to start')
+    time.sleep(2.0)
+    sent = time.monotonic()
+    os.kill(demo.proc.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        demo.proc.wait(30)
+    testing.wait_for(lambda: not pid_alive(control), 30, 'the control process to end')
+    took = time.monotonic() - sent
+    code = demo.proc.returncode
+    demo.stop()
+    output = demo.output()
+    clean = code == 130 and 'Traceback' not in output
+    print(f'# ctrl-c: exit code {code}, {took:.2f} s, traceback {"Traceback" in output}', flush=True)
+    return took if clean else float('nan'), reap_orphan(control, 0.0)
+
+
 def fill_disk(folder: pathlib.Path) -> float:
     fd = os.open(folder / 'filler', os.O_WRONLY | os.O_CREAT, 0o644)
     try:
@@ -380,6 +403,8 @@ def main(argv=None) -> int:
             def kill_workflow(demo):
                 os.kill(demo.proc.pid, signal.SIGKILL)
                 return time.monotonic()
+            ctrl_c_s, orphan = ctrl_c_trial(env, run_dir, observer)
+            orphans += orphan
             moved_kill, orphan = motion_trial(env, run_dir, 'workflow-kill', observer, kill_workflow)
             orphans += orphan
             moved_disk = float('nan')
@@ -398,6 +423,7 @@ def main(argv=None) -> int:
     ok &= report('motion_after_workflow_kill_s', moved_kill, 's', '<=', 0.5)
     ok &= report('motion_with_record_failure_s', moved_disk, 's', '<=', 0.5)
     ok &= report('orphans_left', orphans, 'processes', '<=', 0)
+    ok &= report('ctrl_c_exit_s', ctrl_c_s, 's', '<=', 5.0)
     return 0 if ok else 1
 
 
