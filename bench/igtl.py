@@ -1,7 +1,8 @@
 """OpenIGTLink bridge: round-trip latency, throughput and concurrent clients (loopback only).
 
 What is measured (igt_robot.igtl.BridgeCore on 127.0.0.1, a free port, the real selector server and
-codec; clients are raw sockets speaking header v1 so the client side costs little):
+codec, in its own process as in the stack; clients are raw sockets speaking header v1 in this process so
+the client side costs little):
 
 * igtl_round_trip_p99  one client, TRANSFORM ``TARGET`` (RAS mm) -> STATUS ``TARGET`` reply, one message
                        in flight, paced at 200 Hz (under the default rate limit of 500 messages/s).
@@ -17,6 +18,7 @@ are indicative.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import sys
@@ -140,26 +142,48 @@ def throughput_phase(port: int):
     return done, elapsed, errors
 
 
-def main() -> int:
-    targets = []
-    core = BridgeCore(BridgeConfig(port=0), on_target=lambda p: targets.append(p) and None)
-    port = core.start()
+def _serve(config_kwargs: dict, port_queue, stop_event) -> None:
+    """Child process: a BridgeCore accepting every target, until told to stop."""
+    core = BridgeCore(BridgeConfig(port=0, **config_kwargs), on_target=lambda p: None)
+    port_queue.put(core.start())
     try:
-        samples = latency_phase(port)
+        stop_event.wait(PHASE_DEADLINE_S * 3)
     finally:
         core.stop()
+
+
+class BridgeProcess:
+    """The bridge in its own process (bounded: it stops itself after 3 phase deadlines)."""
+
+    def __init__(self, **config_kwargs):
+        ctx = multiprocessing.get_context('spawn')
+        self._stop = ctx.Event()
+        ports = ctx.Queue()
+        self._process = ctx.Process(target=_serve, args=(config_kwargs, ports, self._stop), daemon=True)
+        self._process.start()
+        self.port = ports.get(timeout=60.0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._process.join(10.0)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5.0)
+
+
+def main() -> int:
+    with BridgeProcess() as bridge:
+        samples = latency_phase(bridge.port)
     p50, p99, worst = percentiles(samples) if samples else (float('nan'),) * 3
     info('igtl_round_trip_p50', p50 * 1e3, 'ms')
     info('igtl_round_trip_max', worst * 1e3, 'ms')
     info('igtl_round_trip_samples', len(samples), 'round trips')
 
-    core = BridgeCore(BridgeConfig(port=0, max_clients=CLIENTS, rate_limit_hz=1e6, rate_burst=1_000_000),
-                      on_target=lambda p: None)
-    port = core.start()
-    try:
-        done, elapsed, errors = throughput_phase(port)
-    finally:
-        core.stop()
+    with BridgeProcess(max_clients=CLIENTS, rate_limit_hz=1e6, rate_burst=1_000_000) as bridge:
+        done, elapsed, errors = throughput_phase(bridge.port)
     for e in errors[:5]:
         print(f'# error: {e}')
     rate = sum(done) / elapsed if elapsed > 0 else float('nan')

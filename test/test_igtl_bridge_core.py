@@ -650,3 +650,28 @@ def test_allow_list_refuses_other_addresses_and_a_flood_is_one_record(make_core)
     assert len(refused) == 1 and refused[0]['count'] == 20 and refused[0]['codes'] == {'ACCESS_DENIED': 20}
     assert 'allow-list' in refused[0]['examples'][0]['reason']
     assert not [d for k, d in rec.events if k == 'connection']  # no event per attempt
+
+
+def test_single_peer_server_keeps_its_peer_and_turns_others_away():
+    """As the scanner interface uses it: one peer, never evicted however silent; others told BUSY."""
+    from igt_robot.igtl.server import IgtlServer, ServerSettings
+    connections, turned_away = [], []
+    server = IgtlServer('127.0.0.1', 0, on_message=lambda m: [StatusMessage(device_name='ACK')],
+                        on_refused=lambda *a: (), limit_for=lambda t: 1 << 16,
+                        settings=ServerSettings(max_clients=1, idle_timeout_s=0.0),
+                        on_connection=lambda *a: connections.append(a), on_turned_away=lambda *a: turned_away.append(a))
+    server.start()
+    try:
+        scanner = _connect(server.port)
+        wait_for(lambda: server.connected, what='the scanner connection')
+        time.sleep(0.2)  # silent
+        intruder = _connect(server.port)
+        assert _closed(intruder)[-1].code == StatusCode.BUSY
+        wait_for(lambda: turned_away, what='the turned-away report')
+        assert [c[0] for c in connections] == [True]  # the peer's link was never reported down
+        scanner.sendall(pyigtl.StringMessage('ACQUIRING', device_name='SCANNER').pack())
+        assert _until(scanner, 'ACK').code == StatusCode.OK
+        scanner.close()
+        intruder.close()
+    finally:
+        server.stop()

@@ -416,3 +416,26 @@ def test_get_status_answers_the_safety_state_and_two_clients_are_served(graph, b
         assert 'scanner ACQUIRING' in status.status_string
     finally:
         scanner_bridge.stop()
+
+
+def test_network_exposure_needs_an_allow_list_and_a_secret_file(graph, run_dir):
+    from igt_robot.igtl import BridgeConfigError
+    with pytest.raises(BridgeConfigError, match='allowed_clients'):  # refused before anything is bound
+        IgtlBridgeNode(context=graph.context, cli_args=['--ros-args', '-p', 'port:=0', '-p', 'host:=0.0.0.0'])
+    secret_file = run_dir / 'igtl' / 'secret'
+    secret = issue_session(secret_file)
+    node = graph.add(IgtlBridgeNode(context=graph.context, cli_args=[
+        # Loopback bind (tests stay on loopback) with both protections a network bind would need.
+        '--ros-args', '-p', 'port:=0', '-p', "allowed_clients:=['127.0.0.1']",
+        '-p', f'shared_secret_file:={secret_file}']))
+    client = pyigtl.OpenIGTLinkClient('127.0.0.1', node.port)
+    try:
+        testing.wait_for(lambda: client.is_connected() and node.bridge.clients(), 10, 'the connection')
+        assert not node.bridge.connected  # connected, not yet authenticated: nothing is sent to it
+        send(client, pyigtl.StringMessage(secret, device_name='AUTH'))
+        assert reply(client, 'AUTH').code == StatusCode.OK
+        testing.wait_for(lambda: node.bridge.connected, 10, 'the authenticated client')
+        send(client, GetStatusMessage(device_name='STATUS'))
+        assert reply(client, 'STATUS', lambda m: isinstance(m, StatusMessage)).code == StatusCode.NOT_READY
+    finally:
+        client.stop()

@@ -37,6 +37,7 @@ PROCESSES: Dict[str, List[str]] = {
     'safety_supervisor': ['safety_supervisor'],
     'registration_node': ['registration_node'],
     'planner_node': ['planner_node'],
+    'state_publisher': ['state_publisher'],
     'igtl_bridge': ['igtl_bridge'],
     'recorder_node': ['recorder_node'],
     'procedure_node': ['procedure_node'],

@@ -188,6 +188,27 @@ def _interrupt_once(signum, frame):
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _dicom_chain(enabled: bool):
+    """``--via-dicom``: a private Orthanc as the scanner's DICOM node, forwarding to the stack's receiver."""
+    if not enabled:
+        yield {}
+        return
+    from igt_robot.simulation.dicom_peer import OrthancPeer, PeerError, free_port
+    port = free_port()
+    folder = paths.repo_root() / 'build' / 'orthanc' / time.strftime('%Y%m%d-%H%M%S')
+    try:
+        peer = OrthancPeer(folder, {'stack': ('IGT_ROBOT', port)})
+        peer.start()
+    except PeerError as exc:
+        raise ProcedureFailed(f'--via-dicom needs Orthanc: {exc}') from exc
+    try:
+        yield {'procedure_node': {'acquisition': 'dicom', 'dicom_port': port, 'dicom_allowed_calling_aets': peer.aet,
+                                  'demo_dicom_peer': peer.url, 'demo_dicom_receiver': 'stack'}}
+    finally:
+        peer.stop()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--seed', type=int, default=7, help='simulated patient and robot mounting')
@@ -197,6 +218,9 @@ def main(argv=None) -> int:
     parser.add_argument('--timeout', type=float, default=900.0, help='give up after this many seconds')
     parser.add_argument('--procedure-id', default='', help='procedure id (default demo-<date>-<time>)')
     parser.add_argument('--record-dir', default='', help='record folder (default build/records/<procedure id>)')
+    parser.add_argument('--via-dicom', action='store_true',
+                        help='every image by C-STORE: simulated scanner -> Orthanc -> the stack\'s DICOM receiver, '
+                             'dose from the images')
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, _interrupt_once)
     signal.signal(signal.SIGTERM, _interrupt_once)
@@ -205,8 +229,10 @@ def main(argv=None) -> int:
         print(f'[demo] removed {len(removed)} Fast DDS shared-memory file(s) of dead processes', flush=True)
     shm_before = fastdds_shm.fastdds_shm_entries()
     try:
-        summary = run_simulated_procedure(args.seed, args.modality, args.depth, args.steps, args.timeout,
-                                          procedure_id=args.procedure_id, record_dir=args.record_dir)
+        with _dicom_chain(args.via_dicom) as extra:
+            summary = run_simulated_procedure(args.seed, args.modality, args.depth, args.steps, args.timeout,
+                                              extra_overrides=extra, procedure_id=args.procedure_id,
+                                              record_dir=args.record_dir)
     except ProcedureFailed as failure:
         print(f'[demo] FAILED: {failure}', flush=True)
         return 1

@@ -18,7 +18,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 from typing import Iterable, Optional
 
 from igt_robot.waiting import ConditionTimeout, wait_for  # noqa: F401  (re-exported for tests)
@@ -121,12 +120,8 @@ class SpinningGraph:
         rclpy.init(context=self.context)
         self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
         self._nodes = []
-        self._thread = threading.Thread(target=self._spin, name='spinning-graph', daemon=True)
-        self._thread.start()
-
-    def _spin(self):
-        with contextlib.suppress(Exception):
-            self.executor.spin()
+        from igt_robot.nodes.spinning import BackgroundSpinner
+        self._spinner = BackgroundSpinner(self.executor, name='spinning-graph')
 
     def add(self, node):
         self._nodes.append(node)
@@ -137,14 +132,13 @@ class SpinningGraph:
         return self.add(self._rclpy.create_node(name, context=self.context, **kwargs))
 
     def close(self):
-        self.executor.shutdown(timeout_sec=2.0)
+        self._spinner.stop(timeout_sec=2.0)   # callbacks finish before the nodes are destroyed
         for node in reversed(self._nodes):
             with contextlib.suppress(Exception):
                 node.destroy_node()
         self._nodes.clear()
         with contextlib.suppress(Exception):
             self._rclpy.shutdown(context=self.context)
-        self._thread.join(timeout=5.0)
 
     def __enter__(self):
         return self

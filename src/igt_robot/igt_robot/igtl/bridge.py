@@ -296,6 +296,7 @@ class BridgeCore:
         self._server = IgtlServer(self.config.host, self.config.port, on_message=self._server_message,
                                   on_refused=self._server_refusal, limit_for=self._limit_for,
                                   settings=self.config.server_settings(), on_connection=self._on_connection,
+                                  on_turned_away=self._on_turned_away,
                                   is_priority=self.is_priority, on_tick=self._flush_refusals)
         self._server.start()
         if not self.config.loopback_only:
@@ -339,19 +340,18 @@ class BridgeCore:
         client = self._current_client()
         client_id = client.id if client is not None else None
         peer = client.peer if client else str(address)
-        if not connected and reason.startswith('refused:'):
-            # Turned away at accept (allow-list, no free slot): a connection flood is one digest per
-            # address per interval, like refused messages.
-            host = address[0] if isinstance(address, tuple) else str(address)
-            with self._lock:
-                self.counters['refused'] += 1
-                self._digest.add(f'connections from {host}', host, time.monotonic(), '', 'CONNECTION',
-                                 StatusCode.ACCESS_DENIED if 'allow-list' in reason else StatusCode.BUSY,
-                                 reason[len('refused: '):])
-            return
         if not connected:
             self._flush_refusals(time.monotonic(), key=client_id)
         self._event('connection', {'connected': connected, 'peer': peer, 'client': client_id, 'reason': reason})
+
+    def _on_turned_away(self, address, reason: str) -> None:
+        """A connection closed at accept (allow-list, no free slot): a connection flood is one digest per
+        address per interval, like refused messages."""
+        host = address[0]
+        with self._lock:
+            self.counters['refused'] += 1
+            self._digest.add(f'connections from {host}', host, time.monotonic(), '', 'CONNECTION',
+                             StatusCode.ACCESS_DENIED if 'allow-list' in reason else StatusCode.BUSY, reason)
 
     def _server_message(self, message) -> List[Any]:
         client = self._current_client()

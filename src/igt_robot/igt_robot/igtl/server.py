@@ -234,7 +234,7 @@ class ServerSettings:
 
     max_clients: int = 64
     message_timeout_s: float = 5.0
-    idle_timeout_s: float = 60.0
+    idle_timeout_s: float = 60.0     # <= 0: a silent client is never closed for a newcomer
     auth_timeout_s: float = 10.0
     rate_limit_hz: float = 500.0
     rate_burst: int = 1000
@@ -292,7 +292,8 @@ class IgtlServer:
     * ``on_message(message) -> iterable of replies`` for each decoded, admitted message;
     * ``on_refused(device, type, code, reason) -> iterable of replies`` for each message refused before
       it reached ``on_message`` (for a rate-limit drop, code BUSY, the replies are not sent);
-    * ``on_connection(connected, (host, port), reason)``;
+    * ``on_connection(connected, (host, port), reason)`` for accepted connections (and authentication);
+    * ``on_turned_away((host, port), reason)`` for connections closed at accept (allow-list, no free slot);
     * ``is_priority(message) -> bool``: exempt from the rate limit;
     * ``on_tick(now)``: every loop turn (at least every ``POLL_S``).
 
@@ -300,13 +301,14 @@ class IgtlServer:
     """
 
     def __init__(self, host: str, port: int, *, on_message, on_refused, limit_for: Callable[[str], int],
-                 settings: Optional[ServerSettings] = None, on_connection=None, is_priority=None, on_tick=None,
-                 clock: Callable[[], float] = time.monotonic):
+                 settings: Optional[ServerSettings] = None, on_connection=None, on_turned_away=None,
+                 is_priority=None, on_tick=None, clock: Callable[[], float] = time.monotonic):
         self.settings = settings or ServerSettings()
         self._networks = self.settings.networks()
         self._on_message = on_message
         self._on_refused = on_refused
         self._on_connection = on_connection
+        self._on_turned_away = on_turned_away
         self._is_priority = is_priority or (lambda message: False)
         self._on_tick = on_tick
         self._limit_for = limit_for
@@ -441,12 +443,12 @@ class IgtlServer:
             reader = StreamReader(self._limit_for, self._budget, self._clock)
             client = Client(sock, address, reader, self.settings, now, needs_auth=bool(self.settings.shared_secret))
             if self._networks and not self._allowed(client.host):
-                self._notify(False, client, f'refused: {client.host} is not in the allow-list')
                 sock.close()  # say nothing to a stranger
+                self._turned_away(client, f'{client.host} is not in the allow-list')
                 continue
-            if len(self._clients) >= self.settings.max_clients and not self._evict_idle(now):
-                self._reject(client, StatusCode.BUSY, f'{len(self._clients)} clients connected (the limit); '
-                                                      'try again later')
+            active = sum(1 for c in self._clients.values() if c.closing_since is None)
+            if active >= self.settings.max_clients and not self._evict_idle(now):
+                self._reject(client, StatusCode.BUSY, f'{active} clients connected (the limit); try again later')
                 continue
             self._clients[client.id] = client
             self._selector.register(sock, selectors.EVENT_READ, client.id)
@@ -463,8 +465,13 @@ class IgtlServer:
         return any(address in net for net in self._networks)
 
     def _evict_idle(self, now: float) -> bool:
-        """Close the longest-idle client idle beyond idle_timeout_s (unproven ones first); True if one went."""
-        idle = [c for c in self._clients.values() if now - c.last_message > self.settings.idle_timeout_s]
+        """Close the longest-idle client idle beyond idle_timeout_s (unproven ones first); True if one went.
+
+        ``idle_timeout_s`` <= 0: never (a server for one fixed peer keeps it however long it is silent)."""
+        if self.settings.idle_timeout_s <= 0:
+            return False
+        idle = [c for c in self._clients.values()
+                if c.closing_since is None and now - c.last_message > self.settings.idle_timeout_s]
         if not idle:
             return False
         victim = min(idle, key=lambda c: (c.proven, c.last_message))
@@ -479,7 +486,11 @@ class IgtlServer:
         except OSError:
             pass
         client.sock.close()
-        self._notify(False, client, f'refused: {reason}')
+        self._turned_away(client, reason)
+
+    def _turned_away(self, client: Client, reason: str) -> None:
+        if self._on_turned_away is not None:
+            self._safe(self._on_turned_away, (client.host, client.port), reason)
 
     def _read(self, client: Client) -> None:
         try:

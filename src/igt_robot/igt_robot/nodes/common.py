@@ -31,7 +31,7 @@ from igt_robot.record import procedure_id
 from igt_robot.scanner.phases import ScannerPhase
 from igt_robot_msgs.msg import ProcedureEvent, SafetyFault, ScannerState
 
-from . import qos
+from . import qos, spinning
 
 HEARTBEAT_TOPIC = '/heartbeat'
 FAULTS_TOPIC = '/safety/faults'
@@ -234,7 +234,7 @@ def run_node(node_factory, args=None, threads: Optional[int] = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        executor.shutdown(timeout_sec=2.0)
+        spinning.shutdown_executor(executor, timeout_sec=2.0)   # callbacks finish before the nodes go
         for node in reversed(nodes):
             with contextlib.suppress(Exception):
                 node.destroy_node()
