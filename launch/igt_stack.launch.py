@@ -72,6 +72,8 @@ def generate_launch_description():
                               description="the scanner's OpenIGTLink port (0 = a free port)"),
         DeclareLaunchArgument('record_root', default_value=default_record_root(),
                               description='records go to <record_root>/<procedure_id>'),
+        DeclareLaunchArgument('acquisition', default_value='simulated',
+                              description='image source of the procedure: simulated | dicom | igtl | folder'),
         DeclareLaunchArgument('procedure_id', default_value=time.strftime('proc-%Y%m%d-%H%M%S'),
                               description='record folder name shared by recorder_node and procedure_node'),
         DeclareLaunchArgument('demo', default_value='false',
@@ -106,7 +108,7 @@ def generate_launch_description():
              extra={'procedure_id': arg('procedure_id'), 'record_dir': record_dir}),
         node('igt_robot', 'procedure_node', 'procedure.yaml',
              extra={'procedure_id': arg('procedure_id'), 'record_dir': record_dir, 'demo': demo,
-                    'exit_when_done': demo},
+                    'exit_when_done': demo, 'acquisition': arg('acquisition')},
              # The procedure is the job: the launch ends with it, failing when it failed.
              on_exit=end_launch_with('procedure_node')),
         optional_node('rviz2', 'no rviz window (use_rviz:=true)', condition=IfCondition(arg('use_rviz')),

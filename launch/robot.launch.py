@@ -18,7 +18,8 @@ def generate_launch_description():
     share = get_package_share_directory('igt_robot')
     arg = LaunchConfiguration
     stack = os.path.join(share, 'launch', 'igt_stack.launch.py')
-    passed_on = ('serial_port', 'serial_connect_timeout', 'igtl_port', 'scanner_igtl_port', 'use_rviz', 'log_level')
+    passed_on = ('serial_port', 'serial_connect_timeout', 'igtl_port', 'scanner_igtl_port', 'use_rviz', 'log_level',
+                 'acquisition')
     return LaunchDescription([
         DeclareLaunchArgument('serial_port', default_value='/dev/ttyUSB0', description='motor controller port'),
         DeclareLaunchArgument('serial_connect_timeout', default_value='5.0',
@@ -27,6 +28,9 @@ def generate_launch_description():
         DeclareLaunchArgument('scanner_igtl_port', default_value='18945', description="the scanner's port"),
         DeclareLaunchArgument('use_rviz', default_value='false', description='start rviz2 (if installed)'),
         DeclareLaunchArgument('log_level', default_value='info', description='ROS log level'),
+        # A real scanner: images arrive over DICOM (or OpenIGTLink, a watched folder), never from the simulation.
+        DeclareLaunchArgument('acquisition', default_value='dicom', choices=['dicom', 'igtl', 'folder'],
+                              description='image source: dicom (Storage SCP), igtl (OpenIGTLink IMAGE) or folder'),
         # record_root and procedure_id: igt_stack.launch.py's defaults unless given on the command line.
         IncludeLaunchDescription(
             PythonLaunchDescriptionSource(stack),

@@ -139,7 +139,7 @@ def test_underruns_are_counted_across_streams():
     core = make()
     for expected in (1, 2):
         sid = core.begin_stream(core.ref_pos.copy())
-        core.push_points(sid, [PvtPoint(0.05, core.ref_pos + [1e-5, 0], np.array([1e-4, 0.0]))])
+        core.push_points(sid, [PvtPoint(0.1, core.ref_pos + [1e-5, 0], np.array([1e-4, 0.0]))])
         run(core, 0.2)
         assert core.underruns == expected
 
@@ -392,3 +392,20 @@ def test_set_target_refusals():
     core.set_inhibit(True)
     with pytest.raises(Refusal, match='INHIBITED'):
         core.set_target([0.0, 0.0])
+
+
+def test_the_stream_starts_once_the_start_look_ahead_is_buffered():
+    core = make()
+    sid = core.begin_stream(core.ref_pos)
+    points = cruise(duration=1.0, spacing=0.02)
+    core.push_points(sid, points[:2])                 # 40 ms: not yet
+    run(core, 0.2)
+    assert core.stream_status().executed_time == 0.0 and core.stream_state == 'open' and not core.moving
+    core.push_points(sid, points[2:5])                # 100 ms buffered: the clock starts
+    run(core, 0.05)
+    assert core.stream_status().executed_time == pytest.approx(0.05) and core.moving
+    short = make()
+    sid = short.begin_stream(short.ref_pos)
+    short.push_points(sid, [PvtPoint(0.05, short.ref_pos + [1e-5, 0], np.zeros(2))], final=True)
+    run(short, 0.1)                                   # a short final stream starts at once
+    assert short.stream_status().done

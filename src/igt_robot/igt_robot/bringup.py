@@ -47,7 +47,7 @@ PROFILES = {
     'sim': list(NODES),
     'robot': list(NODES),
     'safety': list(CONTROL_NODES),
-    # The split `make demo` uses: the safety-critical nodes and the 1 kHz loop in one process, image
+    # The split `make demo` uses: the safety-critical nodes and the trajectory streaming in one process, image
     # processing and the workflow in another, so heavy image work never holds the control process's GIL.
     'control': list(CONTROL_NODES),
     'workflow': [name for name in NODES if name not in CONTROL_NODES],

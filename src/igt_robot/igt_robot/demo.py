@@ -90,6 +90,27 @@ def _control_process(overrides: dict, log_path):
                 process.wait(grace)
 
 
+@contextlib.contextmanager
+def _dicom_chain(enabled: bool):
+    """``--via-dicom``: a private Orthanc as the scanner's DICOM node, forwarding to the stack's receiver."""
+    if not enabled:
+        yield {}
+        return
+    from igt_robot.simulation.dicom_peer import OrthancPeer, PeerError, free_port
+    port = free_port()
+    folder = paths.repo_root() / 'build' / 'orthanc' / time.strftime('%Y%m%d-%H%M%S')
+    try:
+        peer = OrthancPeer(folder, {'stack': ('IGT_ROBOT', port)})
+        peer.start()
+    except PeerError as exc:
+        raise ProcedureFailed(f'--via-dicom needs Orthanc: {exc}') from exc
+    try:
+        yield {'procedure_node': {'acquisition': 'dicom', 'dicom_port': port, 'dicom_allowed_calling_aets': peer.aet,
+                                  'demo_dicom_peer': peer.url, 'demo_dicom_receiver': 'stack'}}
+    finally:
+        peer.stop()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--seed', type=int, default=7, help='simulated patient and robot mounting')
@@ -97,11 +118,16 @@ def main(argv=None) -> int:
     parser.add_argument('--depth', type=float, default=0.0, help='target depth below the skin, m (0 = random)')
     parser.add_argument('--steps', type=int, default=3, help='insertion steps (each followed by a control scan)')
     parser.add_argument('--timeout', type=float, default=900.0, help='give up after this many seconds')
+    parser.add_argument('--via-dicom', action='store_true',
+                        help='every image by C-STORE: simulated scanner -> Orthanc -> the stack\'s DICOM receiver, '
+                             'dose from the images')
     args = parser.parse_args(argv)
     from igt_robot import testing
     shm_before = testing.fastdds_shm_entries()
     try:
-        summary = run_simulated_procedure(args.seed, args.modality, args.depth, args.steps, args.timeout)
+        with _dicom_chain(args.via_dicom) as extra:
+            summary = run_simulated_procedure(args.seed, args.modality, args.depth, args.steps, args.timeout,
+                                              extra_overrides=extra)
     except ProcedureFailed as failure:
         print(f'[demo] FAILED: {failure}', flush=True)
         return 1

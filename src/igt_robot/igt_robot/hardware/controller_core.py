@@ -70,6 +70,9 @@ MAX_POINT_SPACING = 1.0
 #: host dies (then the buffer underruns and the controller ramps down), and it is what the
 #: watchdog tolerates on top of its own period while a stream runs (see ControllerCore).
 DEFAULT_MAX_LOOKAHEAD = 1.0
+#: A stream starts executing once this much trajectory (s) is buffered, or its final point is in:
+#: a first batch that needs several frames is not already running dry between them.
+DEFAULT_START_LOOKAHEAD = 0.1
 
 DEFAULT_BUFFER_CAPACITY = 128
 DEFAULT_SERVO_PERIOD = 0.001
@@ -135,6 +138,8 @@ class ControllerCore:
         than the buffer changes nothing, and a dead host's motion still ends at the buffer's end
         (UNDERRUN ramp), then the watchdog latches.
     :param max_lookahead: points more than this (s) ahead of the executed stream time are refused.
+    :param start_lookahead: a stream starts executing once this much (s) is buffered or its
+        final point has arrived.
     :param start_tolerance: per-axis (or scalar) distance the host's stream start may differ
         from the controller's reference; default 50 encoder counts.
     :param positions: initial (power-on) positions; default the lower limit clipped to 0.
@@ -147,7 +152,8 @@ class ControllerCore:
                  buffer_capacity: int = DEFAULT_BUFFER_CAPACITY, watchdog_timeout: Optional[float] = 0.1,
                  start_tolerance=None, positions: Optional[Sequence[float]] = None,
                  measure: Optional[Callable[[], np.ndarray]] = None,
-                 max_lookahead: float = DEFAULT_MAX_LOOKAHEAD):
+                 max_lookahead: float = DEFAULT_MAX_LOOKAHEAD,
+                 start_lookahead: float = DEFAULT_START_LOOKAHEAD):
         if not axes:
             raise ValueError('the controller needs at least one axis')
         if not (math.isfinite(servo_period) and 0 < servo_period <= 0.001):
@@ -171,6 +177,9 @@ class ControllerCore:
             raise ValueError(f'max_lookahead must be positive seconds, got {max_lookahead!r}')
         self.watchdog_timeout = watchdog_timeout
         self.max_lookahead = float(max_lookahead)
+        if not 0 < start_lookahead <= max_lookahead:
+            raise ValueError(f'start_lookahead must be in (0, max_lookahead], got {start_lookahead!r}')
+        self.start_lookahead = float(start_lookahead)
         self._measure = measure
         if positions is None:
             start = np.clip(np.zeros(n), self.lower, self.upper)
@@ -178,19 +187,26 @@ class ControllerCore:
             start = np.asarray(positions, dtype=float)
             if start.shape != (n,) or not np.all((start >= self.lower) & (start <= self.upper)):
                 raise ValueError(f'initial positions {start.tolist()} not {n} values within the limits')
+        # The servo tick runs on plain float lists: for a handful of axes, numpy's per-call
+        # overhead would cost more than the arithmetic (the emulator ticks at 1 kHz in Python).
+        self._n = n
+        self._lo, self._hi = self.lower.tolist(), self.upper.tolist()
+        self._amax, self._snapl = self.a_max.tolist(), self.snap.tolist()
         # Reference (what the servo tracks) -------------------------------------------------
-        self.ref_pos = start.copy()
-        self.ref_vel = np.zeros(n)
+        self._pos = start.tolist()
+        self._vel = [0.0] * n
         self.mode = HOLD
         # track mode
-        self._target = start.copy()
-        self._vlim = self.v_max.copy()
-        self._ff = np.zeros(n)
+        self._tgt = start.tolist()
+        self._vlim = self.v_max.tolist()
+        self._ff = [0.0] * n
         self._ff_expiry = 0.0
         self._last_write_time: Optional[float] = None
         self._last_write_target = start.copy()
+        # stream segment being interpolated: (start knot, end knot, t0, h, per-axis cubic coefficients)
+        self._segment = None
         # ramp
-        self._ramp_decel = np.zeros(n)
+        self._ramp_decel = [0.0] * n
         self._ramp_ticks_left = 0
         self._ramp_power_off = False
         # Machine state -------------------------------------------------------------------------
@@ -213,6 +229,21 @@ class ControllerCore:
         self._next_stream_id = 1
 
     # ================================================================ time
+
+    @property
+    def ref_pos(self) -> np.ndarray:
+        """The servo reference position per axis (what the axes are commanded to)."""
+        return np.array(self._pos)
+
+    @property
+    def ref_vel(self) -> np.ndarray:
+        """The servo reference velocity per axis."""
+        return np.array(self._vel)
+
+    def reference(self):
+        """(positions, velocities) of the servo reference as tuples of floats: the cheap form
+        for a caller that runs every servo tick."""
+        return tuple(self._pos), tuple(self._vel)
 
     @property
     def time(self) -> float:
@@ -276,9 +307,9 @@ class ControllerCore:
         """In motion or about to be (a target not yet reached, a running stream, a ramp)."""
         if not self.enabled:
             return False
-        if self.mode in (STREAM, RAMP) or bool(np.any(self.ref_vel)):
+        if self.mode in (STREAM, RAMP) or any(self._vel):
             return True
-        return self.mode == TRACK and not np.array_equal(self.ref_pos, self._target)
+        return self.mode == TRACK and self._pos != self._tgt
 
     @property
     def ramping(self) -> bool:
@@ -306,7 +337,7 @@ class ControllerCore:
     @property
     def target(self) -> np.ndarray:
         """The legacy SET_TARGET setpoint being tracked (or held)."""
-        return self._target.copy()
+        return np.array(self._tgt)
 
     @property
     def stream_open(self) -> bool:
@@ -427,17 +458,17 @@ class ControllerCore:
         elif streaming:
             ff = (target - self._last_write_target) / interval
         elif interval == 0.0:
-            ff = self._ff                      # a second setpoint within one tick: keep the estimate
+            ff = np.array(self._ff)            # a second setpoint within one tick: keep the estimate
         else:
             ff = np.zeros_like(target)
-        self._ff = np.clip(ff, -vlim, vlim)
+        self._ff = np.clip(ff, -vlim, vlim).tolist()
         if interval != 0.0 or feedforward is not None:
             self._ff_expiry = now + (max(1.5 * interval, FEEDFORWARD_BRIDGE) if streaming
                                      else FEEDFORWARD_MAX_PERIOD)
         self._last_write_time = now
         self._last_write_target = target.copy()
-        self._target = target
-        self._vlim = vlim
+        self._tgt = target.tolist()
+        self._vlim = vlim.tolist()
         self.mode = TRACK                      # supersedes a host STOP ramp, as SET_TARGET always did
 
     def begin_stream(self, start_positions) -> int:
@@ -473,8 +504,9 @@ class ControllerCore:
         """Append points (all or none). Refused for another or ended stream, a full buffer, times
         not strictly increasing (or not beyond what was executed), positions outside the limits
         anywhere along the interpolated segment, velocities above the limits, a ``final`` point
-        with non-zero velocity, or while inhibited / not enabled. The first accepted point
-        starts the stream's clock."""
+        with non-zero velocity, or while inhibited / not enabled. The stream's clock starts
+        (time 0) with the push that brings the buffer to ``start_lookahead`` or holds the final
+        point."""
         s = self._stream
         if s is None or s.stream_id != stream_id:
             raise Refusal('STREAM_CLOSED', f'stream {stream_id} is not the current stream '
@@ -524,7 +556,7 @@ class ControllerCore:
         s.points.extend(checked)
         s.buffered_until = checked[-1].time
         s.final_received = bool(final)
-        if s.state == 'open':
+        if s.state == 'open' and (s.final_received or s.buffered_until >= self.start_lookahead - 1e-9):
             s.state = 'running'
             s.start_tick = self.ticks
             self.mode = STREAM
@@ -588,10 +620,10 @@ class ControllerCore:
         return np.clip(np.asarray(self._measure(), dtype=float), self.lower, self.upper)
 
     def _hold_at(self, positions: np.ndarray) -> None:
-        self.ref_pos = np.asarray(positions, dtype=float).copy()
-        self.ref_vel = np.zeros_like(self.ref_pos)
-        self._target = self.ref_pos.copy()
-        self._ff = np.zeros_like(self.ref_pos)
+        self._pos = [float(p) for p in positions]
+        self._vel = [0.0] * self._n
+        self._tgt = list(self._pos)
+        self._ff = [0.0] * self._n
         self._ff_expiry = 0.0
         self._last_write_time = None
         self.mode = HOLD
@@ -629,26 +661,30 @@ class ControllerCore:
         if self.mode == RAMP:
             return                               # already decelerating as fast as allowed
         self.ramp_started_tick = self.ticks
-        v = self.ref_vel
-        stop_time = float(np.max(np.abs(v) / self.a_max))
+        v = self._vel
+        stop_time = max(abs(vi) / ai for vi, ai in zip(v, self._amax))
         self.mode = RAMP
         if stop_time <= 0.0:
             self._ramp_ticks_left = 0
-            self._ramp_decel = np.zeros_like(v)
+            self._ramp_decel = [0.0] * self._n
             self._finish_ramp()
             return
         # Whole ticks; the deceleration is then slightly below the limit of the slowest axis.
         ticks = max(1, math.ceil(stop_time / self.servo_period - 1e-9))
         self._ramp_ticks_left = ticks
-        self._ramp_decel = v / (ticks * self.servo_period)
+        self._ramp_decel = [vi / (ticks * self.servo_period) for vi in v]
 
     def _step_ramp(self) -> None:
         dt = self.servo_period
-        v = self.ref_vel
+        v = self._vel
         self._ramp_ticks_left -= 1
-        v_new = np.zeros_like(v) if self._ramp_ticks_left <= 0 else v - self._ramp_decel * dt
-        self.ref_pos = np.clip(self.ref_pos + 0.5 * (v + v_new) * dt, self.lower, self.upper)
-        self.ref_vel = v_new
+        if self._ramp_ticks_left <= 0:
+            v_new = [0.0] * self._n
+        else:
+            v_new = [vi - di * dt for vi, di in zip(v, self._ramp_decel)]
+        self._pos = [min(max(p + 0.5 * (a + b) * dt, lo), hi)
+                     for p, a, b, lo, hi in zip(self._pos, v, v_new, self._lo, self._hi)]
+        self._vel = v_new
         if self._ramp_ticks_left <= 0:
             self._finish_ramp()
 
@@ -662,7 +698,7 @@ class ControllerCore:
             self.enabled = False
             self._ramp_power_off = False
         else:
-            self._hold_at(self.ref_pos)
+            self._hold_at(self._pos)
 
     def _step_stream(self) -> None:
         s = self._stream
@@ -672,21 +708,31 @@ class ControllerCore:
         if not s.points:
             end = s.segment_start
             s.executed_time = end.time
-            self.ref_pos = end.positions.copy()
-            self.ref_vel = end.velocities.copy()
+            self._pos = [float(p) for p in end.positions]
+            self._vel = [float(v) for v in end.velocities]
+            self._segment = None
             if s.final_received:
                 s.state = 'done'
-                self._hold_at(end.positions)
+                self._hold_at(self._pos)
                 return
             # Ran dry before the final point: the host fell behind. Stop from here.
             self.underruns += 1
             self._begin_ramp('UNDERRUN')
             return
         s.executed_time = t
-        pos, vel = hermite(s.segment_start, s.points[0], t)
+        a, b = s.segment_start, s.points[0]
+        seg = self._segment
+        if seg is None or seg[0] is not a or seg[1] is not b:
+            h = b.time - a.time
+            c1, c2, c3 = _coefficients(a, b, h)
+            seg = self._segment = (a, b, a.time, h, list(zip(np.asarray(a.positions, dtype=float).tolist(),
+                                                             c1.tolist(), c2.tolist(), c3.tolist())))
+        _, _, t0, h, coeffs = seg
+        u = (t - t0) / h
         # Knots are within the limits; the Hermite extrema were checked on push: clip only round-off.
-        self.ref_pos = np.clip(pos, self.lower, self.upper)
-        self.ref_vel = vel
+        self._pos = [min(max(c0 + u * (c1 + u * (c2 + u * c3)), lo), hi)
+                     for (c0, c1, c2, c3), lo, hi in zip(coeffs, self._lo, self._hi)]
+        self._vel = [(c1 + u * (2 * c2 + 3 * u * c3)) / h for _, c1, c2, c3 in coeffs]
 
     def _step_track(self) -> None:
         """Velocity- and acceleration-limited tracking of the SET_TARGET setpoint.
@@ -701,25 +747,33 @@ class ControllerCore:
         snaps onto a static target within half an encoder count at a speed it can shed in a tick.
         """
         dt = self.servo_period
-        a_dt = self.a_max * dt
-        v = self.ref_vel
         now = self.time
-        target = self._target
-        if now < self._ff_expiry and self._last_write_time is not None:
-            feedforward = self._ff
-            target = np.clip(target + feedforward * (now - self._last_write_time), self.lower, self.upper)
-        else:
-            feedforward = np.zeros_like(v)
-        err = target - self.ref_pos
-        distance = np.abs(err)
-        magnitude = np.minimum(np.sqrt(self.a_max * distance), FINISH_GAIN * distance)
-        v_des = np.clip(feedforward + np.sign(err) * magnitude, -self._vlim, self._vlim)
-        v_new = v + np.clip(v_des - v, -a_dt, a_dt)
-        ref = np.clip(self.ref_pos + 0.5 * (v + v_new) * dt, self.lower, self.upper)
-        arrived = (feedforward == 0.0) & (np.abs(target - ref) <= self.snap) & (np.abs(v_new) <= a_dt)
-        self.ref_pos = np.where(arrived, target, ref)
-        self.ref_vel = np.where(arrived, 0.0, v_new)
-        if arrived.all() and np.array_equal(self.ref_pos, self._target):
+        bridging = now < self._ff_expiry and self._last_write_time is not None
+        elapsed = now - self._last_write_time if bridging else 0.0
+        pos, vel, done = [], [], True
+        for i in range(self._n):
+            lo, hi, a = self._lo[i], self._hi[i], self._amax[i]
+            p, v, goal = self._pos[i], self._vel[i], self._tgt[i]
+            if bridging:
+                ff = self._ff[i]
+                target = min(max(goal + ff * elapsed, lo), hi)
+            else:
+                ff, target = 0.0, goal
+            err = target - p
+            distance = abs(err)
+            magnitude = min(math.sqrt(a * distance), FINISH_GAIN * distance)
+            vlim = self._vlim[i]
+            v_des = min(max(ff + math.copysign(magnitude, err), -vlim), vlim)
+            a_dt = a * dt
+            v_new = v + min(max(v_des - v, -a_dt), a_dt)
+            ref = min(max(p + 0.5 * (v + v_new) * dt, lo), hi)
+            if ff == 0.0 and abs(target - ref) <= self._snapl[i] and abs(v_new) <= a_dt:
+                ref, v_new = target, 0.0
+            pos.append(ref)
+            vel.append(v_new)
+            done = done and v_new == 0.0 and ref == goal
+        self._pos, self._vel = pos, vel
+        if done:
             self.mode = HOLD
 
 

@@ -71,6 +71,7 @@ from igt_robot.hardware.protocol import Fault, MsgType, NakReason, StatusFlag
 DEFAULT_FIRMWARE_VERSION = (2, 0, 0)
 DEFAULT_WATCHDOG_MS = 100
 DEFAULT_TICK_HZ = 1000
+
 DEVICE_NAME = 'igt-firmware-emulator'
 
 #: A following error larger than this many seconds of full-speed travel
@@ -94,6 +95,11 @@ def _parse_version(text: str, parts: int) -> Tuple[int, ...]:
     return values
 
 
+_STREAM_STATES = {'': protocol.StreamState.NONE, 'open': protocol.StreamState.OPEN,
+                  'running': protocol.StreamState.RUNNING, 'ramping': protocol.StreamState.RAMPING,
+                  'done': protocol.StreamState.DONE, 'stopped': protocol.StreamState.STOPPED}
+
+
 class Firmware:
     """The controller's logic without any I/O: protocol handling around a
     :class:`~igt_robot.hardware.controller_core.ControllerCore` (in encoder counts) plus the
@@ -115,22 +121,23 @@ class Firmware:
         self.axes = list(axes)
         self.infos = [a.to_axis_info() for a in self.axes]
         n = len(self.axes)
-        self.following_error_limit = np.array([max(FOLLOWING_ERROR_MIN_COUNTS, FOLLOWING_ERROR_SECONDS * i.max_velocity)
-                                               for i in self.infos])
+        self.following_error_limit = [max(FOLLOWING_ERROR_MIN_COUNTS, FOLLOWING_ERROR_SECONDS * i.max_velocity)
+                                      for i in self.infos]
         self.limit_switch = [(i.min_counts - LIMIT_SWITCH_MARGIN * (i.max_counts - i.min_counts),
                               i.max_counts + LIMIT_SWITCH_MARGIN * (i.max_counts - i.min_counts))
                              for i in self.infos]
         # Park inside the range (insertion's range starts at 0, the stage is centred).
         park = np.array([float(min(max(0, i.min_counts), i.max_counts)) for i in self.infos])
-        # The mechanics: axes follow the controller's reference exactly unless stalled.
-        self.actual = park.copy()
-        self.actual_velocity = np.zeros(n)
+        # The mechanics: axes follow the controller's reference exactly unless stalled
+        # (plain lists: this runs every servo tick).
+        self.actual = park.tolist()
+        self.actual_velocity = [0.0] * n
         self.stalled = [False] * n
         self.core = ControllerCore(
             [AxisLimits(float(i.min_counts), float(i.max_counts), float(i.max_velocity), float(i.max_acceleration),
                         1.0, a.name) for i, a in zip(self.infos, self.axes)],
             servo_period=1.0 / tick_hz, buffer_capacity=buffer_capacity, watchdog_timeout=watchdog_ms / 1000.0,
-            positions=park, measure=lambda: self.actual.copy())
+            positions=park, measure=lambda: np.array(self.actual))
         self.firmware_version = tuple(firmware_version)
         self.protocol_version = tuple(protocol_version)
         self.watchdog_ms = int(watchdog_ms)
@@ -198,7 +205,7 @@ class Firmware:
 
     @property
     def moving(self) -> bool:
-        return self.core.moving or bool(np.any(self.actual_velocity))
+        return self.core.moving or any(self.actual_velocity)
 
     # ------------------------------------------------------------------ line side
     def receive(self, data: bytes) -> List[bytes]:
@@ -430,17 +437,17 @@ class Firmware:
         self._follow()
         if not core.enabled:
             return
-        error = np.abs(core.ref_pos - self.actual)
-        for i in np.flatnonzero(error > self.following_error_limit):
-            if i not in core.fault_axes:
-                core.latch_fault('FOLLOWING_ERROR', int(i))
-        for i, (lo, hi) in enumerate(self.limit_switch):
-            if not lo <= self.actual[i] <= hi:
+        ref, _ = core.reference()
+        checks = zip(ref, self.actual, self.following_error_limit, self.limit_switch)
+        for i, (r, x, limit, (lo, hi)) in enumerate(checks):
+            if abs(r - x) > limit and i not in core.fault_axes:
+                core.latch_fault('FOLLOWING_ERROR', i)
+            if not lo <= x <= hi:
                 core.latch_fault('LIMIT_SWITCH', i)
 
     def _follow(self) -> None:
         """The mechanics follow the controller's reference at once, except a stalled axis."""
-        ref, ref_vel = self.core.ref_pos, self.core.ref_vel
+        ref, ref_vel = self.core.reference()
         for i in range(len(self.axes)):
             if self.stalled[i]:
                 self.actual_velocity[i] = 0.0
@@ -450,11 +457,9 @@ class Firmware:
 
     def stream_info(self) -> protocol.StreamInfo:
         st = self.core.stream_status()
-        state = {'': protocol.StreamState.NONE, 'open': protocol.StreamState.OPEN,
-                 'running': protocol.StreamState.RUNNING, 'ramping': protocol.StreamState.RAMPING,
-                 'done': protocol.StreamState.DONE, 'stopped': protocol.StreamState.STOPPED}[self.core.stream_state]
         return protocol.StreamInfo(
-            stream_id=st.stream_id, state=state, stop_cause=protocol.stop_cause_code(st.stop_cause),
+            stream_id=st.stream_id, state=_STREAM_STATES[self.core.stream_state],
+            stop_cause=protocol.stop_cause_code(st.stop_cause),
             inhibit_cause=protocol.inhibit_cause_bits(self.core.inhibit_cause),
             executed_us=int(round(st.executed_time * 1e6)), buffered_until_us=int(round(st.buffered_until * 1e6)),
             free_slots=st.free_slots, underruns=st.underruns)
@@ -490,7 +495,7 @@ class Firmware:
             'inhibited': self.inhibited, 'inhibit_cause': self.core.inhibit_cause, 'estop': self.estop,
             'estop_input': self.estop_input, 'faults': list(protocol.fault_names(self.faults)),
             'fault_axes': sorted(int(i) for i in self.core.fault_axes),
-            'positions': self.actual.tolist(), 'velocities': self.actual_velocity.tolist(),
+            'positions': list(self.actual), 'velocities': list(self.actual_velocity),
             'targets': self.core.target.tolist(), 'stalled': list(self.stalled),
             'moving': self.moving, 'mode': self.core.mode, 'trigger': self.trigger,
             'trigger_edges': self.trigger_edges, 'handshake_done': self.handshake_done,
@@ -539,6 +544,8 @@ class EmulatorServer:
         self.trigger_edge_wall: Optional[float] = None
         self.ramp_start_wall: Optional[float] = None
         self._ramp_seen: Optional[int] = None
+        self._lock = threading.Lock()          # the firmware state, shared by the servo and line threads
+        self._host_seen = False
 
     # ------------------------------------------------------------------ setup / teardown
     def open(self) -> str:
@@ -584,41 +591,63 @@ class EmulatorServer:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
+        """Serve until stopped: the servo loop in this thread, the line and the control channel
+        in a second one.
+
+        Two threads, as a controller has a servo timer and a UART interrupt: the tty layer can
+        hold a reader or writer of the pty for milliseconds (its buffer work runs in a normal
+        kernel worker), which must not delay servo ticks. The firmware state is shared under
+        one lock, held for microseconds. Python's default GIL switch interval is kept: the line
+        thread releases the GIL whenever it waits on the pty, and a shorter interval makes the
+        two threads convoy on the GIL when the machine is loaded.
+        """
+        io_thread = threading.Thread(target=self._io_loop, name='emulator-line', daemon=True)
+        io_thread.start()
+        try:
+            return self._servo_loop()
+        finally:
+            self._stop = True
+            io_thread.join(timeout=2.0)
+
+    def _servo_loop(self) -> int:
         parent = os.getppid()
         next_tick = time.monotonic()
         next_parent_check = next_tick
         max_catch_up = 100                     # ticks; beyond that we were starved: skip ahead
         while not self._stop:
-            # Frames that arrived while we were not running are decoded first so the
-            # catch-up ticks know the host was alive (no false watchdog trip after this
-            # process was descheduled), and executed after them so that a STATUS reply
-            # shows the present, not the moment we were descheduled.
-            frames = self._read_frames()
             now = time.monotonic()
-            if now >= next_tick:
-                due = int((now - next_tick) / self.tick) + 1
-                if due > max_catch_up:
-                    # Starved for longer than we are willing to replay: drop the excess
-                    # time (it never reaches the watchdog clock either) and go on.
-                    self.overruns += 1
-                    due = max_catch_up
-                    next_tick = now - (due - 1) * self.tick
+            if now < next_tick:
+                time.sleep(next_tick - now)
+                continue
+            due = int((now - next_tick) / self.tick) + 1
+            if due > max_catch_up:
+                # Starved for longer than we are willing to replay: drop the excess
+                # time (it never reaches the watchdog clock either) and go on.
+                self.overruns += 1
+                due = max_catch_up
+                next_tick = now - (due - 1) * self.tick
+            with self._lock:
+                # Frames that arrived while this thread was not running count as received in
+                # time for the watchdog (no false trip after the process was descheduled).
+                seen, self._host_seen = self._host_seen, False
                 for k in range(due):
                     self.tick_lateness.append(now - (next_tick + k * self.tick))
-                    self.fw.step(host_seen=bool(frames))
+                    self.fw.step(host_seen=seen)
                     ramp = self.fw.core.ramp_started_tick
                     if ramp is not None and ramp != self._ramp_seen:
                         # The first servo tick of a new stop ramp has run.
                         self._ramp_seen = ramp
                         self.ramp_start_wall = time.monotonic()
-                next_tick += due * self.tick
-                if now >= next_parent_check:
-                    next_parent_check = now + 0.1
-                    if os.getppid() != parent:
-                        print('emulator: parent process died, exiting', file=self.log, flush=True)
-                        break
-            for reply in self.fw.respond(frames):
-                self._transmit(reply)
+            next_tick += due * self.tick
+            if now >= next_parent_check:
+                next_parent_check = now + 0.1
+                if os.getppid() != parent:
+                    print('emulator: parent process died, exiting', file=self.log, flush=True)
+                    break
+        return 0
+
+    def _io_loop(self) -> None:
+        while not self._stop:
             rlist = list(self._clients)
             if self.master >= 0:
                 rlist.append(self.master)
@@ -626,19 +655,26 @@ class EmulatorServer:
                 rlist.append(self._listener)
             wlist = [self.master] if self._tx and self.master >= 0 else []
             try:
-                readable, writable, _ = select.select(rlist, wlist, [], max(0.0, next_tick - time.monotonic()))
+                readable, writable, _ = select.select(rlist, wlist, [], 0.1)
             except InterruptedError:
                 continue
+            except (OSError, ValueError):
+                continue                       # an fd closed under us (unplug): rebuild the lists
             if self.master in writable:
                 self._flush_tx()
             for src in readable:
                 if src is self._listener:
                     self._accept()
                 elif src == self.master:
-                    pass                               # read at the top of the loop
+                    frames = self._read_frames()
+                    with self._lock:
+                        if frames:
+                            self._host_seen = True
+                        replies = self.fw.respond(frames)   # also a NAK(CRC) the decoder queued
+                    for reply in replies:
+                        self._transmit(reply)
                 elif isinstance(src, socket.socket):
                     self._read_control(src)
-        return 0
 
     def _read_frames(self) -> List[protocol.Frame]:
         """Decode whatever the host has sent (non-blocking); [] when nothing or silenced."""
@@ -654,7 +690,8 @@ class EmulatorServer:
             raise
         if self.silenced or not data:
             return []
-        return self.fw.decode(data)
+        with self._lock:
+            return self.fw.decode(data)
 
     def _transmit(self, frame: bytes) -> None:
         self.tx_frames += 1
@@ -720,7 +757,9 @@ class EmulatorServer:
             line, _, rest = bytes(buf).partition(b'\n')
             buf[:] = rest
             try:
-                reply = 'ok' + ((' ' + r) if (r := self.control(line.decode('utf-8', 'replace'))) else '')
+                with self._lock:
+                    result = self.control(line.decode('utf-8', 'replace'))
+                reply = 'ok' + ((' ' + result) if result else '')
             except (ValueError, KeyError, IndexError) as exc:
                 reply = f'error {exc}'
             try:
@@ -833,6 +872,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument('--no-robot-model', action='store_true',
                         help='use the limits of docs/contracts.md instead of loading the URDF')
     parser.add_argument('--device-name', default=DEVICE_NAME)
+    parser.add_argument('--rt-priority', type=int, default=0, metavar='N',
+                        help='run the servo loop under SCHED_FIFO priority N (1..99), as the dedicated '
+                             'microcontroller it stands in for is never starved by the host\'s load; 0 (default) '
+                             '= normal scheduling. Falls back to normal scheduling (with a note) when not permitted')
     parser.add_argument('--link', metavar='PATH',
                         help='also make PATH a symlink to the pty (a fixed port name for launch files); '
                              'removed on exit')
@@ -863,6 +906,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         print(f'emulator: {exc}', file=sys.stderr)
         return 2
+    if args.rt_priority:
+        try:
+            if not 1 <= args.rt_priority <= 99:
+                raise ValueError(f'--rt-priority must be 1..99, got {args.rt_priority}')
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.rt_priority))
+        except (OSError, AttributeError, ValueError) as exc:
+            print(f'emulator: real-time priority not applied ({exc}); normal scheduling', file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, server.request_stop)
     signal.signal(signal.SIGINT, server.request_stop)
     try:

@@ -64,10 +64,10 @@ class PvtPoint:
     """One trajectory point for the controller's buffer.
 
     ``time`` is on the stream's own clock, s: 0 is the moment the controller
-    starts executing the stream (its first point arriving), strictly
-    increasing from point to point (so the first point has time > 0; the
-    stream's implicit first knot is the controller's own rest position at
-    time 0 with zero velocity). The controller reaches ``positions``
+    starts executing the stream (when 100 ms of points are buffered, or the
+    final point is in), strictly increasing from point to point (so the
+    first point has time > 0; the stream's implicit first knot is the
+    controller's own rest position at time 0 with zero velocity). The controller reaches ``positions``
     (m / rad, joint order) with ``velocities`` (m/s, rad/s) at ``time`` and
     interpolates between points (cubic Hermite) at its servo rate. The
     reference model of that controller is

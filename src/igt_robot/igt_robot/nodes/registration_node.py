@@ -48,6 +48,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 
 from igt_robot import frames, units
+from igt_robot.acquisition import memory as image_memory
 from igt_robot.imaging import (DEFAULT_FIDUCIALS_ZFRAME, ImageError, RegistrationOutcome, ZFrameGates, register_image,
                                validate_intensities)
 from igt_robot.imaging.fiducials import DEFAULT_MARKER_RADIUS_M
@@ -220,7 +221,8 @@ class RegistrationNode(Node):
                 raise ValueError(f'unknown registration method {method!r}; use one of: {", ".join(METHODS)}')
             path = resolve_image_path(image_path, self.p['image_root'])
             result.image_source = str(path)
-            volume = load_volume(path, self.p['nifti_modality'])
+            # The image travels once: a series the procedure node already holds (same process) is not re-read.
+            volume = image_memory.get(path) or load_volume(path, self.p['nifti_modality'])
             validate_intensities(volume, min_slices=self.p['min_slices'])
             outcome = register_image(volume, method_name, self.T_base_zframe, target,
                                      zframe_gates=self.gates, fiducials_model_m=self.marker_model_m,

@@ -23,7 +23,6 @@ from ``record.dose.DoseLedger``), and ProcedureEvents ``scan_started`` /
 from __future__ import annotations
 
 import dataclasses
-import math
 import select
 import socket
 import threading
@@ -36,8 +35,7 @@ from pyigtl import messages as pyigtl_messages
 from rclpy.node import Node
 
 from igt_robot.igtl.server import FramingError, IgtlServer, ServerSettings, StreamReader
-from igt_robot.record.dose import (KV_RANGE, MAX_CTDI_VOL_MGY, MAX_DLP_MGY_CM, MAX_MAS, MODALITY_CT,
-                                   DoseLedger, ScanDose)
+from igt_robot.record.dose import MODALITY_CT, DoseFactors, DoseLedger, DoseValueError, ScanDose
 from igt_robot.scanner import (MODEM_LINES, ModemTriggerInterpreter, ScannerPhase, SimulatedScannerSchedule,
                                StalenessGuard, phase_from_igtl_status, phase_from_igtl_text)
 from igt_robot_msgs.msg import DoseRecord, ProcedureEvent, ScannerState
@@ -110,16 +108,11 @@ def request_problem(req: SetScannerState.Request) -> Optional[str]:
     if not common.is_valid_phase_number(req.phase):
         return (f'unknown phase {req.phase}; expected 0 (UNKNOWN), 1 (IDLE), 2 (PREPARING) '
                 f'or 3 (ACQUIRING)')
-    limits = {'ctdi_vol_mgy': MAX_CTDI_VOL_MGY, 'dlp_mgy_cm': MAX_DLP_MGY_CM, 'kv': KV_RANGE[1], 'mas': MAX_MAS}
-    for name, high in limits.items():
-        value = getattr(req, name)
-        if not math.isfinite(value) or value < 0.0:
-            return f'{name} must be finite and >= 0, got {value}'
-        if value > high:
-            return f'{name} = {value:g} is implausibly large (limit {high:g}); check the unit'
-    if 0.0 < req.kv < KV_RANGE[0]:
-        return f'kv = {req.kv:g} outside {KV_RANGE[0]:g}..{KV_RANGE[1]:g} kV'
-    if not req.is_ionising and any(getattr(req, n) for n in limits):
+    try:
+        factors = DoseFactors(req.ctdi_vol_mgy, req.dlp_mgy_cm, req.kv, req.mas)   # the one dose validator
+    except DoseValueError as exc:
+        return str(exc)
+    if not req.is_ionising and factors.reported:
         return 'dose figures given for a non-ionising scan (set is_ionising for CT)'
     return None
 
