@@ -583,6 +583,9 @@ class HardwareNode(LifecycleNode):
         if self._link_error is not None:
             # Last known values, flagged: nothing about this state is current.
             msg.enabled = msg.moving = False
+        if state.stream is not None:    # the controller's trajectory buffer (motion_controller streams into it)
+            msg.buffer_lookahead = float(state.stream.lookahead)
+            msg.buffer_underruns = int(state.stream.underruns) & 0xFFFFFFFF
         try:
             tip = self.kinematics.forward(state.positions)
         except ValueError as exc:
