@@ -41,6 +41,8 @@ from .params import Param, declare
 PARAMS = [
     Param('required_heartbeats', ['scanner_interface', 'hardware_node', 'motion_controller'],
           'nodes whose /heartbeat (frame_id = node name) is required; silence latches HEARTBEAT_LOST'),
+    Param('motion_heartbeats', [''], 'nodes whose /heartbeat is required only for motion (READY needs them, '
+          'their silence holds motion until the operator resumes; e.g. recorder_node, procedure_node)'),
     Param('heartbeat_timeout_s', 1.0, 'heartbeat timeout of every required node (s)', 0.05, 10.0),
     Param('heartbeat_timeouts_s', Parameter.Type.DOUBLE_ARRAY,
           'per-node heartbeat timeouts (s) in required_heartbeats order; unset = heartbeat_timeout_s'),
@@ -89,9 +91,13 @@ class SafetySupervisorNode(Node):
         if len(timeouts) != len(required):
             raise ValueError(f"parameter 'heartbeat_timeouts_s' needs {len(required)} values "
                              f"(one per required_heartbeats entry), got {len(timeouts)}")
+        motion_only = [str(n) for n in p['motion_heartbeats'] if str(n) and str(n) not in required]
+        required += motion_only
+        timeouts += [p['heartbeat_timeout_s']] * len(motion_only)
         workspace = (p['workspace_lower'] or None, p['workspace_upper'] or None)
         config = SafetyConfig(
-            heartbeat_timeouts=dict(zip(required, timeouts)), scanner_required=p['scanner_required'],
+            heartbeat_timeouts=dict(zip(required, timeouts)), motion_heartbeats=tuple(motion_only),
+            scanner_required=p['scanner_required'],
             scanner_timeout=p['scanner_timeout_s'], scanner_max_age=p['scanner_max_age_s'] or None,
             auto_resume_after_scan=p['auto_resume_after_scan'], require_estop_input=p['require_robot_state'],
             require_joint_state=p['require_joint_state'], joint_names=model.joint_names,

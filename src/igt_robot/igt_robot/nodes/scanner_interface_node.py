@@ -35,6 +35,7 @@ from pyigtl import messages as pyigtl_messages
 from rclpy.node import Node
 
 from igt_robot.igtl.server import FramingError, IgtlServer, ServerSettings, StreamReader
+from igt_robot.record import procedure_id
 from igt_robot.record.dose import MODALITY_CT, DoseFactors, DoseLedger, DoseValueError, ScanDose
 from igt_robot.scanner import (MODEM_LINES, ModemTriggerInterpreter, ScannerPhase, SimulatedScannerSchedule,
                                StalenessGuard, phase_from_igtl_status, phase_from_igtl_text)
@@ -329,6 +330,7 @@ class ScannerInterfaceNode(Node):
                                  kv=reading.kv, mas=reading.mas, stamp=time.time())
             self._ledger.add(scan_dose)
             record = DoseRecord(**self._ledger.dose_record_fields(scan_dose))
+            record.procedure_id = procedure_id.current()   # the recorder keeps only its own procedure's doses
             record.header.stamp = common.stamp_now(self)
             self._dose_pub.publish(record)
 
