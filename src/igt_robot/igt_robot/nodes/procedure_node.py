@@ -677,7 +677,8 @@ class ProcedureNode(Node):
     def _safety_text(self):
         if self.safety is None:
             return 'safety state unknown'
-        return f'safety {self.safety.state} ({"motion permitted" if self.safety.motion_permitted else self.safety.reason})'
+        why = 'motion permitted' if self.safety.motion_permitted else self.safety.reason
+        return f'safety {self.safety.state} ({why})'
 
     def _event(self, kind, description, severity=ProcedureEvent.INFO, **values):
         self.events.publish(common.make_event(self, kind, description, severity=severity, values=values,
