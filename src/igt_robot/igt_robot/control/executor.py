@@ -20,7 +20,7 @@ runs at 50-100 Hz, is given ``now`` (monotonic s) and does, per call:
    ends quoting its ``stop_cause``. Otherwise top the buffer up to
    ``executed_time + lookahead`` (the final point is marked ``final``).
 4. When the controller reports the stream done: settle within the goal
-   tolerance (or time out), as before.
+   tolerance within ``settle_timeout``, else ABORTED_GOAL_TOLERANCE.
 
 A host stall shorter than the buffered look-ahead changes nothing: the
 controller keeps executing what it has. A longer one runs the buffer dry, which
