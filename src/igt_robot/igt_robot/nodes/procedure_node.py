@@ -158,6 +158,7 @@ class ProcedureNode(Node):
             watch_dir=self.p['watch_dir'], on_event=self._source_event)
         self.dose_ledger = DoseLedger()               # dose records this node published (image-derived)
         self._scan_wait = threading.Event()           # set while a requested scan is awaited; 'stop' clears it
+        self._scan_counter = 0                        # scans received from a source the stack does not trigger
         self.safety: Optional[SafetyStatus] = None
         self.robot: Optional[RobotState] = None
         self.lock = threading.RLock()                 # one operator command at a time
@@ -462,7 +463,7 @@ class ProcedureNode(Node):
             raise StepFailed(str(exc)) from exc
         finally:
             self._scan_wait.clear()
-        self._scan_counter = getattr(self, '_scan_counter', 0) + 1
+        self._scan_counter += 1
         series.scan_id = f'scan{self._scan_counter:02d}_{protocol}'
         labels = self.stand_in.labels.get(series.series_instance_uid) if self.stand_in is not None else None
         labels = labels or self.scan_dir / f'{series.series_instance_uid}_labels.nii.gz'

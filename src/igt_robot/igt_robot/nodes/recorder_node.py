@@ -542,7 +542,8 @@ class RecorderNode(Node):
         try:
             scan = ct_scan(scan_id, ctdi_vol_mgy=msg.ctdi_vol_mgy, dlp_mgy_cm=msg.dlp_mgy_cm, kv=msg.kv, mas=msg.mas,
                            scan_length_m=length, protocol_name=msg.protocol_name,
-                           body_region=self.p['body_region'], stamp=stamp)
+                           body_region=self.p['body_region'], stamp=stamp, source=msg.source,
+                           series_instance_uid=msg.series_instance_uid)
         except DoseValueError as exc:
             # Kept in the record (the scan happened) but not totalled: the figures are missing or implausible.
             self.get_logger().warning(f'dose of scan {scan_id!r} not totalled: {exc}')
