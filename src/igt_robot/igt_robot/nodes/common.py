@@ -31,12 +31,12 @@ from igt_robot.record import procedure_id
 from igt_robot.scanner.phases import ScannerPhase
 from igt_robot_msgs.msg import ProcedureEvent, SafetyFault, ScannerState
 
-from . import qos, spinning
+from . import qos, spinning, topics
 
-HEARTBEAT_TOPIC = '/heartbeat'
-FAULTS_TOPIC = '/safety/faults'
-EVENTS_TOPIC = '/procedure/events'
-DIAGNOSTICS_TOPIC = '/diagnostics'
+HEARTBEAT_TOPIC = topics.HEARTBEAT
+FAULTS_TOPIC = topics.SAFETY_FAULTS
+EVENTS_TOPIC = topics.PROCEDURE_EVENTS
+DIAGNOSTICS_TOPIC = topics.DIAGNOSTICS
 DIAGNOSTICS_QOS = 10          # RELIABLE depth 10 (contracts.md)
 
 # ------------------------------------------------------------------------- time

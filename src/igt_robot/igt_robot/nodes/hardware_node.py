@@ -57,7 +57,7 @@ from igt_robot.hardware import create_backend
 from igt_robot.hardware import shared as shared_hardware
 from igt_robot.hardware.interface import HardwareError, HardwareFault, HardwareState
 from igt_robot.kinematics import NeedleGuideKinematics
-from igt_robot.nodes import common, qos
+from igt_robot.nodes import common, qos, topics
 from igt_robot.nodes.params import Param, declare
 from igt_robot.robot_model import load_robot_model
 from igt_robot.scanner.phases import ScannerPhase
@@ -195,8 +195,8 @@ class HardwareNode(LifecycleNode):
         # Own group: sharing one with the (blocking) state reads starved it under rclpy's executor.
         self._diagnostics_group = MutuallyExclusiveCallbackGroup()
 
-        self.joint_state_pub = self.create_publisher(JointState, '/joint_states', JOINT_STATE_QOS)
-        self.robot_state_pub = self.create_publisher(RobotState, '/robot/state', qos.STATE_STREAM)
+        self.joint_state_pub = self.create_publisher(JointState, topics.JOINT_STATES, JOINT_STATE_QOS)
+        self.robot_state_pub = self.create_publisher(RobotState, topics.ROBOT_STATE, qos.STATE_STREAM)
         self.diagnostics_pub = common.create_diagnostics_publisher(self)
         self.events_pub = common.create_event_publisher(self)
         self.faults = common.FaultReporter(self)
@@ -206,9 +206,9 @@ class HardwareNode(LifecycleNode):
                                                    callback_group=self._state_group)
         self.heartbeat.stop()
 
-        self.create_subscription(ScannerState, '/scanner/state', self._on_scanner, qos.SCANNER_STATE,
+        self.create_subscription(ScannerState, topics.SCANNER_STATE, self._on_scanner, qos.SCANNER_STATE,
                                  callback_group=self._interlock_group)
-        self.create_subscription(Bool, '/safety/motion_permitted', self._on_permitted, qos.SAFETY_LATCHED,
+        self.create_subscription(Bool, topics.SAFETY_MOTION_PERMITTED, self._on_permitted, qos.SAFETY_LATCHED,
                                  callback_group=self._interlock_group,
                                  event_callbacks=SubscriptionEventCallbacks(liveliness=self._on_supervisor_liveliness))
         self.create_timer(1.0 / self.p['diagnostics_rate'], self.publish_diagnostics,

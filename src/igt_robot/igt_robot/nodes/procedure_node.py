@@ -59,7 +59,7 @@ from igt_robot.imaging.io import read_dicom_series
 from igt_robot.imaging.needle import find_needle
 from igt_robot.imaging.reformat import oblique_slice, plane_axes, project
 from igt_robot.kinematics import NeedleGuideKinematics
-from igt_robot.nodes import common, qos
+from igt_robot.nodes import common, qos, topics
 from igt_robot.nodes.params import Param, declare
 from igt_robot.procedure.steps import TipCheck, insertion_schedule
 from igt_robot.procedure.peer_watch import HeartbeatWatch
@@ -158,6 +158,7 @@ class ProcedureNode(Node):
             watch_dir=self.p['watch_dir'], on_event=self._source_event)
         self.dose_ledger = DoseLedger()               # dose records this node published (image-derived)
         self._scan_wait = threading.Event()           # set while a requested scan is awaited; 'stop' clears it
+        self._scan_counter = 0                        # scans received from a source the stack does not trigger
         self.safety: Optional[SafetyStatus] = None
         self.robot: Optional[RobotState] = None
         self.lock = threading.RLock()                 # one operator command at a time
@@ -169,23 +170,23 @@ class ProcedureNode(Node):
 
         group = ReentrantCallbackGroup()
         self.events = common.create_event_publisher(self)
-        self.create_subscription(SafetyStatus, '/safety/status', self._on_safety, qos.SAFETY_LATCHED,
+        self.create_subscription(SafetyStatus, topics.SAFETY_STATUS, self._on_safety, qos.SAFETY_LATCHED,
                                  callback_group=group)
-        self.create_subscription(RobotState, '/robot/state', self._on_robot, qos.STATE_STREAM, callback_group=group)
-        self.create_subscription(RegistrationResult, '/registration/result', self._on_registration, qos.LATCHED,
+        self.create_subscription(RobotState, topics.ROBOT_STATE, self._on_robot, qos.STATE_STREAM, callback_group=group)
+        self.create_subscription(RegistrationResult, topics.REGISTRATION_RESULT, self._on_registration, qos.LATCHED,
                                  callback_group=group)
-        self.create_subscription(PointStamped, '/procedure/target', self._on_target, qos.LATCHED,
+        self.create_subscription(PointStamped, topics.PROCEDURE_TARGET, self._on_target, qos.LATCHED,
                                  callback_group=group)
-        self.scanner_client = self.create_client(SetScannerState, '/scanner/set_state', callback_group=group)
-        self.register_client = self.create_client(RegisterImage, '/registration/register', callback_group=group)
-        self.plan_client = self.create_client(PlanPath, '/planner/plan', callback_group=group)
-        self.resume_client = self.create_client(ResumeMotion, '/safety/resume', callback_group=group)
+        self.scanner_client = self.create_client(SetScannerState, topics.SCANNER_SET_STATE, callback_group=group)
+        self.register_client = self.create_client(RegisterImage, topics.REGISTRATION_REGISTER, callback_group=group)
+        self.plan_client = self.create_client(PlanPath, topics.PLANNER_PLAN, callback_group=group)
+        self.resume_client = self.create_client(ResumeMotion, topics.SAFETY_RESUME, callback_group=group)
         self.recorder_report_client = self.create_client(Trigger, '/recorder_node/write_report', callback_group=group)
-        self.move_client = ActionClient(self, MoveGuide, '/motion/move_guide', callback_group=group)
-        self.insert_client = ActionClient(self, InsertNeedle, '/motion/insert_needle', callback_group=group)
-        self.create_service(OperatorCommand, '/procedure/command', self._on_command, callback_group=group)
+        self.move_client = ActionClient(self, MoveGuide, topics.MOVE_GUIDE, callback_group=group)
+        self.insert_client = ActionClient(self, InsertNeedle, topics.INSERT_NEEDLE, callback_group=group)
+        self.create_service(OperatorCommand, topics.PROCEDURE_COMMAND, self._on_command, callback_group=group)
         self._watch_control_process(group)
-        self.dose_pub = self.create_publisher(DoseRecord, '/scanner/dose', qos.EVENTS)
+        self.dose_pub = self.create_publisher(DoseRecord, topics.SCANNER_DOSE, qos.EVENTS)
         self.source.start()
         if self.p['demo_dicom_peer']:
             from igt_robot.procedure.scanner_stand_in import ScannerStandIn
@@ -462,7 +463,7 @@ class ProcedureNode(Node):
             raise StepFailed(str(exc)) from exc
         finally:
             self._scan_wait.clear()
-        self._scan_counter = getattr(self, '_scan_counter', 0) + 1
+        self._scan_counter += 1
         series.scan_id = f'scan{self._scan_counter:02d}_{protocol}'
         labels = self.stand_in.labels.get(series.series_instance_uid) if self.stand_in is not None else None
         labels = labels or self.scan_dir / f'{series.series_instance_uid}_labels.nii.gz'

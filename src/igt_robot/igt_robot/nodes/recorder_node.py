@@ -69,7 +69,7 @@ from sensor_msgs.msg import JointState
 from std_srvs.srv import Trigger
 
 from igt_robot import paths
-from igt_robot.nodes import common, msg_convert, qos
+from igt_robot.nodes import common, msg_convert, qos, topics
 from igt_robot.nodes.params import Param, declare
 from igt_robot.record import (KIND_CONFIRMATION, KIND_DOSE, KIND_EVENT, KIND_INTERLOCK, KIND_MOTION, KIND_PLAN,
                               KIND_REGISTRATION, KIND_SCANNER, KIND_TIP, KIND_WORKFLOW, DoseLedger, DoseValueError,
@@ -232,9 +232,9 @@ class RecorderNode(Node):
             self.mcap_path = self._next_mcap_path()
             self.mcap = McapLog(self.mcap_path, compression=self.p['mcap_compression'],
                                 chunk_size=int(self.p['mcap_chunk_kib']) * 1024)
-        self._decimators = {'/robot/state': _Decimator(self.p['robot_state_rate_hz']),
-                            '/joint_states': _Decimator(self.p['joint_states_rate_hz']),
-                            '/scanner/state': _Decimator(self.p['scanner_state_rate_hz'])}
+        self._decimators = {topics.ROBOT_STATE: _Decimator(self.p['robot_state_rate_hz']),
+                            topics.JOINT_STATES: _Decimator(self.p['joint_states_rate_hz']),
+                            topics.SCANNER_STATE: _Decimator(self.p['scanner_state_rate_hz'])}
         self._append(KIND_RECORDER, {'procedure_id': procedure_id, 'record_dir': self.record_dir,
                                      'mcap': self.mcap_path, 'pid': os.getpid(),
                                      'resumed_at_seq': self.record.last_seq,
@@ -244,20 +244,21 @@ class RecorderNode(Node):
         record_group = MutuallyExclusiveCallbackGroup()
         stream_group = MutuallyExclusiveCallbackGroup()
         report_group = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(ProcedureEvent, '/procedure/events', self._on_event, qos.EVENTS,
+        self.create_subscription(ProcedureEvent, topics.PROCEDURE_EVENTS, self._on_event, qos.EVENTS,
                                  callback_group=record_group)
-        self.create_subscription(DoseRecord, '/scanner/dose', self._on_dose, qos.EVENTS, callback_group=record_group)
-        self.create_subscription(RegistrationResult, '/registration/result', self._on_registration, qos.LATCHED,
+        self.create_subscription(DoseRecord, topics.SCANNER_DOSE, self._on_dose, qos.EVENTS,
                                  callback_group=record_group)
-        self.create_subscription(NeedlePlan, '/planner/current_plan', self._on_plan, qos.LATCHED,
+        self.create_subscription(RegistrationResult, topics.REGISTRATION_RESULT, self._on_registration, qos.LATCHED,
                                  callback_group=record_group)
-        self.create_subscription(SafetyStatus, '/safety/status', self._on_safety, qos.SAFETY_LATCHED,
+        self.create_subscription(NeedlePlan, topics.PLANNER_CURRENT_PLAN, self._on_plan, qos.LATCHED,
+                                 callback_group=record_group)
+        self.create_subscription(SafetyStatus, topics.SAFETY_STATUS, self._on_safety, qos.SAFETY_LATCHED,
                                  callback_group=stream_group)
-        self.create_subscription(ScannerState, '/scanner/state', self._on_scanner, qos.SCANNER_STATE,
+        self.create_subscription(ScannerState, topics.SCANNER_STATE, self._on_scanner, qos.SCANNER_STATE,
                                  callback_group=stream_group)
-        self.create_subscription(RobotState, '/robot/state', self._on_robot, qos.STATE_STREAM,
+        self.create_subscription(RobotState, topics.ROBOT_STATE, self._on_robot, qos.STATE_STREAM,
                                  callback_group=stream_group)
-        self.create_subscription(JointState, '/joint_states', self._on_joints, qos.STATE_STREAM,
+        self.create_subscription(JointState, topics.JOINT_STATES, self._on_joints, qos.STATE_STREAM,
                                  callback_group=stream_group)
         self.create_service(Trigger, '~/write_report', self._on_write_report, callback_group=report_group)
         self.diagnostics = common.create_diagnostics_publisher(self)
@@ -472,7 +473,7 @@ class RecorderNode(Node):
     def _on_event(self, msg: ProcedureEvent) -> None:
         if self._is_foreign('event', msg.source, msg.procedure_id):
             return
-        self._log('/procedure/events', 'igt_robot_msgs/msg/ProcedureEvent', msg)
+        self._log(topics.PROCEDURE_EVENTS, 'igt_robot_msgs/msg/ProcedureEvent', msg)
         values = msg_convert.key_values_dict(msg.values)
         payload = {'phase': msg.phase, 'severity': int(msg.severity), 'source': msg.source, 'kind': msg.kind,
                    'description': msg.description, 'values': values,
@@ -526,7 +527,7 @@ class RecorderNode(Node):
     def _on_dose(self, msg: DoseRecord) -> None:
         if self._is_foreign('dose', msg.scan_id, msg.procedure_id):
             return   # another procedure's dose never enters this record
-        self._log('/scanner/dose', 'igt_robot_msgs/msg/DoseRecord', msg)
+        self._log(topics.SCANNER_DOSE, 'igt_robot_msgs/msg/DoseRecord', msg)
         scan_id = msg.scan_id
         known = {s.scan_id for s in self.ledger.scans}
         if scan_id in known or scan_id in self._unverified_scans:
@@ -541,7 +542,8 @@ class RecorderNode(Node):
         try:
             scan = ct_scan(scan_id, ctdi_vol_mgy=msg.ctdi_vol_mgy, dlp_mgy_cm=msg.dlp_mgy_cm, kv=msg.kv, mas=msg.mas,
                            scan_length_m=length, protocol_name=msg.protocol_name,
-                           body_region=self.p['body_region'], stamp=stamp)
+                           body_region=self.p['body_region'], stamp=stamp, source=msg.source,
+                           series_instance_uid=msg.series_instance_uid)
         except DoseValueError as exc:
             # Kept in the record (the scan happened) but not totalled: the figures are missing or implausible.
             self.get_logger().warning(f'dose of scan {scan_id!r} not totalled: {exc}')
@@ -563,7 +565,7 @@ class RecorderNode(Node):
             self.ledger = DoseLedger(s for s in self.ledger.scans if s.scan_id != scan_id)
 
     def _on_registration(self, msg: RegistrationResult) -> None:
-        self._log('/registration/result', 'igt_robot_msgs/msg/RegistrationResult', msg)
+        self._log(topics.REGISTRATION_RESULT, 'igt_robot_msgs/msg/RegistrationResult', msg)
         stamp = msg_convert.stamp_ns(msg.header.stamp)
         key = (stamp, msg.method, msg.image_source)
         if key in self._registration_keys:
@@ -580,7 +582,7 @@ class RecorderNode(Node):
             self._registration_keys.add(key)
 
     def _on_plan(self, msg: NeedlePlan) -> None:
-        self._log('/planner/current_plan', 'igt_robot_msgs/msg/NeedlePlan', msg)
+        self._log(topics.PLANNER_CURRENT_PLAN, 'igt_robot_msgs/msg/NeedlePlan', msg)
         stamp = msg_convert.stamp_ns(msg.header.stamp)
         key = (msg.plan_id, stamp)
         if key in self._plan_keys:
@@ -599,12 +601,12 @@ class RecorderNode(Node):
 
     # ------------------------------------------------------------ streams
     def _on_safety(self, msg: SafetyStatus) -> None:
-        self._log('/safety/status', 'igt_robot_msgs/msg/SafetyStatus', msg)
+        self._log(topics.SAFETY_STATUS, 'igt_robot_msgs/msg/SafetyStatus', msg)
 
     def _on_scanner(self, msg: ScannerState) -> None:
         phase = common.phase_from_msg(msg.phase).value
         changed = phase != self._scanner_phase
-        self._log('/scanner/state', 'igt_robot_msgs/msg/ScannerState', msg, force=changed)
+        self._log(topics.SCANNER_STATE, 'igt_robot_msgs/msg/ScannerState', msg, force=changed)
         if changed:
             self._scanner_phase = phase
             self._append(KIND_SCANNER, {'phase': phase, 'protocol_name': msg.protocol_name, 'source': msg.source,
@@ -613,7 +615,7 @@ class RecorderNode(Node):
     def _on_robot(self, msg: RobotState) -> None:
         moving = bool(msg.moving)
         changed = moving != self._moving
-        self._log('/robot/state', 'igt_robot_msgs/msg/RobotState', msg, force=changed)
+        self._log(topics.ROBOT_STATE, 'igt_robot_msgs/msg/RobotState', msg, force=changed)
         now = time.monotonic()
         if changed:
             self._moving = moving
@@ -625,7 +627,7 @@ class RecorderNode(Node):
             self._append(KIND_POSITION, {'position': list(msg.position), 'insertion_depth_m': msg.insertion_depth})
 
     def _on_joints(self, msg: JointState) -> None:
-        self._log('/joint_states', 'sensor_msgs/msg/JointState', msg)
+        self._log(topics.JOINT_STATES, 'sensor_msgs/msg/JointState', msg)
 
     # ------------------------------------------------------------ report and lifetime
     def write_report(self) -> str:

@@ -35,7 +35,7 @@ from igt_robot.safety import CommandResult, EventKind, SafetyConfig, SafetyState
 from igt_robot_msgs import msg as igt_msg
 from igt_robot_msgs.srv import AcknowledgeFaults, ResumeMotion, SetEstop
 
-from . import common, qos
+from . import common, qos, topics
 from .params import Param, declare
 
 PARAMS = [
@@ -114,21 +114,21 @@ class SafetySupervisorNode(Node):
         self._last_key = None
         self._last_state = None
 
-        self._status_pub = self.create_publisher(igt_msg.SafetyStatus, '/safety/status', qos.SAFETY_LATCHED)
-        self._permitted_pub = self.create_publisher(Bool, '/safety/motion_permitted', qos.SAFETY_LATCHED)
+        self._status_pub = self.create_publisher(igt_msg.SafetyStatus, topics.SAFETY_STATUS, qos.SAFETY_LATCHED)
+        self._permitted_pub = self.create_publisher(Bool, topics.SAFETY_MOTION_PERMITTED, qos.SAFETY_LATCHED)
         self._event_pub = common.create_event_publisher(self)
         self._diag_pub = common.create_diagnostics_publisher(self)
 
         group = ReentrantCallbackGroup()   # callbacks may overlap; the lock serialises the core
         sub = self.create_subscription
-        sub(igt_msg.ScannerState, '/scanner/state', self._on_scanner, qos.SCANNER_STATE, callback_group=group)
+        sub(igt_msg.ScannerState, topics.SCANNER_STATE, self._on_scanner, qos.SCANNER_STATE, callback_group=group)
         sub(Header, common.HEARTBEAT_TOPIC, self._on_heartbeat, qos.COMMANDS, callback_group=group)
         sub(igt_msg.SafetyFault, common.FAULTS_TOPIC, self._on_fault, qos.COMMANDS, callback_group=group)
-        sub(JointState, '/joint_states', self._on_joint_states, 10, callback_group=group)
-        sub(igt_msg.RobotState, '/robot/state', self._on_robot_state, qos.STATE_STREAM, callback_group=group)
-        self.create_service(SetEstop, '/safety/estop', self._on_estop, callback_group=group)
-        self.create_service(AcknowledgeFaults, '/safety/acknowledge', self._on_acknowledge, callback_group=group)
-        self.create_service(ResumeMotion, '/safety/resume', self._on_resume, callback_group=group)
+        sub(JointState, topics.JOINT_STATES, self._on_joint_states, 10, callback_group=group)
+        sub(igt_msg.RobotState, topics.ROBOT_STATE, self._on_robot_state, qos.STATE_STREAM, callback_group=group)
+        self.create_service(SetEstop, topics.SAFETY_ESTOP, self._on_estop, callback_group=group)
+        self.create_service(AcknowledgeFaults, topics.SAFETY_ACKNOWLEDGE, self._on_acknowledge, callback_group=group)
+        self.create_service(ResumeMotion, topics.SAFETY_RESUME, self._on_resume, callback_group=group)
         self.create_timer(1.0 / p['tick_rate_hz'], lambda: self._apply(self._sup.tick), callback_group=group)
         self.create_timer(1.0 / p['publish_rate_hz'], self._publish_periodic, callback_group=group)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=group)

@@ -42,7 +42,7 @@ from igt_robot.scanner import (MODEM_LINES, ModemTriggerInterpreter, ScannerPhas
 from igt_robot_msgs.msg import DoseRecord, ProcedureEvent, ScannerState
 from igt_robot_msgs.srv import SetScannerState
 
-from . import common, qos
+from . import common, qos, topics
 from .params import Param, declare
 
 SOURCES = ('service', 'igtl', 'trigger', 'simulated')
@@ -224,15 +224,15 @@ class ScannerInterfaceNode(Node):
         self.igtl_connected = False
         self.igtl_port = None
 
-        self._state_pub = self.create_publisher(ScannerState, '/scanner/state', qos.SCANNER_STATE)
-        self._dose_pub = self.create_publisher(DoseRecord, '/scanner/dose', qos.EVENTS)
+        self._state_pub = self.create_publisher(ScannerState, topics.SCANNER_STATE, qos.SCANNER_STATE)
+        self._dose_pub = self.create_publisher(DoseRecord, topics.SCANNER_DOSE, qos.EVENTS)
         self._event_pub = common.create_event_publisher(self)
         self._diag_pub = common.create_diagnostics_publisher(self)
 
         if 'service' in sources:
             self._readings['service'] = Reading(phase=ScannerPhase(self.p['service_initial_phase']),
                                                 note='initial phase')
-            self.create_service(SetScannerState, '/scanner/set_state', self._on_set_state)
+            self.create_service(SetScannerState, topics.SCANNER_SET_STATE, self._on_set_state)
         if 'simulated' in sources:
             self._schedule = SimulatedScannerSchedule(self._parse_schedule(self.p['simulated_schedule']))
             self._sim_t0 = time.monotonic()
