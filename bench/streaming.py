@@ -78,11 +78,19 @@ class Probe:
     def __getattr__(self, name):
         return getattr(self._probe, name)
 
-    def make_ready_after_fault(self):
-        status = self._probe.status
-        if status is not None and status.latched:
-            self._probe.acknowledge()
-        self._probe.make_ready()
+    def make_ready_after_fault(self, attempts: int = 5):
+        """Acknowledge and resume as the operator would; a loaded machine may need several tries."""
+        for _ in range(attempts):
+            time.sleep(0.5)
+            status = self._probe.status
+            try:
+                if status is not None and status.latched:
+                    self._probe.acknowledge()
+                self._probe.make_ready()
+                return
+            except (AssertionError, testing.ConditionTimeout) as exc:
+                print(f'# recovering: {exc}', flush=True)
+        raise RuntimeError(f'could not make the stack ready again after {attempts} attempts')
 
 
 def main() -> int:

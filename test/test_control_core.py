@@ -8,7 +8,7 @@ import pytest
 from igt_robot.control import (ExecutorMode, FixedRateLoop, GoalManager, GoalState, GoalStateError, ResultCode,
                                StreamingExecutor, TrackingMonitor, TrajectoryStreamer)
 from igt_robot.hardware.controller_core import AxisLimits, ControllerCore, Refusal
-from igt_robot.hardware.interface import HardwareFault, HardwareInterface, HardwareState, StreamStatus
+from igt_robot.hardware.interface import HardwareFault, HardwareInterface, HardwareState, PvtPoint, StreamStatus
 from igt_robot.safety import SafetyConfig, SafetyState, SafetySupervisor
 from igt_robot.trajectory import JointLimits, plan_waypoints
 
@@ -592,6 +592,40 @@ def test_a_goal_waits_for_the_controller_to_end_its_stream_but_not_forever():
     assert not ex.step(1.0).finished and ctrl.pushes == []
     fin = ex.step(ex.stop_timeout + 0.1).finished
     assert fin[0].result_code is ResultCode.ABORTED_HARDWARE and 'still runs stream 7' in fin[0].message
+
+
+class WireController(CoreController):
+    """The controller model behind a serial link: positions in whole encoder counts (1 um) and
+    velocities in whole counts/s on the wire, as protocol 2 sends them."""
+
+    def __init__(self, q0=None, capacity=128):
+        super().__init__(q0, capacity)
+        self.core = ControllerCore([AxisLimits(a.lower, a.upper, a.max_velocity, a.max_acceleration, 1e-6, a.name)
+                                    for a in self.core.axes], watchdog_timeout=None, buffer_capacity=capacity,
+                                   positions=self.pos, measure=lambda: self.pos)
+        self.core.enable()
+
+    def push_points(self, stream_id, points, final=False):
+        wire = [PvtPoint(p.time, np.round(p.positions * 1e6) / 1e6, np.round(p.velocities * 1e6) / 1e6)
+                for p in points]
+        return super().push_points(stream_id, wire, final)
+
+
+@pytest.mark.parametrize('speed', [1.0, 0.5])
+def test_retracting_onto_the_joint_limit_survives_the_wire_quantisation(speed):
+    """Retract the needle to 0 (its lower limit) over the quantised link from many depths: the last
+    streamed segment must not dip below the limit (the controller would refuse it: RANGE)."""
+    ctrl = WireController(np.zeros(5))
+    # The shipped headroom: trajectories at 80 % of the drive limits (the insertion axis decelerates at 8 mm/s^2).
+    limits = JointLimits(velocity=VEL * 0.8, acceleration=ACC * 0.8, lower=LOWER, upper=UPPER, joint_names=NAMES)
+    ex = StreamingExecutor(ctrl, lambda: True, limits, TrackingMonitor(VEL * 0.002, VEL * 0.02, 3, NAMES),
+                           goal_tolerance=1e-6, settle_timeout=0.2, lookahead=0.3, point_spacing=0.02)
+    rng = np.random.default_rng(7)
+    for k, depth in enumerate(rng.uniform(0.0005, 0.006, 12)):
+        for target in (depth, 0.0):
+            assert ex.submit(f'g{k}-{target}', [0, 0, 0, 0, target], ctrl.t, speed_scale=speed).accepted
+            _, fin = run_until(ex, ctrl, lambda r: r.finished)
+            assert fin[0].result_code is ResultCode.SUCCEEDED, fin[0].message
 
 
 def test_goal_at_the_current_position_succeeds_without_a_stream():

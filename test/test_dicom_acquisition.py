@@ -341,3 +341,30 @@ def test_orthanc_absent_is_a_reason_not_a_crash(monkeypatch):
     assert 'not installed' in peer.orthanc_available()
     with pytest.raises(PeerError, match='not installed'):
         peer.OrthancPeer('/nonexistent', {})
+
+
+# ---------------------------------------------------------------- OpenIGTLink IMAGE (Slicer, a scanner bridge)
+def test_an_igtl_image_becomes_a_series_in_lps_and_is_kept_on_disk(tmp_path):
+    import socket
+
+    from igt_robot.acquisition.igtl_image import IgtlImageSource
+    from igt_robot.imaging.io import igtl_image_from_volume, read_nifti
+    refused = []
+    source = IgtlImageSource(tmp_path / 'igtl', port=0, modality='CT', max_image_bytes=200_000,
+                             on_event=lambda kind, text, values: refused.append(text) if 'refused' in kind else None)
+    source.start()
+    try:
+        requested = time.monotonic()
+        volume = ct_volume()
+        with socket.create_connection(('127.0.0.1', source.port)) as link:
+            link.sendall(igtl_image_from_volume(volume, device_name='control scan').pack())        # RAS on the wire
+            big = ct_volume(shape=(4, 200, 200))
+            link.sendall(igtl_image_from_volume(big, device_name='too big').pack())
+            series = source.wait_for_series(ScanRequest('control', 'CT', requested, ('control',)), 10)
+            wait_for(lambda: refused, 10, 'the oversized image to be refused')
+    finally:
+        source.stop()
+    np.testing.assert_allclose(series.volume.data, volume.data)
+    np.testing.assert_allclose(series.volume.affine, volume.affine, atol=1e-9)       # LPS metres in the core
+    np.testing.assert_allclose(read_nifti(series.dicom_dir, 'CT').data, volume.data)
+    assert 'too big' in refused[0]

@@ -319,10 +319,11 @@ def test_enable_move_reaches_target_within_velocity_limits(hw):
 
 
 def test_streamed_setpoints_with_feedforward_are_tracked(hw):
+    from igt_robot.hardware.controller_core import FEEDFORWARD_BRIDGE
     hw.enable()
     speed, accel, t_end = 0.004, 0.01, 0.6             # feasible profile: half the axis acceleration
     t0 = time.monotonic()
-    worst = 0.0
+    worst, last_write, settled_after = 0.0, None, 0.0
     while True:
         t = time.monotonic() - t0
         tc = min(t, t_end)
@@ -331,9 +332,19 @@ def test_streamed_setpoints_with_feedforward_are_tracked(hw):
         v = accel * tc if tc < ramp else speed
         if t >= t_end:
             break
+        if last_write is not None and t - last_write > FEEDFORWARD_BRIDGE:
+            # This host was descheduled longer than a setpoint's feed-forward lasts: the controller
+            # rightly braked (a silent host must not drag the axis on). That is the streaming
+            # protocol's case; judge the setpoint tracking once the axis has caught up again.
+            settled_after = t + 0.2
+        last_write = t
         hw.write([x, 0, 0, 0, 0], velocities=[v, 0, 0, 0, 0])
         s = hw.read()
-        worst = max(worst, abs(s.positions[0] - x))
+        read_at = time.monotonic() - t0
+        if read_at - t > FEEDFORWARD_BRIDGE:           # the same stall between the write and the read
+            settled_after = read_at + 0.2
+        if t >= settled_after:
+            worst = max(worst, abs(s.positions[0] - x))
     hw.write([x, 0, 0, 0, 0])
     final = wait_state(hw, lambda s: not s.moving, what='settling')
     assert final.positions[0] == pytest.approx(x, abs=1e-6)

@@ -183,3 +183,14 @@ def test_host_stall_longer_than_the_lookahead_is_an_underrun_stop(stack):
                                'the underrun stop reported to the supervisor')
     assert not status.motion_permitted
     assert any('UNDERRUN' in f.detail for f in status.faults if f.code == 'HARDWARE_FAULT')
+
+
+def test_robot_state_reports_the_controller_buffer(stack):
+    _, probe = stack
+    probe.make_ready()
+    handle = probe.send(probe.insert, InsertNeedle.Goal(target_depth=0.006))
+    assert handle.accepted
+    state = probe.wait_status(lambda s: probe.robot is not None and probe.robot.buffer_lookahead > 0.1,
+                              'the streamed look-ahead in /robot/state') and probe.robot
+    assert state.buffer_lookahead <= 1.0 and state.buffer_underruns == 0
+    assert probe.result(handle).error_code == InsertNeedle.Result.SUCCEEDED

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import os
 import pathlib
 import signal
 import sys
@@ -24,8 +25,12 @@ from typing import Dict, List, Optional
 
 import rclpy
 
-from igt_robot import paths
+from igt_robot import fastdds_shm, paths
 from igt_robot.nodes.spinning import BackgroundSpinner, shutdown_executor
+
+# Set by a parent that starts this process as its child (igt_robot.demo): the read end of a pipe only the
+# parent writes to. End-of-file = the parent is gone: shut down (the robot stops), never run as an orphan.
+PARENT_PIPE_ENV = 'IGT_PARENT_PIPE_FD'
 
 # name -> (module:class, parameter file). Order is start order.
 NODES: Dict[str, tuple] = {
@@ -138,6 +143,25 @@ def _param_text(value) -> str:
     return str(value)
 
 
+def _watch_parent(stop: threading.Event) -> None:
+    """Set ``stop`` when the parent that started this process dies (pipe end-of-file, or re-parenting)."""
+    fd_text = os.environ.pop(PARENT_PIPE_ENV, '')
+    parent = os.getppid()
+    if parent == 1:   # the parent died before this process got here (PR_SET_PDEATHSIG cannot fire any more)
+        stop.set()
+        return
+    if not fd_text:
+        return
+
+    def watch():
+        with contextlib.suppress(OSError):
+            while os.read(int(fd_text), 1):
+                pass
+        print('[bringup] parent process gone: shutting down', flush=True)
+        stop.set()
+    threading.Thread(target=watch, name='parent-watch', daemon=True).start()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description='Run the igt_robot stack in one process.')
     parser.add_argument('--profile', choices=sorted(PROFILES), default='sim')
@@ -161,6 +185,11 @@ def main(argv=None) -> int:
         overrides.setdefault(node, {})[param] = value
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    _watch_parent(stop)
+    removed = fastdds_shm.remove_dead_fastdds_shm()
+    if removed:
+        print(f'[bringup] removed {len(removed)} Fast DDS shared-memory file(s) of dead processes', flush=True)
     with Bringup(names, args.config_dir, overrides, executor=args.executor) as bringup:
         print(f'[bringup] running {len(names)} node(s): {", ".join(names)}', flush=True)
         deadline = time.monotonic() + args.duration if args.duration > 0 else None

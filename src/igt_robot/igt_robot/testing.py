@@ -22,8 +22,9 @@ from typing import Iterable, Optional
 
 from igt_robot.waiting import ConditionTimeout, wait_for  # noqa: F401  (re-exported for tests)
 
-SHM_DIR = pathlib.Path('/dev/shm')
-FASTDDS_SHM_PREFIXES = ('fastrtps_', 'fastdds_', 'sem.fastrtps_', 'sem.fastdds_')
+# The shared-memory helpers live in a non-test module (the launchers use them); re-exported for tests.
+from igt_robot.fastdds_shm import (FASTDDS_SHM_PREFIXES, SHM_DIR, fastdds_shm_entries,  # noqa: E402,F401
+                                   remove_dead_fastdds_shm, remove_stale_fastdds_shm)
 
 
 def pick_domain_id() -> int:
@@ -100,49 +101,6 @@ def python_process(module_or_script: str, args: Iterable[str], env: dict, log_pa
     else:
         argv = [sys.executable, '-m', module_or_script, *args]
     return ManagedProcess(argv, env, log_path, name=name or module_or_script)
-
-
-def fastdds_shm_entries() -> set:
-    """Names of Fast DDS shared-memory files currently in /dev/shm."""
-    if not SHM_DIR.is_dir():
-        return set()
-    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(FASTDDS_SHM_PREFIXES)}
-
-
-def _mapped_shm_names(ignore_pids: Iterable[int] = ()) -> set:
-    """/dev/shm files mapped by any live process but ``ignore_pids`` (those are in use and must stay)."""
-    names = set()
-    ignored = {str(pid) for pid in ignore_pids}
-    for maps in pathlib.Path('/proc').glob('[0-9]*/maps'):
-        if maps.parent.name in ignored:
-            continue
-        with contextlib.suppress(OSError):
-            for line in maps.read_text().splitlines():
-                if '/dev/shm/' in line:
-                    names.add(line.rsplit('/dev/shm/', 1)[1].split(' ')[0])
-    return names
-
-
-def remove_stale_fastdds_shm(created_after: Iterable[str] = (), ignore_pids: Iterable[int] = ()) -> list:
-    """Remove Fast DDS shm files that appeared since ``created_after`` and no live process maps.
-
-    Only files not present in the ``created_after`` snapshot are considered, so
-    another program's segments are never touched. Lock files (``*_el``) go with
-    their segment. ``ignore_pids`` are processes about to exit (the test
-    runner itself at the end of a session): unlinking a name they still map is
-    harmless, the mapping lives on until they exit. Returns the removed names.
-    """
-    before = set(created_after)
-    in_use = _mapped_shm_names(ignore_pids)
-    removed = []
-    for name in sorted(fastdds_shm_entries() - before):
-        base = name[:-3] if name.endswith('_el') else name
-        if base in in_use or name in in_use:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            (SHM_DIR / name).unlink()
-            removed.append(name)
-    return removed
 
 
 class SpinningGraph:

@@ -134,6 +134,8 @@ def _mismatch(request: ScanRequest, series: Series) -> str:
 class SeriesInbox:
     """Series that arrived (usable or refused), kept until the workflow takes them; thread-safe."""
 
+    max_series = 8          # volumes held in memory at most
+
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._cond = threading.Condition()
@@ -147,6 +149,8 @@ class SeriesInbox:
         series.completed_at = self._clock()
         with self._cond:
             self._series.append(series)
+            # Bounded memory: series nobody asked for go first (they stay on disk, in the record).
+            del self._series[:-self.max_series]
             self._cond.notify_all()
         for listener in list(self._listeners):
             listener(series)

@@ -191,7 +191,7 @@ class ControllerCore:
         # overhead would cost more than the arithmetic (the emulator ticks at 1 kHz in Python).
         self._n = n
         self._lo, self._hi = self.lower.tolist(), self.upper.tolist()
-        self._amax, self._snapl = self.a_max.tolist(), self.snap.tolist()
+        self._amax, self._snapl, self._vmaxl = self.a_max.tolist(), self.snap.tolist(), self.v_max.tolist()
         # Reference (what the servo tracks) -------------------------------------------------
         self._pos = start.tolist()
         self._vel = [0.0] * n
@@ -527,10 +527,13 @@ class ControllerCore:
             raise Refusal('BUFFER_FULL', f'{len(points)} points do not fit ({self.buffer_capacity - len(s.points)} '
                                          f'free slots)')
         prev = s.points[-1] if s.points else s.segment_start
+        prev_pos, prev_vel = np.asarray(prev.positions, dtype=float).tolist(), \
+            np.asarray(prev.velocities, dtype=float).tolist()
         checked = []
         for k, p in enumerate(points):
             pos = self._check_vector(p.positions, f'point {k} position')
             vel = self._check_vector(p.velocities, f'point {k} velocity')
+            pos_l, vel_l = pos.tolist(), vel.tolist()
             t = float(p.time)
             if not math.isfinite(t) or t <= prev.time or t <= s.executed_time:
                 after = max(prev.time, s.executed_time)
@@ -541,16 +544,10 @@ class ControllerCore:
             if t - prev.time > MAX_POINT_SPACING:
                 raise Refusal('TIME_ORDER', f'point {k} is {t - prev.time:.3f} s after the previous one '
                                             f'(at most {MAX_POINT_SPACING} s)')
-            self._check_range(pos, f'point {k} position')
-            fast = np.flatnonzero(np.abs(vel) > self.v_max * (1 + VELOCITY_SLACK))
-            if fast.size:
-                i = int(fast[0])
-                raise Refusal('RANGE', f'point {k} velocity {vel[i]:.9g} above the limit {self.v_max[i]:.9g} '
-                                       f'on axis {self.axes[i].name or i}', axis=i)
+            self._check_segment(prev.time, prev_pos, prev_vel, t, pos_l, vel_l, k)
             point = PvtPoint(t, pos, vel)
-            self._check_segment(prev, point, k)
             checked.append(point)
-            prev = point
+            prev, prev_pos, prev_vel = point, pos_l, vel_l
         if final and np.any(checked[-1].velocities):
             raise Refusal('BAD_VALUE', 'the final point must have zero velocity')
         s.points.extend(checked)
@@ -562,21 +559,38 @@ class ControllerCore:
             self.mode = STREAM
         return self.stream_status()
 
-    def _check_segment(self, a: PvtPoint, b: PvtPoint, k: int) -> None:
-        """Position and velocity limits along the whole Hermite segment a -> b (its extrema can
-        lie between the knots)."""
-        h = b.time - a.time
-        # Velocity is quadratic in s; its extremum is where the (linear) acceleration is zero.
-        for s_ in _acc_roots(a, b, h):
-            _, v = hermite(a, b, a.time + s_ * h)
-            fast = np.flatnonzero(np.abs(v) > self.v_max * (1 + VELOCITY_SLACK))
-            if fast.size:
-                i = int(fast[0])
-                raise Refusal('RANGE', f'segment to point {k} reaches {abs(v[i]):.9g}/s on axis '
-                                       f'{self.axes[i].name or i} (limit {self.v_max[i]:.9g}/s)', axis=i)
-        for s_ in _vel_roots(a, b, h):
-            p, _ = hermite(a, b, a.time + s_ * h)
-            self._check_range(p, f'segment to point {k} passes')
+    def _check_segment(self, t0: float, p0: List[float], v0: List[float], t1: float, p1: List[float],
+                       v1: List[float], k: int) -> None:
+        """Position and velocity limits at the new knot and along the whole Hermite segment
+        from the previous one (the cubic's extrema can lie between the knots). Plain floats:
+        this runs for every point the controller receives."""
+        h = t1 - t0
+        for i in range(self._n):
+            lo, hi, vmax = self._lo[i], self._hi[i], self._vmaxl[i] * (1 + VELOCITY_SLACK)
+            name = self.axes[i].name or i
+            if not lo <= p1[i] <= hi:
+                raise Refusal('RANGE', f'point {k} position {p1[i]:.9g} for axis {name} is outside '
+                                       f'[{lo:.9g}, {hi:.9g}]', axis=i)
+            if abs(v1[i]) > vmax:
+                raise Refusal('RANGE', f'point {k} velocity {v1[i]:.9g} above the limit {self._vmaxl[i]:.9g} '
+                                       f'on axis {name}', axis=i)
+            # p(u) = c0 + c1 u + c2 u^2 + c3 u^3 on u in [0, 1]; dp/dt = (c1 + 2 c2 u + 3 c3 u^2) / h
+            c0, m0, m1 = p0[i], v0[i] * h, v1[i] * h
+            c2 = -3 * c0 - 2 * m0 + 3 * p1[i] - m1
+            c3 = 2 * c0 + m0 - 2 * p1[i] + m1
+            if c3 != 0.0:
+                u = -c2 / (3 * c3)                       # velocity extremum (acceleration zero)
+                if 0.0 < u < 1.0:
+                    v = (m0 + 2 * c2 * u + 3 * c3 * u * u) / h
+                    if abs(v) > vmax:
+                        raise Refusal('RANGE', f'segment to point {k} reaches {abs(v):.9g}/s on axis {name} '
+                                               f'(limit {self._vmaxl[i]:.9g}/s)', axis=i)
+            for u in _quadratic_roots(3 * c3, 2 * c2, m0):   # position extrema
+                if 0.0 < u < 1.0:
+                    x = c0 + u * (m0 + u * (c2 + u * c3))
+                    if not lo <= x <= hi:
+                        raise Refusal('RANGE', f'segment to point {k} passes {x:.9g} on axis {name}, outside '
+                                               f'[{lo:.9g}, {hi:.9g}]', axis=i)
 
     # ================================================================ inputs
 
@@ -800,26 +814,12 @@ def _coefficients(a: PvtPoint, b: PvtPoint, h: float):
     return m0, c2, c3
 
 
-def _acc_roots(a: PvtPoint, b: PvtPoint, h: float) -> List[float]:
-    """All s in (0, 1) where some axis' velocity peaks (its acceleration, linear in s, is zero)."""
-    _, c2, c3 = _coefficients(a, b, h)
-    roots = [float(-c2[i] / (3 * c3[i])) for i in range(len(c2)) if c3[i] != 0]
-    return [r for r in roots if 0.0 < r < 1.0]
-
-
-def _vel_roots(a: PvtPoint, b: PvtPoint, h: float) -> List[float]:
-    """All s in (0, 1) where some axis' velocity is zero (position extrema), plus the ends."""
-    c1, c2, c3 = _coefficients(a, b, h)
-    out = [1.0]
-    for i in range(len(c1)):
-        qa, qb, qc = 3 * c3[i], 2 * c2[i], c1[i]
-        if abs(qa) < 1e-300:
-            if abs(qb) > 1e-300:
-                out.append(-qc / qb)
-            continue
-        disc = qb * qb - 4 * qa * qc
-        if disc < 0:
-            continue
-        root = math.sqrt(disc)
-        out.extend(((-qb - root) / (2 * qa), (-qb + root) / (2 * qa)))
-    return [s for s in out if 0.0 < s <= 1.0]
+def _quadratic_roots(qa: float, qb: float, qc: float) -> List[float]:
+    """Real roots of qa x^2 + qb x + qc (a linear equation when qa is 0)."""
+    if qa == 0.0:
+        return [-qc / qb] if qb != 0.0 else []
+    disc = qb * qb - 4 * qa * qc
+    if disc < 0:
+        return []
+    root = math.sqrt(disc)
+    return [(-qb - root) / (2 * qa), (-qb + root) / (2 * qa)]

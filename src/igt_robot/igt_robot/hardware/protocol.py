@@ -454,7 +454,7 @@ def encode_hello_reply(reply: HelloReply) -> bytes:
 def decode_hello_reply(payload: bytes) -> HelloReply:
     if len(payload) < _HELLO_REPLY.size:
         raise PayloadLengthError(f'HELLO_REPLY payload must be at least {_HELLO_REPLY.size} bytes, '
-                            f'got {len(payload)}')
+                                 f'got {len(payload)}')
     pmaj, pmin, fmaj, fmin, fpatch, n_axes, watchdog_ms = _HELLO_REPLY.unpack_from(payload)
     name = bytes(payload[_HELLO_REPLY.size:]).decode('utf-8', errors='replace')
     return HelloReply((pmaj, pmin), (fmaj, fmin, fpatch), n_axes, watchdog_ms, name)
@@ -493,7 +493,7 @@ def encode_set_target(target: SetTarget) -> bytes:
 def decode_set_target(payload: bytes) -> SetTarget:
     if len(payload) == 0 or len(payload) % _TARGET_AXIS.size:
         raise PayloadLengthError(f'SET_TARGET payload must be a positive multiple of '
-                            f'{_TARGET_AXIS.size} bytes, got {len(payload)}')
+                                 f'{_TARGET_AXIS.size} bytes, got {len(payload)}')
     fields = [_TARGET_AXIS.unpack_from(payload, off) for off in range(0, len(payload), _TARGET_AXIS.size)]
     return SetTarget(tuple(f[0] for f in fields), tuple(f[1] for f in fields), tuple(f[2] for f in fields))
 

@@ -185,8 +185,8 @@ class HardwareNode(LifecycleNode):
         # Own group: sharing one with the (blocking) state reads starved it under rclpy's executor.
         self._diagnostics_group = MutuallyExclusiveCallbackGroup()
 
-        self.joint_state_pub = self.create_publisher(JointState, '/joint_states', JOINT_STATE_QOS)
-        self.robot_state_pub = self.create_publisher(RobotState, '/robot/state', qos.STATE_STREAM)
+        self.joint_state_pub = self.create_publisher(JointState, topics.JOINT_STATES, JOINT_STATE_QOS)
+        self.robot_state_pub = self.create_publisher(RobotState, topics.ROBOT_STATE, qos.STATE_STREAM)
         self.diagnostics_pub = common.create_diagnostics_publisher(self)
         self.events_pub = common.create_event_publisher(self)
         self.faults = common.FaultReporter(self)
@@ -662,6 +662,9 @@ class HardwareNode(LifecycleNode):
         if self._link_error is not None:
             # Last known values, flagged: nothing about this state is current.
             msg.enabled = msg.moving = False
+        if state.stream is not None:    # the controller's trajectory buffer (motion_controller streams into it)
+            msg.buffer_lookahead = float(state.stream.lookahead)
+            msg.buffer_underruns = int(state.stream.underruns) & 0xFFFFFFFF
         try:
             tip = self.kinematics.forward(state.positions)
         except ValueError as exc:

@@ -48,6 +48,7 @@ from geometry_msgs.msg import Point, PointStamped
 from rclpy.action import ActionClient
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
+from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
 from igt_robot import acquisition as acq
@@ -58,12 +59,14 @@ from igt_robot.imaging.io import read_dicom_series
 from igt_robot.imaging.needle import find_needle
 from igt_robot.imaging.reformat import oblique_slice, plane_axes, project
 from igt_robot.kinematics import NeedleGuideKinematics
-from igt_robot.nodes import common, qos
+from igt_robot.nodes import common, qos, topics
 from igt_robot.nodes.params import Param, declare
 from igt_robot.procedure.steps import TipCheck, insertion_schedule
+from igt_robot.procedure.peer_watch import HeartbeatWatch
+from igt_robot.record import procedure_id
 from igt_robot.record.dose import SOURCE_MANUAL, DoseFactors, DoseLedger, DoseValueError, ct_scan
-from igt_robot.record.report import SliceView, write_report
-from igt_robot.record.store import read_entries
+from igt_robot.record.report import SliceView, slice_png
+from igt_robot.record.store import check_free_space
 from igt_robot.robot_model import load_robot_model
 from igt_robot.safety import operator_session
 from igt_robot.safety.interlock import Interlock, InterlockConfig
@@ -159,6 +162,7 @@ class ProcedureNode(Node):
             watch_dir=self.p['watch_dir'], on_event=self._source_event)
         self.dose_ledger = DoseLedger()               # dose records this node published (image-derived)
         self._scan_wait = threading.Event()           # set while a requested scan is awaited; 'stop' clears it
+        self._scan_counter = 0                        # scans received from a source the stack does not trigger
         self.safety: Optional[SafetyStatus] = None
         self.robot: Optional[RobotState] = None
         self.lock = threading.RLock()                 # one operator command at a time
@@ -170,28 +174,29 @@ class ProcedureNode(Node):
 
         group = ReentrantCallbackGroup()
         self.events = common.create_event_publisher(self)
-        self.create_subscription(SafetyStatus, '/safety/status', self._on_safety, qos.SAFETY_LATCHED,
+        self.create_subscription(SafetyStatus, topics.SAFETY_STATUS, self._on_safety, qos.SAFETY_LATCHED,
                                  callback_group=group)
-        self.create_subscription(RobotState, '/robot/state', self._on_robot, qos.STATE_STREAM, callback_group=group)
+        self.create_subscription(RobotState, topics.ROBOT_STATE, self._on_robot, qos.STATE_STREAM, callback_group=group)
         # The interlock core decides when a goal can go (the same rule as the hardware node's).
         self.interlock, self._interlock_lock = Interlock(InterlockConfig()), threading.Lock()
-        self._scanner_names = common.PublisherNames(self, '/scanner/state')
-        self._status_names = common.PublisherNames(self, '/safety/status')
-        self.create_subscription(ScannerState, '/scanner/state', self._on_scanner, qos.SCANNER_STATE,
+        self._scanner_names = common.PublisherNames(self, topics.SCANNER_STATE)
+        self._status_names = common.PublisherNames(self, topics.SAFETY_STATUS)
+        self.create_subscription(ScannerState, topics.SCANNER_STATE, self._on_scanner, qos.SCANNER_STATE,
                                  callback_group=group)
-        self.create_subscription(RegistrationResult, '/registration/result', self._on_registration, qos.LATCHED,
+        self.create_subscription(RegistrationResult, topics.REGISTRATION_RESULT, self._on_registration, qos.LATCHED,
                                  callback_group=group)
-        self.create_subscription(PointStamped, '/procedure/target', self._on_target, qos.LATCHED,
+        self.create_subscription(PointStamped, topics.PROCEDURE_TARGET, self._on_target, qos.LATCHED,
                                  callback_group=group)
-        self.scanner_client = self.create_client(SetScannerState, '/scanner/set_state', callback_group=group)
-        self.register_client = self.create_client(RegisterImage, '/registration/register', callback_group=group)
-        self.plan_client = self.create_client(PlanPath, '/planner/plan', callback_group=group)
-        self.resume_client = self.create_client(ResumeMotion, '/safety/resume', callback_group=group)
+        self.scanner_client = self.create_client(SetScannerState, topics.SCANNER_SET_STATE, callback_group=group)
+        self.register_client = self.create_client(RegisterImage, topics.REGISTRATION_REGISTER, callback_group=group)
+        self.plan_client = self.create_client(PlanPath, topics.PLANNER_PLAN, callback_group=group)
+        self.resume_client = self.create_client(ResumeMotion, topics.SAFETY_RESUME, callback_group=group)
         self.recorder_report_client = self.create_client(Trigger, '/recorder_node/write_report', callback_group=group)
-        self.move_client = ActionClient(self, MoveGuide, '/motion/move_guide', callback_group=group)
-        self.insert_client = ActionClient(self, InsertNeedle, '/motion/insert_needle', callback_group=group)
-        self.create_service(OperatorCommand, '/procedure/command', self._on_command, callback_group=group)
-        self.dose_pub = self.create_publisher(DoseRecord, '/scanner/dose', qos.EVENTS)
+        self.move_client = ActionClient(self, MoveGuide, topics.MOVE_GUIDE, callback_group=group)
+        self.insert_client = ActionClient(self, InsertNeedle, topics.INSERT_NEEDLE, callback_group=group)
+        self.create_service(OperatorCommand, topics.PROCEDURE_COMMAND, self._on_command, callback_group=group)
+        self._watch_control_process(group)
+        self.dose_pub = self.create_publisher(DoseRecord, topics.SCANNER_DOSE, qos.EVENTS)
         self.source.start()
         if self.p['demo_dicom_peer']:
             from igt_robot.procedure.scanner_stand_in import ScannerStandIn
@@ -266,6 +271,8 @@ class ProcedureNode(Node):
             withdrawn = self._scan_wait.is_set()
             self._scan_wait.clear()     # a scan being waited for is no longer awaited (the step fails)
             return self._result(True, self._cancel_motion() + ('; scan request withdrawn' if withdrawn else ''))
+        if self.control_lost:
+            return self._result(False, f'{name} refused: {self.control_lost}')
         if not self.lock.acquire(timeout=1.0):
             return self._result(False, f'{name} refused: another command is being carried out')
         try:
@@ -425,10 +432,17 @@ class ProcedureNode(Node):
         check = self._check_tip(acquisition)
         return self._wf('confirmation_scan_done', f'{acquisition.scan_id}: {check.describe()}', operator_id)
 
+    def _cmd_start(self, arg, operator_id):
+        """Preflight: no procedure without the free space its record needs (docs/record.md, "Disk space")."""
+        self._check_allowed('start')
+        problem = check_free_space(self.record_dir)
+        if problem:
+            raise StepFailed(f'start refused: {problem}')
+        return self._wf('start', arg, operator_id)
+
     def _cmd_report(self, arg, operator_id):
         self._check_allowed('report')
-        path = arg or str(self.record_dir / 'report.html')
-        self._write_report(path)
+        path = self._write_report()
         return self._wf('report', path, operator_id)
 
     # ----------------------------------------------------------------- scans and tips
@@ -487,7 +501,7 @@ class ProcedureNode(Node):
             raise StepFailed(str(exc)) from exc
         finally:
             self._scan_wait.clear()
-        self._scan_counter = getattr(self, '_scan_counter', 0) + 1
+        self._scan_counter += 1
         series.scan_id = f'scan{self._scan_counter:02d}_{protocol}'
         labels = self.stand_in.labels.get(series.series_instance_uid) if self.stand_in is not None else None
         labels = labels or self.scan_dir / f'{series.series_instance_uid}_labels.nii.gz'
@@ -591,7 +605,9 @@ class ProcedureNode(Node):
         return check
 
     # ----------------------------------------------------------------- report
-    def _write_report(self, path: str):
+    def _write_report(self) -> str:
+        """Render the slice figures into <record_dir>/figures; the recorder (the only report writer) writes
+        the report from the record and those figures. Returns the report's path."""
         images = []
         plan = self.state.plan
         if plan is not None:
@@ -615,17 +631,33 @@ class ProcedureNode(Node):
                     else None,
                     tip=project(shown_tip, center, u, v) if shown_tip is not None else None,
                     axis_labels=('along the path (mm)', 'across (mm)')))
-        entries = read_entries(str(self.record_dir)) if (self.record_dir / 'events.jsonl').exists() else []
-        write_report(path, entries, images, title=f'Needle placement {self.procedure_id}')
-        self._event('report_written', f'report written to {path}', path=path)
+        figures = self.record_dir / 'figures'
+        figures.mkdir(parents=True, exist_ok=True)
+        for index, view in enumerate(images):
+            target = figures / f'{index:02d}_slice.png'
+            with open(target, 'wb') as f:
+                f.write(slice_png(view))
+                f.flush()
+                os.fsync(f.fileno())
+        reply = self._call(self.recorder_report_client, Trigger.Request())
+        if not reply.success:
+            raise StepFailed(f'report not written: {reply.message}')
+        self._event('report_written', f'report written to {reply.message}', path=reply.message)
+        return reply.message
 
     # ----------------------------------------------------------------- plumbing
     def _wait_future(self, future, timeout: float, what: str):
         """Block this (worker) thread until ``future`` is done; the executor's other threads complete it."""
         done = threading.Event()
         future.add_done_callback(lambda _: done.set())
-        if not done.wait(timeout):
-            raise StepFailed(f'{what} did not answer within {timeout:g} s')
+        self._waiting.add(done)
+        try:
+            if not done.wait(timeout):
+                raise StepFailed(f'{what} did not answer within {timeout:g} s')
+        finally:
+            self._waiting.discard(done)
+        if not future.done():   # ended by _check_control_process
+            raise StepFailed(f'{what}: {self._loss_reason}')
         return future.result()
 
     def _call(self, client, request):
@@ -687,7 +719,8 @@ class ProcedureNode(Node):
     def _safety_text(self):
         if self.safety is None:
             return 'safety state unknown'
-        return f'safety {self.safety.state} ({"motion permitted" if self.safety.motion_permitted else self.safety.reason})'
+        why = 'motion permitted' if self.safety.motion_permitted else self.safety.reason
+        return f'safety {self.safety.state} ({why})'
 
     def _event(self, kind, description, severity=ProcedureEvent.INFO, **values):
         self.events.publish(common.make_event(self, kind, description, severity=severity, values=values,
@@ -698,7 +731,8 @@ class ProcedureNode(Node):
             fields = event.procedure_event_fields()
             message = ProcedureEvent(phase=fields['phase'], severity=int(fields['severity']), source=self.get_name(),
                                      kind=fields['kind'], description=fields['description'],
-                                     values=common.key_values({kv['key']: kv['value'] for kv in fields['values']}))
+                                     values=common.key_values({kv['key']: kv['value'] for kv in fields['values']}),
+                                     procedure_id=procedure_id.current())
             message.header.stamp = common.stamp_now(self)
             self.events.publish(message)
 
@@ -721,6 +755,38 @@ class ProcedureNode(Node):
 
     def describe_state(self) -> str:
         return f'{self.workflow.phase.value}/{self.workflow.step.value}; {self._safety_text()}'
+
+    # ----------------------------------------------------------------- control-process liveness
+    def _watch_control_process(self, group) -> None:
+        """Loss of the control process is seen here within one heartbeat timeout: an event, a console line,
+        waiting goals end, steps are refused with the reason (until the heartbeats are back)."""
+        self.control_lost: Optional[str] = None
+        self.control_lost_since = 0.0                      # monotonic time of the loss
+        self._loss_reason = ''
+        self._waiting = set()
+        self._control_watch = HeartbeatWatch(timeout=1.0)   # the supervisor's heartbeat_timeout_s
+        self.heartbeat = common.HeartbeatPublisher(self, 0.1, callback_group=group)   # the supervisor needs it
+        self.create_subscription(Header, common.HEARTBEAT_TOPIC,
+                                 lambda msg: self._control_watch.beat(msg.frame_id, time.monotonic()),
+                                 qos.COMMANDS, callback_group=group)
+        self.create_timer(0.1, self._check_control_process, callback_group=group)
+
+    def _check_control_process(self) -> None:
+        change = self._control_watch.tick(time.monotonic())
+        if change is None:
+            return
+        self.control_lost = change.reason if change.lost else None
+        self.control_lost_since = time.monotonic()
+        if change.lost:
+            self._loss_reason = change.reason
+            print(f'[procedure] !! {change.reason}: waiting steps end, no step is accepted', flush=True)
+            self.get_logger().error(change.reason)
+            for done in list(self._waiting):
+                done.set()
+            self._event('control_lost', change.reason, severity=ProcedureEvent.ERROR)
+        else:
+            print(f'[procedure] {change.reason}', flush=True)
+            self._event('control_restored', change.reason, severity=ProcedureEvent.WARN)
 
     def destroy_node(self):
         self.source.stop()      # closes the DICOM port / folder watch; what arrived stays on disk

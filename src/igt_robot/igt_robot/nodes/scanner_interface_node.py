@@ -35,6 +35,7 @@ from pyigtl import messages as pyigtl_messages
 from rclpy.node import Node
 
 from igt_robot.igtl.server import FramingError, IgtlServer, ServerSettings, StreamReader
+from igt_robot.record import procedure_id
 from igt_robot.record.dose import MODALITY_CT, DoseFactors, DoseLedger, DoseValueError, ScanDose
 from igt_robot.scanner import (MODEM_LINES, ModemTriggerInterpreter, ScannerPhase, SimulatedScannerSchedule,
                                StalenessGuard, phase_from_igtl_status, phase_from_igtl_text)
@@ -42,7 +43,7 @@ from igt_robot.safety import operator_session
 from igt_robot_msgs.msg import DoseRecord, ProcedureEvent, ScannerState
 from igt_robot_msgs.srv import SetScannerState
 
-from . import common, qos
+from . import common, qos, topics
 from .params import Param, declare
 
 SOURCES = ('service', 'igtl', 'trigger', 'simulated')
@@ -226,15 +227,15 @@ class ScannerInterfaceNode(Node):
         self.igtl_connected = False
         self.igtl_port = None
 
-        self._state_pub = self.create_publisher(ScannerState, '/scanner/state', qos.SCANNER_STATE)
-        self._dose_pub = self.create_publisher(DoseRecord, '/scanner/dose', qos.EVENTS)
+        self._state_pub = self.create_publisher(ScannerState, topics.SCANNER_STATE, qos.SCANNER_STATE)
+        self._dose_pub = self.create_publisher(DoseRecord, topics.SCANNER_DOSE, qos.EVENTS)
         self._event_pub = common.create_event_publisher(self)
         self._diag_pub = common.create_diagnostics_publisher(self)
 
         if 'service' in sources:
             self._readings['service'] = Reading(phase=ScannerPhase(self.p['service_initial_phase']),
                                                 note='initial phase')
-            self.create_service(SetScannerState, '/scanner/set_state', self._on_set_state)
+            self.create_service(SetScannerState, topics.SCANNER_SET_STATE, self._on_set_state)
         if 'simulated' in sources:
             self._schedule = SimulatedScannerSchedule(self._parse_schedule(self.p['simulated_schedule']))
             self._sim_t0 = time.monotonic()
@@ -332,6 +333,7 @@ class ScannerInterfaceNode(Node):
                                  kv=reading.kv, mas=reading.mas, stamp=time.time())
             self._ledger.add(scan_dose)
             record = DoseRecord(**self._ledger.dose_record_fields(scan_dose))
+            record.procedure_id = procedure_id.current()   # the recorder keeps only its own procedure's doses
             record.header.stamp = common.stamp_now(self)
             self._dose_pub.publish(record)
 
