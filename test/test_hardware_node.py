@@ -30,7 +30,7 @@ SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FA
 
 def make_node(graph, **params):
     """A HardwareNode in the test graph, not autostarted; ``params`` as ROS overrides."""
-    # scanner_timeout 0.5 s (production 0.13 s): a loaded 2-core test host must not trip it by jitter;
+    # scanner_timeout 0.5 s (production 0.28 s): a loaded 2-core test host must not trip it by jitter;
     # the staleness tests only wait a little longer. The probe node plays the scanner and the supervisor.
     params = {'autostart': False, 'diagnostics_rate': 10.0, 'scanner_period': 0.2, 'scanner_timeout': 0.5,
               'scanner_source': '/probe', 'supervisor_node': '/probe', **params}
@@ -176,7 +176,7 @@ def test_config_file_section_is_what_the_node_declares(graph):
                                   cli_args=['--ros-args', '--params-file', str(REPO / 'config' / 'robot.yaml')]))
     assert node.get_parameter('backend').value == 'mujoco'
     assert node.get_parameter('publish_rate').value == 25.0
-    assert node.get_parameter('scanner_timeout').value == 0.13
+    assert node.get_parameter('scanner_timeout').value == 0.28
     assert node.get_parameter('interlock_rate').value >= 100.0
     assert node.lifecycle_state() == 'unconfigured'               # constructing does not autostart
 

@@ -104,9 +104,9 @@ PARAMS = [
     Param('scanner_source', '/scanner_interface', 'the only node whose /scanner/state may say IDLE '
           '(fully qualified name); any other publisher there is a fault'),
     Param('supervisor_node', '/safety_supervisor', 'the only node whose /safety/motion_permitted counts'),
-    Param('scanner_period', 0.05, "the scanner source's /scanner/state period, s (its publish_rate_hz)",
+    Param('scanner_period', 0.1, "the scanner source's /scanner/state period, s (its publish_rate_hz)",
           0.005, 1.0),
-    Param('scanner_timeout', 0.13, 'a scanner state is believed this long after a fresh message, s; '
+    Param('scanner_timeout', 0.28, 'a scanner state is believed this long after a fresh message, s; '
           'scanner_timeout + 1/interlock_rate must not exceed 3 scanner periods (docs/safety.md)', 0.005, 3.0),
     Param('interlock_rate', 100.0, 'rate of the staleness check that asserts the inhibit, Hz', 100.0, 2000.0),
     Param('graph_check_period', 0.5, 'period of the check for foreign publishers on the safety topics, s',

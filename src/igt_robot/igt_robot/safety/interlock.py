@@ -68,8 +68,8 @@ class InterlockConfig:
 
     scanner_source: str = '/scanner_interface'
     supervisor: str = '/safety_supervisor'
-    scanner_period: float = 0.05
-    scanner_timeout: float = 0.13
+    scanner_period: float = 0.1
+    scanner_timeout: float = 0.28
     check_period: float = 0.01
 
     def __post_init__(self):
