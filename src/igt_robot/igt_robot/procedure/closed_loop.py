@@ -34,6 +34,7 @@ TIP_DETECTION_SD_M = 0.0003    # tip localisation in a control scan (measured on
 MIN_DEPTH_FOR_BEND_M = 0.012   # shallower than this, the bend cannot be told from detection noise
 OPERATOR_ROTATION_SD_RAD = math.radians(10.0)
 ROTATION_GRID = np.radians(np.arange(15.0, 360.0, 15.0))
+STEERING_GAIN_M = 0.00015      # steer (turn, re-align) only when it is expected to gain more than this
 
 
 @dataclasses.dataclass
@@ -204,7 +205,7 @@ def decide(*, rcm, direction, skin_distance: float, insertion: float, tips, targ
     order = ['continue', 'rotate', 'realign']
     chosen = 'continue'
     for name in order[1:]:
-        if name in options and options[name][0] < options[chosen][0] - 0.0003 \
+        if name in options and options[name][0] < options[chosen][0] - STEERING_GAIN_M \
                 and options[chosen][0] > tolerance:
             chosen = name
     expected, decision = options[chosen]
@@ -259,7 +260,11 @@ def error_budget(*, tre_m: float, robot_m: float, deflection_m: float, target_mo
     return out
 
 
-def fit_needle_model(model, insertion: float, tip, kappa_range=(0.05, 2.5)) -> NeedleEstimate:
+PRIOR_KAPPA_SD = 0.3           # 1/m: spread of tissue curvatures (1-5 mm at 100 mm is 0.2-1.0 /m)
+
+
+def fit_needle_model(model, insertion: float, tip, kappa_range=(0.05, 2.5), prior_kappa: Optional[float] = None,
+                     prior_sd: float = PRIOR_KAPPA_SD) -> NeedleEstimate:
     """The stack's own needle model (a :class:`~igt_robot.simulation.tissue.BevelNeedle` on the planned guide
     line, with the bevel orientation the operator read off the hub and the turns asked of the operator) with
     its curvature fitted to the measured tip (1-D search). Sets ``model.kappa``; returns the estimate at the
@@ -279,6 +284,13 @@ def fit_needle_model(model, insertion: float, tip, kappa_range=(0.05, 2.5)) -> N
         for k in fine:
             model.kappa = float(k)
             costs.append(float(np.linalg.norm(model.trace(insertion, step=0.001)[1] - tip)))
-        model.kappa = float(fine[int(np.argmin(costs))])
+        measured = float(fine[int(np.argmin(costs))])
+        if prior_kappa is None:
+            model.kappa = measured
+        else:
+            # shallow tips say little about the curvature (offset ~ kappa s^2 / 2): weigh against the prior
+            measured_sd = 2.0 * TIP_DETECTION_SD_M / depth ** 2
+            w = prior_sd ** -2 / (prior_sd ** -2 + measured_sd ** -2)
+            model.kappa = w * prior_kappa + (1.0 - w) * measured
     _, _, tangent, bend = model.trace(insertion, step=0.001)
     return NeedleEstimate(model.kappa, bend, tangent, max(depth, 0.0), True)

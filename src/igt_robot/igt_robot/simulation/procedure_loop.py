@@ -227,7 +227,7 @@ def _place(mode, scenario, kin, model, robot, T_base_scanner, q_plan, rcm, direc
             if tip_depth > 0.01:
                 push_rate = float(np.clip(axial / tip_depth, 0.0, 0.1))
             last = next_index >= steps
-            estimate = closed_loop.fit_needle_model(stack_model, float(robot.q[-1]), tips[-1])
+            estimate = closed_loop.fit_needle_model(stack_model, float(robot.q[-1]), tips[-1], prior_kappa=PRIOR_KAPPA)
             decision = closed_loop.decide(
                 rcm=line_rcm, direction=line_dir, skin_distance=skin, insertion=float(robot.q[-1]), tips=tips,
                 target=target_planning, push_rate=push_rate,
