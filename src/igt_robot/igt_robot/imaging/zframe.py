@@ -384,8 +384,11 @@ def _coarse_view(volume: Volume):
     nk, nj, ni = (d // f for d, f in zip(volume.data.shape, (fk, fj, fi)))
     if min(nk, nj, ni) < 3:
         return None
-    data = volume.data[:nk * fk, :nj * fj, :ni * fi].astype(np.float32)
-    data = data.reshape(nk, fk, nj, fj, ni, fi).mean(axis=(1, 3, 5))
+    # block means one axis at a time (each pass shrinks the array before the next)
+    data = volume.data[:nk * fk, :nj * fj, :ni * fi]
+    data = data.reshape(nk * fk, nj * fj, ni, fi).mean(axis=3, dtype=np.float32)
+    data = data.reshape(nk * fk, nj, fj, ni).mean(axis=2, dtype=np.float32)
+    data = data.reshape(nk, fk, nj, ni).mean(axis=1, dtype=np.float32)
     affine = volume.affine.copy()
     affine[:3, :3] = volume.affine[:3, :3] * factors_ijk[None, :]
     # a coarse voxel's centre is the mean of its fine voxel centres
