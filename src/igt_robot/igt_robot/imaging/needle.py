@@ -206,9 +206,17 @@ def _quadratic_centre_line(line, u):
     w = np.sqrt(np.clip(line.weights, 0.0, None))
     design = np.stack([np.ones_like(s), s, s * s], axis=1) * w[:, None]
     coeffs = []
+    gain = []
     for e in (e1, e2):
         c, *_ = np.linalg.lstsq(design, (rel @ e) * w, rcond=None)
         coeffs.append(c)
+        straight = float(np.sum(((rel @ e) * w - design[:, :2] @ np.linalg.lstsq(design[:, :2], (rel @ e) * w,
+                                                                                 rcond=None)[0]) ** 2))
+        bent = float(np.sum(((rel @ e) * w - design @ c) ** 2))
+        gain.append(bent < 0.6 * straight)
+    if not any(gain):
+        # the bend does not explain the voxels clearly better than a line (thick slices make steps): a line
+        coeffs = [np.zeros(3), np.zeros(3)]
 
     def at(sv):
         sv = np.atleast_1d(np.asarray(sv, float))

@@ -58,7 +58,7 @@ class ZFrameGates:
     max_fre_m: float = 0.5 * _MM
     outlier_m: float = 1.0 * _MM          # a rod point this far off the fitted rod is an outlier ...
     max_outlier_fraction: float = 0.05    # ... and up to this fraction of them are dropped before gating
-    max_warp: float = 0.008               # largest local scale/shear the rods may show beyond rigid (0.8 %)
+    max_warp: float = 0.015               # largest local scale/shear the rods may show beyond rigid (1.5 %)
 
 
 @dataclasses.dataclass
