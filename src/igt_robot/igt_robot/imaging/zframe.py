@@ -177,7 +177,8 @@ def _match_candidates(T, centroids, directions, angle_tol, dist_tol, model=None)
 
 def _identify(candidates, angle_tol=np.radians(4.0), dist_tol=3.0 * _MM, model=None):
     """Search pose hypotheses from candidate line pairs; best (count, mean distance,
-    T, assignment). Stops early once all 7 rods match tightly. ``model``: (rod mid-points, directions), default the frame's own."""
+    T, assignment). Stops early once all 7 rods match tightly. ``model``: (rod mid-points,
+    directions), default the frame's own."""
     model_point, model_dir = (_MODEL_POINT, _MODEL_DIR) if model is None else model
     model_pairs = []
     for a in range(7):
@@ -600,8 +601,8 @@ def register_zframe(volume: Volume, gates: Optional[ZFrameGates] = None,
     if T0 is None or count < 3:
         cause = diagnose_identification(candidates)
         return rejected(f'Z-frame not found: {len(candidates)} rod-like structure(s) detected but no consistent '
-                        f'7-rod pattern (best match {max(count, 0)} rods)' + (f'; likely cause: {cause}' if cause
-                                                                                 else ''))
+                        f'7-rod pattern (best match {max(count, 0)} rods)'
+                        + (f'; likely cause: {cause}' if cause else ''))
     second = _second_pattern(candidates, ident)
     if second is not None:
         return rejected(f'two Z-frame-like patterns in the field of view ({count} and {second[0]} rods matched, '
@@ -668,28 +669,31 @@ def register_zframe(volume: Volume, gates: Optional[ZFrameGates] = None,
         if n_found < gates.min_found_fraction * n_pred:
             return rejected_gate(f'Z-frame rod {r} not found in {n_pred - n_found} of {n_pred} slices', **common)
         if n_found < gates.min_points_per_rod:
-            return rejected_gate(f'Z-frame rod {r} measured in only {n_found} slice(s), need ≥ {gates.min_points_per_rod}',
-                            **common)
+            return rejected_gate(f'Z-frame rod {r} measured in only {n_found} slice(s), '
+                                 f'need ≥ {gates.min_points_per_rod}',
+                                 **common)
     if usable < gates.min_usable_slices:
-        return rejected_gate(f'only {usable} usable slices (≥ 4 rods incl. a diagonal visible), need ≥ {gates.min_usable_slices}',
-                        **common)
+        return rejected_gate(f'only {usable} usable slices (≥ 4 rods incl. a diagonal visible), '
+                             f'need ≥ {gates.min_usable_slices}',
+                             **common)
     for r in range(1, 8):
         if rod_rms[r] > gates.max_rod_rms_m:
             return rejected_gate(f'rod {r} residual {units.m_to_mm(rod_rms[r]):.1f} mm > '
-                            f'{units.m_to_mm(gates.max_rod_rms_m):.1f} mm limit', **common)
+                                 f'{units.m_to_mm(gates.max_rod_rms_m):.1f} mm limit', **common)
     worst_key = max(slice_sq, key=lambda k: np.mean(slice_sq[k]))
     worst = float(np.sqrt(np.mean(slice_sq[worst_key])))
     if worst > gates.max_slice_rms_m:
         return rejected_gate(f'slice {worst_key[1]} inconsistent with the others: residual '
-                        f'{units.m_to_mm(worst):.1f} mm > {units.m_to_mm(gates.max_slice_rms_m):.1f} mm limit '
-                        f'(motion during the acquisition?)', **common)
+                             f'{units.m_to_mm(worst):.1f} mm > {units.m_to_mm(gates.max_slice_rms_m):.1f} mm limit '
+                             f'(motion during the acquisition?)', **common)
     if warp is not None and gates.max_warp > 0 and float(np.linalg.norm(warp, 2)) > gates.max_warp:
         return rejected_gate(f'the image is warped around the frame by {np.linalg.norm(warp, 2) * 100:.1f} % '
                              f'(> {gates.max_warp * 100:.1f} % limit): the frame is not imaged to its true size',
                              **common)
     if fre > gates.max_fre_m:
-        return rejected_gate(f'Z-frame FRE {units.m_to_mm(fre):.2f} mm > {units.m_to_mm(gates.max_fre_m):.2f} mm limit',
-                        **common)
+        return rejected_gate(f'Z-frame FRE {units.m_to_mm(fre):.2f} mm > '
+                             f'{units.m_to_mm(gates.max_fre_m):.2f} mm limit',
+                             **common)
     return ZFrameResult(True, 'accepted', T_scanner_zframe=T, candidates=len(candidates),
                         elapsed_s=time.perf_counter() - start,
                         **{k: v for k, v in common.items()})

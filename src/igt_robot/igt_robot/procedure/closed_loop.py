@@ -73,9 +73,11 @@ class Decision:
 
     def describe(self) -> str:
         alt = ', '.join(f'{k} {v * 1e3:.1f} mm' for k, v in sorted(self.alternatives.items()))
-        what = {'continue': 'advance', 'rotate': f'operator turns the needle {math.degrees(self.rotation_rad):.0f} deg, '
-                'then advance', 'realign': f'retract to {0.0 if self.retract_to is None else self.retract_to * 1e3:.0f}'
-                ' mm, re-align the guide about the RCM, re-insert', 'done': 'tip at target'}[self.action]
+        retract = 0.0 if self.retract_to is None else self.retract_to * 1e3
+        what = {'continue': 'advance',
+                'rotate': f'operator turns the needle {math.degrees(self.rotation_rad):.0f} deg, then advance',
+                'realign': f'retract to {retract:.0f} mm, re-align the guide about the RCM, re-insert',
+                'done': 'tip at target'}[self.action]
         return (f'{what} to {self.next_insertion * 1e3:.1f} mm; expected error at the end '
                 f'{self.expected_error_m * 1e3:.1f} mm (options: {alt})')
 
@@ -155,8 +157,9 @@ def decide(*, rcm, direction, skin_distance: float, insertion: float, tips, targ
            known_bend=None, estimate: Optional[NeedleEstimate] = None) -> Decision:
     """The next step after a control scan.
 
-    ``tips`` (the tips measured on this track, last = now) and ``target`` come from the images; ``rcm``/``direction``/``skin_distance`` describe the
-    guide line as planned (scanner); ``insertion`` is the current insertion (m, from the encoder);
+    ``tips`` (the tips measured on this track, last = now) and ``target`` come from the images;
+    ``rcm``/``direction``/``skin_distance`` describe the guide line as planned (scanner); ``insertion`` is
+    the current insertion (m, from the encoder);
     ``push_rate`` the target's displacement per metre of tip advance seen so far; ``next_scheduled`` the
     insertion of the next planned step. Returns the option with the smallest expected error, preferring
     the simpler one (continue, then rotate, then realign) unless the more complex one gains > 0.3 mm.
@@ -198,9 +201,9 @@ def decide(*, rcm, direction, skin_distance: float, insertion: float, tips, targ
     # retract, re-aim about the RCM with the bend pre-compensated, re-insert
     if allow_realign and est.known:
         new_u, reach_err, full = _realign(np.asarray(rcm, float), u, skin_distance, est, target, push_rate)
+        retract_to = max(0.0, skin_distance - 0.002)
         options['realign'] = (math.hypot(reach_err, TIP_DETECTION_SD_M, 0.5 * uncertainty_kappa * full ** 2),
-                              Decision('realign', 0.0, 0.0, skin_distance + full, retract_to=max(0.0, skin_distance
-                                                                                               - 0.002),
+                              Decision('realign', 0.0, 0.0, skin_distance + full, retract_to=retract_to,
                                        new_direction=new_u))
     order = ['continue', 'rotate', 'realign']
     chosen = 'continue'
@@ -294,3 +297,16 @@ def fit_needle_model(model, insertion: float, tip, kappa_range=(0.05, 2.5), prio
             model.kappa = w * prior_kappa + (1.0 - w) * measured
     _, _, tangent, bend = model.trace(insertion, step=0.001)
     return NeedleEstimate(model.kappa, bend, tangent, max(depth, 0.0), True)
+
+
+def procedure_budget(*, predicted_tre_m: float, robot_m: float, tip, entry, direction, target_planned,
+                     target_now, expected_m: Optional[float] = None) -> dict:
+    """The error budget of a procedure from what the images show (scanner, m): the tip's distance from the
+    planned line is the deflection, the target's displacement since planning its motion."""
+    tip, entry, u = np.asarray(tip, float), np.asarray(entry, float), np.asarray(direction, float)
+    rel = tip - entry
+    deflection = float(np.linalg.norm(rel - (rel @ u) * u))
+    motion = float(np.linalg.norm(np.asarray(target_now, float) - np.asarray(target_planned, float)))
+    return error_budget(tre_m=predicted_tre_m, robot_m=robot_m, deflection_m=deflection, target_motion_m=motion,
+                        final_error_m=float(np.linalg.norm(tip - np.asarray(target_now, float))),
+                        closed_loop_error_m=expected_m)

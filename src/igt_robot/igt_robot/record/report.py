@@ -354,8 +354,21 @@ def render_image(item: ImageInput, index: int) -> Tuple[str, bytes]:
                       f'got {type(item).__name__}')
 
 
+def error_budget_section(budget: dict) -> str:
+    """HTML of a procedure's error budget (mm values keyed '<source>_mm', from
+    igt_robot.procedure.closed_loop.error_budget)."""
+    names = {'registration_mm': 'Registration (predicted TRE at the target)', 'robot_mm': 'Robot',
+             'deflection_mm': 'Needle deflection (tip off the planned line)',
+             'target_motion_mm': 'Target motion (breathing, push)', 'open_loop_rss_mm': 'Open-loop total (RSS)',
+             'closed_loop_expected_mm': 'Expected with closed loop', 'measured_final_error_mm': 'Measured at the end'}
+    rows = [(names.get(k, k), f'{float(v):.2f} mm') for k, v in budget.items() if v is not None]
+    return ('<h2>Error budget</h2>' + _table(rows) + '<p class="note">Each source on its own at the target; the '
+            'control scans correct deflection and target motion during the insertion.</p>')
+
+
 def build_report(entries: Sequence[RecordEntry], images: Sequence[ImageInput] = (), *,
-                 title: str = 'Needle placement procedure report', generated_at: Optional[str] = None) -> str:
+                 title: str = 'Needle placement procedure report', generated_at: Optional[str] = None,
+                 error_budget: Optional[dict] = None) -> str:
     """The complete HTML document (a string) for the given record entries and images."""
     s = summarise(entries)
     generated_at = generated_at or datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')
@@ -377,6 +390,8 @@ def build_report(entries: Sequence[RecordEntry], images: Sequence[ImageInput] = 
             ('Control scans with tip', str(len(s.tips))),
             ('Workflow state at end', _e(s.workflow_final or '—'))]
     parts.append('<h2>Summary</h2>' + _table(rows))
+    if error_budget:
+        parts.append(error_budget_section(error_budget))
 
     # --- dose
     parts.append('<h2>Scans and dose</h2>')

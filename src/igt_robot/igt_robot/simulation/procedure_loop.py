@@ -98,7 +98,8 @@ def _plan(scenario, kin, T_base_scanner, target_scanner, rng):
     for _ in range(50):
         tilt = np.radians(rng.uniform(0.0, 12.0))
         az = rng.uniform(0.0, 2 * math.pi)
-        d = np.array([math.sin(tilt) * math.cos(az), math.cos(tilt), math.sin(tilt) * math.sin(az)])  # LPS: +y posterior
+        # LPS +y is posterior: into the patient lying supine
+        d = np.array([math.sin(tilt) * math.cos(az), math.cos(tilt), math.sin(tilt) * math.sin(az)])
         entry = target_scanner - 0.06 * d
         ik = kin.inverse(frames.apply(T_base_scanner, entry), frames.apply(T_base_scanner, target_scanner))
         if ik.reachable and ik.joints[-1] < kin.model.upper[-1] - 0.02:
