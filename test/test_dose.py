@@ -48,7 +48,7 @@ def test_dose_record_fields_count_up_to_the_scan():
     assert first['scan_count'] == 1 and first['total_dlp_mgy_cm'] == pytest.approx(130.0)
     assert last['scan_count'] == 2 and last['total_dlp_mgy_cm'] == pytest.approx(250.0)
     assert set(last) == {'scan_id', 'protocol_name', 'ctdi_vol_mgy', 'dlp_mgy_cm', 'kv', 'mas', 'scan_count',
-                         'total_dlp_mgy_cm'}
+                         'total_dlp_mgy_cm', 'source', 'series_instance_uid'}
 
 
 @pytest.mark.parametrize('field,value,match', [

@@ -146,12 +146,13 @@ def _nak_reason(frame):
 def test_firmware_requires_a_compatible_hello_but_always_accepts_estop():
     fw = _firmware()
     assert _nak_reason(_request(fw, P.MsgType.ENABLE, 0)).reason == P.NakReason.HANDSHAKE_REQUIRED
-    reply = _request(fw, P.MsgType.HELLO, 1, P.encode_hello((2, 0)))
-    assert P.decode_hello_reply(reply.payload).protocol_version == (1, 0)
+    # A protocol-1 host (no streaming, no replay protection) is refused.
+    reply = _request(fw, P.MsgType.HELLO, 1, P.encode_hello((1, 0)))
+    assert P.decode_hello_reply(reply.payload).protocol_version == (2, 0)
     assert _nak_reason(_request(fw, P.MsgType.ENABLE, 2)).reason == P.NakReason.HANDSHAKE_REQUIRED
     assert _request(fw, P.MsgType.ESTOP, 3).type == P.MsgType.ACK
     assert fw.estop
-    _request(fw, P.MsgType.HELLO, 0, P.encode_hello((1, 0)))
+    _request(fw, P.MsgType.HELLO, 0, P.encode_hello((2, 0)))
     assert _request(fw, P.MsgType.RESET_FAULTS, 1).type == P.MsgType.ACK
     assert _request(fw, P.MsgType.ENABLE, 2).type == P.MsgType.ACK and fw.enabled
 
@@ -203,7 +204,7 @@ def test_firmware_watchdog_needs_silence_longer_than_its_period():
         if k % 50 == 0:
             _request(fw, P.MsgType.HEARTBEAT, (3 + k) & 0xFF)
         fw.step(0.001)
-    assert fw.faults == 0 and fw.enabled and fw.dyn[0].moving
+    assert fw.faults == 0 and fw.enabled and fw.moving
     _request(fw, P.MsgType.HEARTBEAT, 0)
     for _ in range(99):                                # 99 ms of silence: still fine
         fw.step(0.001)
@@ -213,7 +214,7 @@ def test_firmware_watchdog_needs_silence_longer_than_its_period():
     assert P.fault_names(fw.faults) == ('WATCHDOG',)
     for _ in range(1000):
         fw.step(0.001)
-    assert not fw.enabled and not fw.dyn[0].moving      # decelerated, then de-energised
+    assert not fw.enabled and not fw.moving             # decelerated, then de-energised
 
 
 # ============================================================================ part 2: emulator process
@@ -270,7 +271,7 @@ def start_moving(hw, target=(0.03, 0.0, 0.0, 0.0, 0.0), joint=0, speed_fraction=
 
 
 def test_handshake_reports_versions_and_axis_configuration(hw, emulator):
-    assert hw.connected and hw.firmware_version == '1.2.0' and hw.protocol_version == (1, 0)
+    assert hw.connected and hw.firmware_version == '2.0.0' and hw.protocol_version == (2, 0)
     assert hw.watchdog_ms == WATCHDOG_MS
     assert tuple(a.name for a in hw.axes) == JOINTS
     expected, _ = default_axis_configs()
@@ -280,7 +281,7 @@ def test_handshake_reports_versions_and_axis_configuration(hw, emulator):
         assert got.max_velocity == pytest.approx(want.max_velocity)
     state = hw.read()
     assert not state.enabled and not state.moving and state.faults == ()   # a fresh backend is disabled
-    assert state.firmware_version == '1.2.0'
+    assert state.firmware_version == '2.0.0'
     assert emulator.state()['handshake_done']
     hw.connect()                                        # idempotent
     assert hw.counters['reconnects'] == 0
@@ -318,10 +319,11 @@ def test_enable_move_reaches_target_within_velocity_limits(hw):
 
 
 def test_streamed_setpoints_with_feedforward_are_tracked(hw):
+    from igt_robot.hardware.controller_core import FEEDFORWARD_BRIDGE
     hw.enable()
     speed, accel, t_end = 0.004, 0.01, 0.6             # feasible profile: half the axis acceleration
     t0 = time.monotonic()
-    worst = 0.0
+    worst, last_write, settled_after = 0.0, None, 0.0
     while True:
         t = time.monotonic() - t0
         tc = min(t, t_end)
@@ -330,9 +332,19 @@ def test_streamed_setpoints_with_feedforward_are_tracked(hw):
         v = accel * tc if tc < ramp else speed
         if t >= t_end:
             break
+        if last_write is not None and t - last_write > FEEDFORWARD_BRIDGE:
+            # This host was descheduled longer than a setpoint's feed-forward lasts: the controller
+            # rightly braked (a silent host must not drag the axis on). That is the streaming
+            # protocol's case; judge the setpoint tracking once the axis has caught up again.
+            settled_after = t + 0.2
+        last_write = t
         hw.write([x, 0, 0, 0, 0], velocities=[v, 0, 0, 0, 0])
         s = hw.read()
-        worst = max(worst, abs(s.positions[0] - x))
+        read_at = time.monotonic() - t0
+        if read_at - t > FEEDFORWARD_BRIDGE:           # the same stall between the write and the read
+            settled_after = read_at + 0.2
+        if t >= settled_after:
+            worst = max(worst, abs(s.positions[0] - x))
     hw.write([x, 0, 0, 0, 0])
     final = wait_state(hw, lambda s: not s.moving, what='settling')
     assert final.positions[0] == pytest.approx(x, abs=1e-6)
@@ -456,7 +468,8 @@ def test_corrupted_replies_are_detected_resynced_and_counted(hw, emulator, mode)
     np.testing.assert_allclose(state.positions, target, atol=1e-9)
     after = hw.counters
     assert after['resyncs'] > before['resyncs']
-    assert after['crc_errors'] + after['header_errors'] > before['crc_errors'] + before['header_errors']
+    damage = ('rx_timeouts',) if mode == 'truncate' else ('crc_errors', 'header_errors')
+    assert sum(after[k] for k in damage) > sum(before[k] for k in damage)
     if mode != 'garbage':                               # garbage before an intact frame needs no retry
         assert after['retries'] >= before['retries'] + 1
     assert hw.read().positions.tolist() == state.positions.tolist()   # link healthy afterwards
@@ -490,7 +503,7 @@ def test_silent_controller_raises_timeout_after_retries(hw, emulator):
     assert 'GET_STATUS' in msg and '3 attempts' in msg and 'timeout' in msg
     assert hw.counters['timeouts'] == 3 and hw.counters['retries'] == 2
     emulator.control('talk')
-    assert hw.read().firmware_version == '1.2.0'         # a timeout is not a lost port
+    assert hw.read().firmware_version == '2.0.0'         # a timeout is not a lost port
     assert not hw.faulted
 
 
@@ -545,8 +558,9 @@ def test_firmware_refuses_out_of_range_target_sent_raw(hw, emulator):
 
 
 @pytest.mark.parametrize('emulator_args, expected', [
-    (('--firmware-version', '2.0.0'), 'firmware 2.0.0'),
-    (('--protocol-version', '2.1'), 'protocol 2.1'),
+    (('--firmware-version', '3.0.0'), 'firmware 3.0.0'),
+    (('--protocol-version', '1.0'), 'protocol 1.0'),
+    (('--protocol-version', '3.1'), 'protocol 3.1'),
 ])
 def test_incompatible_major_version_is_refused_on_connect(emulator, emulator_args, expected):
     hw = SerialHardware(emulator.pty_path, timeout=REPLY_TIMEOUT)
@@ -626,14 +640,14 @@ def test_second_driver_on_the_same_port_is_refused(hw, emulator):
     intruder = SerialHardware(emulator.pty_path)
     with pytest.raises(HardwareError, match='cannot open serial port'):
         intruder.connect()
-    assert hw.read().firmware_version == '1.2.0'         # the first link is undisturbed
+    assert hw.read().firmware_version == '2.0.0'         # the first link is undisturbed
 
 
 def test_reconnect_after_close_is_counted(hw):
     hw.close()
     assert not hw.connected
     hw.connect()
-    assert hw.counters['reconnects'] == 1 and hw.read().firmware_version == '1.2.0'
+    assert hw.counters['reconnects'] == 1 and hw.read().firmware_version == '2.0.0'
 
 
 def test_power_cycle_requires_a_new_handshake(hw, emulator):

@@ -444,7 +444,7 @@ def test_serial_backend_against_the_emulator_counts_corrupted_frames(graph, prob
         return values if 'crc_errors' in values else None
 
     before = testing.wait_for(counters, 10, 'link counters on /diagnostics')
-    assert before['firmware_version'] == '1.2.0' and before['backend'] == 'serial'
+    assert before['firmware_version'] == '2.0.0' and before['backend'] == 'serial'
     # Fewer damaged replies in a row than the driver's retries: retransmitted, the link survives.
     emulator.control('corrupt_next 2')
     after = testing.wait_for(lambda: (c := counters()) and int(c['crc_errors']) >= int(before['crc_errors']) + 2
@@ -467,12 +467,12 @@ def test_serial_backend_against_the_emulator_counts_corrupted_frames(graph, prob
 
 
 def test_firmware_major_mismatch_fails_configure(graph, processes):
-    emu = Emulator(processes, '--firmware-version', '2.0.0')
+    emu = Emulator(processes, '--firmware-version', '3.0.0')
     try:
         node = make_node(graph, backend='serial', serial_port=emu.pty)
         assert node.trigger_configure() == FAILURE
         assert node.lifecycle_state() == 'unconfigured'
-        assert 'firmware 2.0.0' in node.last_failure and 'not supported' in node.last_failure
+        assert 'firmware 3.0.0' in node.last_failure and 'not supported' in node.last_failure
         assert shared_hardware.lookup('hardware_node') is None
     finally:
         emu.close()

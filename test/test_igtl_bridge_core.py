@@ -1,5 +1,6 @@
 """OpenIGTLink bridge core: a real pyigtl client talks to the bridge over loopback."""
 import socket
+import struct
 import threading
 import time
 
@@ -343,7 +344,8 @@ def test_bad_crc_truncated_body_and_unknown_type_keep_the_connection(raw_link):
 def test_unreadable_header_closes_only_that_connection(raw_link):
     core, sock, rec = raw_link
     sock.sendall(b'\xff' * HEADER.size)  # framing lost: nothing after this can be trusted
-    sock.settimeout(TIMEOUT)
+    last = _read_status(sock)  # the reason comes first, then the close
+    assert last.device_name == 'CONNECTION' and 'framing lost' in last.status_string
     assert sock.recv(100) == b''  # server closed the connection
     wait_for(lambda: not core.connected, what='disconnect')
     client = pyigtl.OpenIGTLinkClient('127.0.0.1', core.port)  # a new client is served
@@ -382,3 +384,294 @@ def test_handle_message_without_sockets_and_config_validation():
         BridgeConfig(max_image_bytes=0)
     with pytest.raises(BridgeConfigError, match='host'):
         BridgeConfig(host='')
+
+
+# --------------------------------------------------------------------------- issue 11: attacks on the link
+
+from igt_robot.igtl import messages as codec  # noqa: E402
+from igt_robot.igtl.messages import GetStatusMessage  # noqa: E402
+
+
+def _read_message(sock, timeout=TIMEOUT):
+    """The next message on a raw socket, decoded with the bridge's own codec (header v1 or v2)."""
+    sock.settimeout(timeout)
+
+    def exactly(n):
+        data = b''
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError('closed by the server')
+            data += chunk
+        return data
+    version, mtype, device, sec, frac, size, crc = HEADER.unpack(exactly(HEADER.size))
+    body = exactly(size)
+    fields = {'header_version': version, 'message_type': mtype.rstrip(b'\0').decode(),
+              'device_name': device.rstrip(b'\0').decode(), 'timestamp': sec, 'body_size': size}
+    return codec.decode(fields, body)
+
+
+def _until(sock, device, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = _read_message(sock, timeout)
+        if msg.device_name == device:
+            return msg
+    raise AssertionError(f'no message named {device}')
+
+
+def _closed(sock, timeout=TIMEOUT):
+    """Read until the server closes; the messages received meanwhile."""
+    got = []
+    try:
+        while True:
+            got.append(_read_message(sock, timeout))
+    except ConnectionError:
+        return got
+
+
+def _connect(port):
+    sock = socket.create_connection(('127.0.0.1', port), timeout=TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _target(x=1.0, version=1, device='TARGET', **metadata):
+    msg = pyigtl.PointMessage(positions=[x, 2.0, 3.0], device_name=device)
+    msg.metadata = metadata
+    return codec.encode(msg, version, metadata, message_id=77)
+
+
+@pytest.fixture
+def make_core():
+    cores = []
+
+    def make(**config):
+        rec = Recorder()
+        provider = config.pop('status_provider', None)
+        core = BridgeCore(BridgeConfig(port=0, **config), on_target=rec.on_target, on_command=rec.on_command,
+                          on_event=rec.on_event, status_provider=provider)
+        core.start()
+        cores.append(core)
+        return core, rec
+    yield make
+    for core in cores:
+        core.stop()
+
+
+def test_slow_client_is_closed_and_never_blocks_another(make_core):
+    core, rec = make_core(message_timeout_s=0.5)
+    slow = _connect(core.port)
+    good = _target()
+    slow.sendall(good[:10])
+    slicer = _connect(core.port)  # served while the slow one dribbles
+    for i in range(4):
+        slow.sendall(good[10 + i:11 + i])  # 1 byte per 0.2 s: progress, but far too slow
+        slicer.sendall(_target(x=float(i)))
+        assert _until(slicer, 'TARGET').code == StatusCode.OK
+        time.sleep(0.2)
+    last = _closed(slow)
+    assert last and last[-1].device_name == 'CONNECTION' and last[-1].code == StatusCode.TIME_OUT
+    assert 'slow or stalled' in last[-1].status_string
+    slicer.sendall(_target(x=9.0))
+    assert _until(slicer, 'TARGET').code == StatusCode.OK
+    slow.close()
+    slicer.close()
+
+
+def test_idle_client_is_closed_for_a_newcomer_when_the_slots_are_full(make_core):
+    core, rec = make_core(max_clients=2, idle_timeout_s=0.3)
+    idle = _connect(core.port)  # says nothing, ever
+    slicer = _connect(core.port)
+    slicer.sendall(_target())
+    assert _until(slicer, 'TARGET').code == StatusCode.OK
+    wait_for(lambda: len(core.clients()) == 2, what='two clients')
+    time.sleep(0.4)  # both idle now; the one that never sent a valid message goes first
+    newcomer = _connect(core.port)
+    last = _closed(idle)
+    assert last[-1].code == StatusCode.TIME_OUT and 'closed for a new client' in last[-1].status_string
+    newcomer.sendall(_target(x=5.0))
+    assert _until(newcomer, 'TARGET').code == StatusCode.OK
+    slicer.sendall(_target(x=6.0))
+    assert _until(slicer, 'TARGET').code == StatusCode.OK  # Slicer kept its slot
+    for s in (idle, slicer, newcomer):
+        s.close()
+
+
+def test_fifty_clients_are_all_served(make_core):
+    core, rec = make_core()  # default limits
+    socks = [_connect(core.port) for _ in range(50)]
+    try:
+        for i, s in enumerate(socks):
+            s.sendall(_target(x=float(i)))
+        for s in socks:
+            assert _until(s, 'TARGET').code == StatusCode.OK
+        assert len(rec.targets) == 50
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_client_beyond_the_limit_is_told_busy(make_core):
+    core, rec = make_core(max_clients=1)
+    first = _connect(core.port)
+    first.sendall(_target())
+    _until(first, 'TARGET')
+    second = _connect(core.port)
+    last = _closed(second)
+    assert last[-1].code == StatusCode.BUSY and 'the limit' in last[-1].status_string
+    first.close()
+    second.close()
+
+
+def test_non_ascii_device_name_is_refused_and_the_link_stays(raw_link):
+    core, sock, rec = raw_link
+    body = pyigtl.PointMessage(positions=[1, 2, 3], device_name='X').pack()[HEADER.size:]
+    sock.sendall(HEADER.pack(1, b'POINT', 'TÄRGET'.encode('utf-8'), 0, 0, len(body), CRC64(body)) + body)
+    st = _read_status(sock)
+    assert st.code == StatusCode.INVALID and 'not printable ASCII' in st.status_string
+    assert rec.targets == []
+    sock.sendall(_target())
+    assert _read_status(sock).code == StatusCode.OK and len(rec.targets) == 1
+
+
+def test_string_whose_length_field_exceeds_its_body_is_refused(raw_link):
+    core, sock, rec = raw_link
+    text = b'EMERGENCY'
+    body = struct.pack('> H H', 3, len(text) + 20) + text  # claims 29 bytes, holds 9
+    sock.sendall(_frame('STRING', 'CMD_1', body))
+    st = _read_status(sock)
+    assert st.device_name == 'CMD_1' and st.code == StatusCode.INVALID and 'length field' in st.status_string
+    assert rec.commands == []  # not executed truncated
+    body = struct.pack('> H H', 3, len(text)) + text
+    sock.sendall(_frame('STRING', 'CMD_2', body))
+    assert _until(sock, 'EMERGENCY').code == StatusCode.OK
+
+
+def test_v2_metadata_sizes_that_lie_are_refused(raw_link):
+    core, sock, rec = raw_link
+    data = bytearray(_target(version=2, note='x'))
+    body = bytearray(data[HEADER.size:])
+    body[4:8] = struct.pack('> I', 1000)  # metadata body size beyond the body
+    sock.sendall(HEADER.pack(2, b'POINT', b'TARGET', 0, 0, len(body), CRC64(bytes(body))) + bytes(body))
+    st = _until(sock, 'TARGET')
+    assert st.code == StatusCode.INVALID and 'exceed the body' in st.status_string
+    assert rec.targets == []
+
+
+def test_rate_flood_is_one_record_event_and_emergency_still_passes(make_core):
+    core, rec = make_core(rate_limit_hz=20.0, rate_burst=20, refusal_report_interval_s=60.0)
+    sock = _connect(core.port)
+    flood = pyigtl.PointMessage(positions=[1, 2, 3], device_name='SEED').pack()  # refused: not handled
+    sock.sendall(flood * 300)
+    sock.sendall(pyigtl.StringMessage('EMERGENCY', device_name='CMD_9').pack())
+    assert _until(sock, 'EMERGENCY').code == StatusCode.OK  # stopping is never rate limited
+    assert ('EMERGENCY', '') in rec.commands
+    sock.close()
+    wait_for(lambda: [e for e in rec.events if e[0] == 'refused'], what='the refusal digest')
+    time.sleep(0.2)
+    refused = [d for k, d in rec.events if k == 'refused']
+    assert len(refused) == 1, refused
+    digest = refused[0]
+    assert digest['count'] == 300 and digest['codes'].get('BUSY', 0) >= 250
+    assert digest['codes'].get('NOT_FOUND', 0) >= 1 and len(digest['examples']) <= 3
+    assert core.counters['refused'] == 300
+
+
+def test_get_status_is_answered_with_the_real_status(make_core):
+    core, rec = make_core(status_provider=lambda: (StatusCode.PANIC_MODE, 'ESTOP', 'ESTOP: motion not permitted'))
+    sock = _connect(core.port)
+    sock.sendall(GetStatusMessage(device_name='SAFETY').pack())
+    st = _until(sock, 'SAFETY')
+    assert isinstance(st, StatusMessage)
+    assert (st.code, st.error_name, st.status_string) == (StatusCode.PANIC_MODE, 'ESTOP', 'ESTOP: motion not permitted')
+    sock.close()
+
+
+def test_v2_client_gets_v2_headers_with_metadata_and_v1_client_v1(make_core):
+    core, rec = make_core()
+    v2, v1 = _connect(core.port), _connect(core.port)
+    v2.sendall(_target(version=2, origin='scanner_bridge'))
+    reply2 = _until(v2, 'TARGET')
+    assert reply2.header_version == 2 and reply2.metadata.get('in_reply_to') == '77'
+    v1.sendall(_target(version=1))
+    reply1 = _until(v1, 'TARGET')
+    assert reply1.header_version == 1 and reply1.metadata == {}
+    assert core.send_current_position(np.eye(4))
+    pose2, pose1 = _until(v2, 'CURRENT_POSITION'), _until(v1, 'CURRENT_POSITION')
+    assert pose2.header_version == 2 and pose2.metadata['coordinate_system'] == 'RAS'
+    assert pose2.metadata['length_unit'] == 'mm'
+    assert pose1.header_version == 1 and pose1.metadata == {}
+    np.testing.assert_allclose(pose1.matrix, pose2.matrix)
+    v1.close()
+    v2.close()
+
+
+def test_non_loopback_bind_needs_an_allow_list_and_a_secret():
+    with pytest.raises(BridgeConfigError, match='allowed_clients'):
+        BridgeConfig(host='0.0.0.0')
+    with pytest.raises(BridgeConfigError, match='shared_secret'):
+        BridgeConfig(host='0.0.0.0', allowed_clients=('10.1.2.0/24',))
+    with pytest.raises(BridgeConfigError, match='allowed_clients'):
+        BridgeConfig(host='0.0.0.0', allowed_clients=('not-an-address',), shared_secret='s' * 32)
+    config = BridgeConfig(host='0.0.0.0', allowed_clients=('10.1.2.0/24',), shared_secret='s' * 32)
+    assert not config.loopback_only and BridgeConfig(host='::1').loopback_only
+
+
+def test_shared_secret_is_required_before_anything_else(make_core):
+    secret = 'correct horse battery staple'
+    core, rec = make_core(shared_secret=secret)
+    stranger = _connect(core.port)
+    stranger.sendall(pyigtl.StringMessage('EMERGENCY', device_name='CMD_1').pack())
+    assert _closed(stranger)[-1].code == StatusCode.ACCESS_DENIED
+    wrong = _connect(core.port)
+    wrong.sendall(pyigtl.StringMessage('guess', device_name='AUTH').pack())
+    assert 'wrong shared secret' in _closed(wrong)[-1].status_string
+    assert rec.commands == []
+    slicer = _connect(core.port)
+    assert core.send_status('X') is False  # nobody authenticated yet: nothing is sent
+    slicer.sendall(pyigtl.StringMessage(secret, device_name='AUTH').pack())
+    assert _until(slicer, 'AUTH').code == StatusCode.OK
+    slicer.sendall(_target())
+    assert _until(slicer, 'TARGET').code == StatusCode.OK
+    for s in (stranger, wrong, slicer):
+        s.close()
+
+
+def test_allow_list_refuses_other_addresses_and_a_flood_is_one_record(make_core):
+    core, rec = make_core(allowed_clients=('10.9.8.0/24',), refusal_report_interval_s=2.0)
+    for _ in range(20):
+        sock = _connect(core.port)
+        sock.settimeout(TIMEOUT)
+        assert sock.recv(100) == b''  # closed at once, nothing said
+        sock.close()
+    wait_for(lambda: [d for k, d in rec.events if k == 'refused'], what='the refusal digest')
+    refused = [d for k, d in rec.events if k == 'refused']
+    assert len(refused) == 1 and refused[0]['count'] == 20 and refused[0]['codes'] == {'ACCESS_DENIED': 20}
+    assert 'allow-list' in refused[0]['examples'][0]['reason']
+    assert not [d for k, d in rec.events if k == 'connection']  # no event per attempt
+
+
+def test_single_peer_server_keeps_its_peer_and_turns_others_away():
+    """As the scanner interface uses it: one peer, never evicted however silent; others told BUSY."""
+    from igt_robot.igtl.server import IgtlServer, ServerSettings
+    connections, turned_away = [], []
+    server = IgtlServer('127.0.0.1', 0, on_message=lambda m: [StatusMessage(device_name='ACK')],
+                        on_refused=lambda *a: (), limit_for=lambda t: 1 << 16,
+                        settings=ServerSettings(max_clients=1, idle_timeout_s=0.0),
+                        on_connection=lambda *a: connections.append(a), on_turned_away=lambda *a: turned_away.append(a))
+    server.start()
+    try:
+        scanner = _connect(server.port)
+        wait_for(lambda: server.connected, what='the scanner connection')
+        time.sleep(0.2)  # silent
+        intruder = _connect(server.port)
+        assert _closed(intruder)[-1].code == StatusCode.BUSY
+        wait_for(lambda: turned_away, what='the turned-away report')
+        assert [c[0] for c in connections] == [True]  # the peer's link was never reported down
+        scanner.sendall(pyigtl.StringMessage('ACQUIRING', device_name='SCANNER').pack())
+        assert _until(scanner, 'ACK').code == StatusCode.OK
+        scanner.close()
+        intruder.close()
+    finally:
+        server.stop()

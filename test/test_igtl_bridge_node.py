@@ -17,7 +17,10 @@ from igt_robot.nodes import qos  # noqa: E402
 from igt_robot.nodes.igtl_bridge_node import IgtlBridgeNode  # noqa: E402
 from igt_robot_msgs.msg import (NeedlePlan, ProcedureEvent, RegistrationResult, RobotState,  # noqa: E402
                                 SafetyStatus)
-from igt_robot_msgs.srv import OperatorCommand, RegisterImage, SetEstop, ValidatePlan  # noqa: E402
+from igt_robot.igtl.messages import GetStatusMessage  # noqa: E402
+from igt_robot.safety.operator_session import issue_session  # noqa: E402
+from igt_robot_msgs.srv import (AcknowledgeFaults, OperatorCommand, RegisterImage, ResumeMotion,  # noqa: E402
+                                SetEstop, ValidatePlan)
 
 ALIGN_REFUSAL = 'align refused: the plan is not confirmed (confirm_plan first)'
 
@@ -29,15 +32,19 @@ class FakeServices:
         self.node = n = graph.create_node('fake_procedure_services')
         self.lock = threading.Lock()
         self.commands, self.estops, self.registrations, self.validations = [], [], [], []
+        self.resumes, self.acknowledges, self.tokens = [], [], []
         self.register_success = register_success
         n.create_service(OperatorCommand, '/procedure/command', self._command)
         n.create_service(SetEstop, '/safety/estop', self._estop)
+        n.create_service(ResumeMotion, '/safety/resume', self._resume)
+        n.create_service(AcknowledgeFaults, '/safety/acknowledge', self._acknowledge)
         n.create_service(RegisterImage, '/registration/register', self._register)
         n.create_service(ValidatePlan, '/planner/validate', self._validate)
 
     def _command(self, req, resp):
         with self.lock:
             self.commands.append((req.command, req.argument, req.operator_id))
+            self.tokens.append(('command', req.command, req.operator_token))
         if req.command == 'align':
             resp.accepted, resp.phase, resp.step, resp.message = False, 'PLANNING', 'CONFIRM_PLAN', ALIGN_REFUSAL
         else:
@@ -47,7 +54,20 @@ class FakeServices:
     def _estop(self, req, resp):
         with self.lock:
             self.estops.append((req.active, req.source))
-        resp.success, resp.message = True, 'e-stop latched'
+            self.tokens.append(('estop', req.active, req.operator_token))
+        resp.success, resp.message = True, 'e-stop latched' if req.active else 'e-stop released'
+        return resp
+
+    def _resume(self, req, resp):
+        with self.lock:
+            self.resumes.append((req.operator_id, req.operator_token))
+        resp.success, resp.message = True, 'motion permitted'
+        return resp
+
+    def _acknowledge(self, req, resp):
+        with self.lock:
+            self.acknowledges.append((list(req.codes), req.operator_token))
+        resp.success, resp.message = False, 'ESTOP still pressed'
         return resp
 
     def _register(self, req, resp):
@@ -90,10 +110,17 @@ class Probe:
 
 
 @pytest.fixture
-def bridge(graph, run_dir):
+def session_file(run_dir):
+    path = run_dir / 'session' / 'operator_session'
+    return path, issue_session(path)
+
+
+@pytest.fixture
+def bridge(graph, run_dir, session_file):
     node = graph.add(IgtlBridgeNode(context=graph.context, cli_args=[
         '--ros-args', '-p', 'port:=0', '-p', f'image_dir:={run_dir / "images"}', '-p', 'service_timeout_s:=10.0',
-        '-p', 'pose_rate:=20.0']))
+        '-p', 'pose_rate:=20.0', '-p', 'refusal_report_interval_s:=1.0',
+        '-p', f'operator_session_file:={session_file[0]}']))
     client = pyigtl.OpenIGTLinkClient('127.0.0.1', node.port)
     try:
         testing.wait_for(lambda: node.bridge.connected and client.is_connected(), 10, 'the Slicer connection')
@@ -316,7 +343,99 @@ def test_malformed_messages_get_an_error_status_and_the_link_keeps_working(graph
     assert reply(client, 'TARGET').code == StatusCode.OK
     target = testing.wait_for(lambda: probe.targets and probe.targets[-1], 10, 'the good target')
     assert [target.point.x, target.point.y, target.point.z] == pytest.approx([-0.001, -0.002, 0.003], abs=1e-9)
-    refusals = testing.wait_for(lambda: len(probe.events_of('igtl_refused')) >= 4 and probe.events_of('igtl_refused'),
-                                10, 'refusal events')
-    assert all(e.severity == ProcedureEvent.WARN for e in refusals)
+    # The four refusals are ONE record event (per client per interval), not four WARNs.
+    refusals = testing.wait_for(lambda: probe.events_of('igtl_refused'), 10, 'the refusal digest')
+    testing.wait_for(lambda: node.bridge._digest._open == {}, 5, 'no open digest')
+    assert len(probe.events_of('igtl_refused')) == 1
+    assert refusals[0].severity == ProcedureEvent.WARN
+    values = {kv.key: kv.value for kv in refusals[0].values}
+    assert values['count'] == '4' and 'INVALID' in values['codes'] and 'ILLEGAL_INSTRUCTION' in values['codes']
     assert node.bridge.connected
+
+
+def test_operator_commands_carry_the_operator_session(graph, bridge, session_file):
+    node, client = bridge
+    services = FakeServices(graph)
+    _, token = session_file
+    needed = (node.command_client, node.estop_client, node.resume_client, node.acknowledge_client)
+    testing.wait_for(lambda: all(c.service_is_ready() for c in needed), 10, 'service discovery')
+    command(client, 'RELEASE_ESTOP', '0020')
+    assert reply(client, 'RELEASE_ESTOP').code == StatusCode.OK
+    assert services.tokens[-1] == ('estop', False, token)
+    command(client, 'ACKNOWLEDGE:ESTOP,TRACKING_ERROR', '0021')
+    refused = reply(client, 'ACKNOWLEDGE')
+    assert refused.code == StatusCode.NOT_READY and refused.status_string == 'ESTOP still pressed'
+    assert services.acknowledges == [(['ESTOP', 'TRACKING_ERROR'], token)]
+    command(client, 'RESUME', '0022')
+    assert reply(client, 'RESUME').code == StatusCode.OK
+    assert services.resumes == [('slicer', token)]
+    command(client, 'CONFIRM_PLAN:p7', '0023')
+    assert reply(client, 'CONFIRM_PLAN').code == StatusCode.OK
+    assert services.tokens[-1] == ('command', 'confirm_plan', token)
+    assert services.commands[-1][:2] == ('confirm_plan', 'p7')
+    command(client, 'START_UP', '0024')  # workflow commands carry it too (the procedure node decides)
+    reply(client, 'START_UP')
+    assert services.tokens[-1] == ('command', 'start', token)
+
+
+def test_without_a_readable_session_operator_commands_are_refused_but_emergency_passes(graph, bridge, session_file):
+    node, client = bridge
+    services = FakeServices(graph)
+    testing.wait_for(lambda: node.estop_client.service_is_ready() and node.resume_client.service_is_ready(), 10,
+                     'service discovery')
+    session_file[0].chmod(0o644)  # readable by others: not a secret any more
+    command(client, 'RESUME', '0030')
+    refused = reply(client, 'RESUME')
+    assert refused.code == StatusCode.ACCESS_DENIED and 'readable by others' in refused.status_string
+    session_file[0].unlink()
+    command(client, 'RELEASE_ESTOP', '0031')
+    refused = reply(client, 'RELEASE_ESTOP')
+    assert refused.code == StatusCode.ACCESS_DENIED and 'cannot be read' in refused.status_string
+    assert services.resumes == [] and services.estops == []
+    command(client, 'EMERGENCY', '0032')  # pressing never needs the secret
+    assert reply(client, 'EMERGENCY').code == StatusCode.OK
+    assert services.estops == [(True, 'igtl_bridge: Slicer EMERGENCY')]
+    assert services.tokens[-1] == ('estop', True, '')
+
+
+def test_get_status_answers_the_safety_state_and_two_clients_are_served(graph, bridge):
+    node, client = bridge
+    probe = Probe(graph)
+    send(client, GetStatusMessage(device_name='STATUS'))
+    unknown = reply(client, 'STATUS', lambda m: isinstance(m, StatusMessage))
+    assert unknown.code == StatusCode.NOT_READY and '/safety/status' in unknown.status_string
+    scanner_bridge = pyigtl.OpenIGTLinkClient('127.0.0.1', node.port)
+    try:
+        testing.wait_for(lambda: len(node.bridge.clients()) == 2, 10, 'the second client')
+        probe.safety.publish(SafetyStatus(state='SCAN_HOLD', reason='scanner ACQUIRING'))
+        for c in (client, scanner_bridge):  # both clients get the broadcast
+            assert reply(c, 'SAFETY').error_name == 'SCAN_HOLD'
+        send(scanner_bridge, GetStatusMessage(device_name='STATUS'))
+        status = reply(scanner_bridge, 'STATUS', lambda m: isinstance(m, StatusMessage))
+        assert status.code == StatusCode.NOT_READY and status.error_name == 'SCAN_HOLD'
+        assert 'scanner ACQUIRING' in status.status_string
+    finally:
+        scanner_bridge.stop()
+
+
+def test_network_exposure_needs_an_allow_list_and_a_secret_file(graph, run_dir):
+    from igt_robot.igtl import BridgeConfigError
+    with pytest.raises(BridgeConfigError, match='allowed_clients'):  # refused before anything is bound
+        IgtlBridgeNode(context=graph.context, cli_args=['--ros-args', '-p', 'port:=0', '-p', 'host:=0.0.0.0'])
+    secret_file = run_dir / 'igtl' / 'secret'
+    secret = issue_session(secret_file)
+    node = graph.add(IgtlBridgeNode(context=graph.context, cli_args=[
+        # Loopback bind (tests stay on loopback) with both protections a network bind would need.
+        '--ros-args', '-p', 'port:=0', '-p', "allowed_clients:=['127.0.0.1']",
+        '-p', f'shared_secret_file:={secret_file}']))
+    client = pyigtl.OpenIGTLinkClient('127.0.0.1', node.port)
+    try:
+        testing.wait_for(lambda: client.is_connected() and node.bridge.clients(), 10, 'the connection')
+        assert not node.bridge.connected  # connected, not yet authenticated: nothing is sent to it
+        send(client, pyigtl.StringMessage(secret, device_name='AUTH'))
+        assert reply(client, 'AUTH').code == StatusCode.OK
+        testing.wait_for(lambda: node.bridge.connected, 10, 'the authenticated client')
+        send(client, GetStatusMessage(device_name='STATUS'))
+        assert reply(client, 'STATUS', lambda m: isinstance(m, StatusMessage)).code == StatusCode.NOT_READY
+    finally:
+        client.stop()

@@ -19,8 +19,9 @@ from launch import LaunchDescription  # noqa: E402
 from launch.actions import IncludeLaunchDescription  # noqa: E402
 from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
 
-from igt_robot.nodes import qos  # noqa: E402
+from igt_robot.nodes import qos, topics  # noqa: E402
 from igt_robot_msgs.msg import ProcedureEvent, SafetyStatus  # noqa: E402
 
 
@@ -54,13 +55,21 @@ def test_stack_reports_safety_status_and_joint_states():
         assert status is not None and not status.motion_permitted and status.state == 'HOLD'
         joints = _wait_for_message(node, JointState, '/joint_states', 10)
         assert joints is not None and len(joints.name) == 5
+        # What rviz needs: the URDF (robot_state_publisher, or state_publisher where it is absent) and /tf.
+        description = _wait_for_message(node, String, topics.ROBOT_DESCRIPTION, qos.LATCHED)
+        assert description is not None and 'needle_tip' in description.data
+        from tf2_msgs.msg import TFMessage
+        tf = _wait_for_message(node, TFMessage, topics.TF, 100,
+                               lambda m: any(t.child_frame_id == 'needle_link' for t in m.transforms))
+        assert tf is not None
     finally:
         rclpy.shutdown()
 
 
 @launch_pytest.fixture
 def simulated_procedure():
-    return LaunchDescription([_include('sim.launch.py'), launch_pytest.actions.ReadyToTest()])
+    records = os.path.join(os.environ.get('ROS_LOG_DIR', '/tmp'), 'records')
+    return LaunchDescription([_include('sim.launch.py', record_root=records), launch_pytest.actions.ReadyToTest()])
 
 
 @pytest.mark.launch(fixture=simulated_procedure)

@@ -350,3 +350,138 @@ def test_create_backend_factory():
     assert isinstance(hw, MujocoHardware)
     with pytest.raises(ValueError, match='unknown hardware backend'):
         create_backend('ros1')
+
+
+# ------------------------------------------------------------------ trajectory streaming (protocol 2 model)
+
+def _pvt_move(distance=0.02, duration=4.0, spacing=0.02, axis=0):
+    """A smooth (cosine-velocity) move of one axis, sampled as PVT points."""
+    from igt_robot.hardware.interface import PvtPoint
+    points = []
+    w = 2 * np.pi / duration
+    for k in range(1, int(round(duration / spacing)) + 1):
+        t = k * spacing
+        pos, vel = np.zeros(5), np.zeros(5)
+        pos[axis] = distance / duration * (t - np.sin(w * t) / w)
+        vel[axis] = distance / duration * (1 - np.cos(w * t))
+        points.append(PvtPoint(t, pos, vel))
+    return points
+
+
+def _play(hw, points, lookahead=0.2, period=0.02):
+    """Host side at 50 Hz keeping ``lookahead`` s buffered; returns the states read each cycle."""
+    sid = hw.begin_stream(hw.read().positions)
+    pushed, states = 0, []
+    while True:
+        status = hw.stream_status()
+        horizon = status.executed_time + lookahead
+        batch = [p for p in points[pushed:] if p.time <= horizon][:5]
+        if batch:
+            hw.push_points(sid, batch, final=pushed + len(batch) == len(points))
+            pushed += len(batch)
+        hw.advance(period)
+        state = hw.read()
+        states.append(state)
+        if state.stream.done or not (state.stream.active or pushed < len(points)):
+            return sid, states
+
+
+def test_streamed_pvt_trajectory_is_servoed_by_the_controller(hw):
+    hw.enable()
+    points = _pvt_move()
+    sid, states = _play(hw, points)
+    final = states[-1]
+    assert final.stream.stream_id == sid and final.stream.done and final.stream.underruns == 0
+    assert final.stream.stop_cause == ''
+    by_time = {round(p.time, 6): p.positions[0] for p in points}
+    errors = [abs(s.positions[0] - by_time[round(s.stream.executed_time, 6)]) for s in states
+              if round(s.stream.executed_time, 6) in by_time]
+    assert len(errors) > 100 and max(errors) < 3e-5          # servo lag of a 24 Hz position loop
+    assert run_until_still(hw).positions[0] == pytest.approx(0.02, abs=2e-6)
+
+
+def test_trigger_edge_stops_the_stream_and_blocks_release_while_imaging(hw):
+    from igt_robot.hardware.interface import CommandRefused
+    hw.enable()
+    sid = hw.begin_stream(hw.read().positions)
+    points = _pvt_move(duration=4.0)
+    hw.push_points(sid, [p for p in points if p.time <= 0.9])
+    hw.advance(0.8)
+    before = hw.read()
+    assert before.moving and before.stream.active
+    hw.set_scanner_trigger(True)
+    state = hw.read()
+    assert state.stream.stop_cause == 'TRIGGER' and state.motion_inhibited and state.inhibit_cause == 'TRIGGER'
+    stopped = run_until_still(hw)
+    # Ramped at the stage's 20 mm/s² (v²/2a ~ 0.1 mm), not an underrun.
+    assert stopped.positions[0] - before.positions[0] < 5e-4 and stopped.stream.underruns == 0
+    with pytest.raises(CommandRefused) as info:
+        hw.set_motion_inhibit(False)
+    assert info.value.code == 'TRIGGER_ACTIVE'
+    with pytest.raises(CommandRefused):
+        hw.push_points(sid, points[45:46])
+    hw.set_scanner_trigger(False)
+    assert hw.read().motion_inhibited                          # latched until the host releases it
+    hw.set_motion_inhibit(False)
+    assert not hw.read().motion_inhibited
+
+
+def test_stream_underrun_is_a_controlled_stop(hw):
+    hw.enable()
+    sid = hw.begin_stream(hw.read().positions)
+    points = _pvt_move(duration=4.0)
+    hw.push_points(sid, [p for p in points if p.time <= 1.0])
+    state = run_until_still(hw)
+    assert state.stream.stop_cause == 'UNDERRUN' and state.stream.underruns == 1
+    assert state.counters['underruns'] == 1 and state.enabled and state.faults == ()
+
+
+def test_realtime_host_stall_shorter_than_the_buffer_changes_nothing():
+    hw = MujocoHardware(realtime=True)
+    hw.connect()
+    try:
+        hw.enable()
+        points = _pvt_move(distance=0.005, duration=1.5)
+        sid = hw.begin_stream(hw.read().positions)
+        hw.push_points(sid, [p for p in points if p.time <= 0.9][:120])
+        time.sleep(0.3)                                       # the host stalls; physics catches up later
+        status = hw.stream_status()
+        assert status.active and status.executed_time >= 0.29 and status.underruns == 0
+        pushed = len([p for p in points if p.time <= 0.9])
+        deadline = time.monotonic() + 10.0
+        while not (status := hw.stream_status()).done:
+            assert time.monotonic() < deadline and status.active, status
+            batch = [p for p in points[pushed:] if p.time <= status.executed_time + 0.8][:20]
+            if batch:
+                hw.push_points(sid, batch, final=pushed + len(batch) == len(points))
+                pushed += len(batch)
+            time.sleep(0.05)
+        state = hw.read()
+        assert state.stream.underruns == 0 and state.faults == ()
+        assert state.positions[0] == pytest.approx(0.005, abs=3e-5)
+    finally:
+        hw.close()
+
+
+def test_optional_watchdog_stops_a_silent_host():
+    hw = make(watchdog_timeout=0.1)
+    try:
+        hw.enable()
+        hw.write([0.02, 0.0, 0.0, 0.0, 0.0])
+        hw.advance(0.5)                                       # no host call for 0.5 s
+        state = hw.read()
+        assert 'WATCHDOG' in state.faults
+        assert not run_until_still(hw).enabled
+    finally:
+        hw.close()
+
+
+def test_coarse_physics_step_still_servos_at_1khz():
+    hw = make(timestep=0.004)
+    try:
+        assert hw.core.servo_period == pytest.approx(0.001)
+        hw.enable()
+        hw.write([0.005, 0.0, 0.0, 0.0, 0.0])
+        assert run_until_still(hw).positions[0] == pytest.approx(0.005, abs=5e-6)
+    finally:
+        hw.close()

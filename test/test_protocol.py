@@ -158,6 +158,37 @@ def test_frame_split_at_end_completes_later():
     assert dec.crc_errors == 0
 
 
+@pytest.mark.parametrize('keep', [1, 2, 5, 6, 7, 20])
+def test_a_truncated_frame_expires_after_the_inter_byte_timeout(keep):
+    """Without the timeout a header announcing 200 bytes swallows the next 200 bytes of requests."""
+    cut = P.encode_frame(P.MsgType.SET_TARGET, 3, bytes(200))[:keep]
+    follower = P.Frame(P.MsgType.GET_STATUS, 4)
+    dec = P.FrameDecoder(inter_byte_timeout=0.02)
+    assert dec.feed(cut, now=1.0) == []
+    assert dec.feed(_encode(follower), now=1.1) == [follower]
+    assert dec.timeouts == (1 if keep >= 2 else 0) and dec.pending == 0
+    # Without the timeout (old behaviour) the follower disappears into the cut frame's body.
+    old = P.FrameDecoder()
+    old.feed(cut)
+    assert keep < 4 or old.feed(_encode(follower)) == []
+
+
+def test_a_complete_frame_inside_an_expired_candidate_is_still_found():
+    inner = P.Frame(P.MsgType.HEARTBEAT, 5)
+    data = P.encode_frame(P.MsgType.SET_TARGET, 3, bytes(200))[:10] + _encode(inner)
+    dec = P.FrameDecoder(inter_byte_timeout=0.02)
+    assert dec.feed(data, now=0.0) == []
+    assert dec.feed(b'', now=0.5) == [inner]
+
+
+def test_chunks_within_the_timeout_form_one_frame():
+    frame = P.Frame(P.MsgType.STATUS, 5, bytes(range(30)))
+    data = _encode(frame)
+    dec = P.FrameDecoder(inter_byte_timeout=0.02)
+    assert dec.feed(data[:10], now=0.0) == [] and dec.feed(data[10:20], now=0.015) == []
+    assert dec.feed(data[20:], now=0.03) == [frame] and dec.timeouts == 0
+
+
 def test_reset_drops_partial_frame():
     dec = P.FrameDecoder()
     dec.feed(P.encode_frame(P.MsgType.STATUS, 1, bytes(10))[:7])
@@ -196,7 +227,7 @@ def test_status_round_trip_and_flags():
                   faults=int(P.Fault.WATCHDOG | P.Fault.OVERTEMP), fault_axes=0b00100, rx_crc_errors=3,
                   rx_seq_gaps=1, trigger_edges=7, positions=(-1, 2, -3, 4, 150000), velocities=(10, -20, 0, 0, 5))
     payload = P.encode_status(st)
-    assert len(payload) == 15 + 5 * 8
+    assert len(payload) == 15 + 17 + 5 * 8          # head, stream block (protocol 2), axes
     back = P.decode_status(payload)
     assert back == st
     assert back.has(P.StatusFlag.ENABLED) and back.has(P.StatusFlag.SCANNER_TRIGGER)
@@ -271,3 +302,49 @@ def test_axis_config_rejects_nonsense():
         AxisConfig('a', 'helical', 0.0, 0.1, 0.01, 0.02, 1e6)
     with pytest.raises(ValueError, match='int32'):
         AxisConfig('a', 'prismatic', 0.0, 10.0, 0.01, 0.02, 1e9)
+
+
+# ----------------------------------------------------------------------------- protocol 2: streaming
+
+def test_protocol_version_is_2():
+    assert P.PROTOCOL_VERSION[0] == 2
+
+
+def test_push_points_round_trip_and_frame_capacity():
+    assert P.max_points_per_frame(5) == 5
+    points = tuple(P.WirePoint(10_000 * (k + 1), (k, -k, 2 ** 31 - 1, -2 ** 31, 0), (1, -1, 0, 5, -5))
+                   for k in range(5))
+    push = P.PushPoints(0xFFFF, points, final=True)
+    payload = P.encode_push_points(push)
+    assert len(payload) == 4 + 5 * (4 + 5 * 8) <= P.MAX_PAYLOAD
+    assert P.decode_push_points(payload, 5) == push
+    with pytest.raises(P.ProtocolError, match='exceed one frame'):
+        P.encode_push_points(P.PushPoints(1, points + points[:1]))
+    with pytest.raises(P.PayloadLengthError):
+        P.decode_push_points(payload[:-1], 5)
+    bad_flags = bytearray(payload)
+    bad_flags[2] = 0x80
+    with pytest.raises(P.ProtocolError, match='flags'):
+        P.decode_push_points(bytes(bad_flags), 5)
+
+
+def test_stream_status_round_trip_and_names():
+    info = P.StreamInfo(7, P.StreamState.RAMPING, P.stop_cause_code('TRIGGER'),
+                        P.INHIBIT_HOST | P.INHIBIT_TRIGGER, 1_500_000, 1_800_000, 120, 3)
+    back = P.decode_stream_status(P.encode_stream_status(info))
+    assert back == info and back.stop_cause_name == 'TRIGGER' and back.inhibit_cause_name == 'HOST+TRIGGER'
+    assert P.StreamInfo(stop_cause=200).stop_cause_name == 'CAUSE_0xC8'    # never silently dropped
+    assert P.inhibit_cause_bits('HOST+TRIGGER') == 3 and P.inhibit_cause_bits('') == 0
+    with pytest.raises(P.ProtocolError):
+        P.stop_cause_code('NOPE')
+
+
+def test_begin_stream_round_trip():
+    assert P.decode_begin_stream(P.encode_begin_stream((1, -2, 3, -4, 5))) == (1, -2, 3, -4, 5)
+    with pytest.raises(P.PayloadLengthError):
+        P.decode_begin_stream(b'\x00' * 3)
+
+
+def test_stream_requests_are_stateful_and_have_replies():
+    for msg in (P.MsgType.BEGIN_STREAM, P.MsgType.PUSH_POINTS):
+        assert msg in P.STATEFUL_REQUESTS and P.REPLY_TYPE[msg] == P.MsgType.STREAM_STATUS

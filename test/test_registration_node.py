@@ -20,6 +20,7 @@ from rcl_interfaces.srv import GetParameters
 
 from igt_robot import frames, testing, units
 from igt_robot.imaging import DEFAULT_FIDUCIALS_ZFRAME, Volume, make_phantom, write_dicom_series, write_nifti
+from igt_robot.imaging import image_input
 from igt_robot.imaging.phantom import registration_case
 from igt_robot.nodes import msg_convert, qos, registration_node
 from igt_robot.nodes.registration_node import (PARAMS, RegistrationNode, load_volume, parse_marker_positions,
@@ -416,7 +417,7 @@ def test_resolve_image_path(tmp_path):
 
 
 def test_folder_with_too_many_files_is_refused_without_crawling(tmp_path, monkeypatch):
-    monkeypatch.setattr(registration_node, 'MAX_FOLDER_FILES', 3)
+    monkeypatch.setattr(image_input, 'MAX_FOLDER_FILES', 3)
     for n in range(5):
         (tmp_path / f'f{n}.dcm').write_bytes(b'x')
     with pytest.raises(ValueError, match='holds more than 3 files'):

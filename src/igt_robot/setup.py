@@ -2,6 +2,13 @@
 
 launch/, urdf/ and config/ are symlinks to the repository's top-level folders so one copy
 serves both `colcon build` (installed into share/igt_robot) and `make setup` (editable).
+
+Executables: every entry point lands in lib/igt_robot (setup.cfg), where `ros2 run igt_robot <name>`
+and launch_ros look for it. The operator's and engineer's tools (TOOLS) are also installed into
+bin/, which `source install/setup.bash` puts on PATH: scripts/<tool> are the small wrappers for that
+(data files, so the same file serves `colcon build` and `--symlink-install`). In the venv of
+`make setup` (an editable install, which skips data files) tools/setup.sh links .venv/bin/<tool> to
+the console script instead.
 """
 import glob
 
@@ -18,6 +25,7 @@ NODES = {
     'igtl_bridge': 'igt_robot.nodes.igtl_bridge_node:main',
     'procedure_node': 'igt_robot.nodes.procedure_node:main',
     'recorder_node': 'igt_robot.nodes.recorder_node:main',
+    'state_publisher': 'igt_robot.nodes.state_publisher_node:main',
 }
 TOOLS = {
     'igt-bringup': 'igt_robot.bringup:main',
@@ -29,15 +37,17 @@ TOOLS = {
 setup(
     name=PACKAGE,
     version='0.1.0',
-    packages=find_packages(exclude=['test']),
+    packages=find_packages(exclude=['test', 'test.*']),
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + PACKAGE]),
         ('share/' + PACKAGE, ['package.xml']),
         ('share/' + PACKAGE + '/launch', glob.glob('launch/*.launch.py')),
         ('share/' + PACKAGE + '/urdf', glob.glob('urdf/*')),
         ('share/' + PACKAGE + '/config', glob.glob('config/*')),
+        ('bin', ['scripts/' + tool for tool in TOOLS]),
     ],
     install_requires=['setuptools'],
+    extras_require={'test': ['pytest']},   # colcon test runs pytest
     zip_safe=False,
     maintainer='igt_robot maintainers',
     maintainer_email='maintainers@igt-robot.invalid',

@@ -119,7 +119,7 @@ def tumour_region_coords(labelmap, tumour_labels: Iterable[int], margin_m: float
     labels = list(tumour_labels)
     mask = np.isin(labelmap.data, labels)
     if not np.any(mask):
-        names = ', '.join(f"'{labelmap.name(l)}'" for l in labels) or 'none given'
+        names = ', '.join(f"'{labelmap.name(label)}'" for label in labels) or 'none given'
         raise AblationError(f'no tumour voxel in the label map (tumour labels: {names})')
     nz = [np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
     pad = np.ceil(margin_m / labelmap.spacing).astype(int) + 1

@@ -30,7 +30,8 @@ class SamplingConfig:
     """How clearance is sampled along each straight path."""
 
     step_fraction: float = 0.5      # fine sample step as a fraction of the smallest voxel spacing (<= 0.5)
-    coarse_step_m: float = 0.016    # first-pass step (rounded to fine step * 2**k), then bisection down to the fine step
+    # First-pass step (rounded to fine step * 2**k), then bisection down to the fine step.
+    coarse_step_m: float = 0.016
     chunk_samples: int = 2_000_000  # bound on samples interpolated in one call (memory)
 
 
@@ -68,7 +69,7 @@ class RankingConfig:
     weight_clearance: float = 0.5     # clearance beyond the margin, saturating at clearance.saturation_m
     weight_depth: float = 0.2         # shorter insertion is better (relative to needle.max_depth_m)
     weight_skin_angle: float = 0.15   # closer to the skin normal is better (relative to skin.max_angle_rad)
-    weight_joint_margin: float = 0.15 # farther from the robot's joint limits is better
+    weight_joint_margin: float = 0.15  # farther from the robot's joint limits is better
     max_ranked: int = 20              # feasible paths returned in PlanResult.ranked
 
 
@@ -76,7 +77,8 @@ class RankingConfig:
 class ReachConfig:
     """Cone reachability used when no robot reachability is supplied."""
 
-    cone_axis: tuple = (0.0, 1.0, 0.0)           # needle direction at the cone centre, scanner LPS (default posterior: supine patient, guide above)
+    # Needle direction at the cone centre, scanner LPS (default posterior: supine patient, guide above).
+    cone_axis: tuple = (0.0, 1.0, 0.0)
     cone_half_angle_rad: float = math.radians(45.0)
     cone_max_depth_m: float = 0.15               # guide's insertion range
 

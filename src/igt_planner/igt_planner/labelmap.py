@@ -173,7 +173,7 @@ class LabelMap:
     @property
     def critical_labels(self) -> list[int]:
         """Critical labels (margins or bone) that occur in the volume, sorted."""
-        return sorted(l for l in set(self.margins_m) | self.bone_labels if self.present(l))
+        return sorted(label for label in set(self.margins_m) | self.bone_labels if self.present(label))
 
     def margin(self, label: int) -> float:
         """Safety margin of a label (m), 0 when none was given."""

@@ -31,8 +31,8 @@ from . import reasons as R
 from .candidates import EntryRegion, SkinIndex, SkinNormals, check_points, flat_to_array, thin
 from .clearance import StructureField, build_air_field, build_structure_field, segment_minima
 from .config import PlannerConfig
-from .errors import (InvalidEntryRegion, InvalidTarget, NoCriticalStructures, NoFeasiblePath, NonFiniteInput, TargetInAir, TargetInBone,
-                     TargetInCriticalStructure, TargetOutsideImage)
+from .errors import (InvalidEntryRegion, InvalidTarget, NoCriticalStructures, NoFeasiblePath, NonFiniteInput,
+                     TargetInAir, TargetInBone, TargetInCriticalStructure, TargetOutsideImage)
 from .labelmap import LabelMap
 from .ranking import rank_order, score, score_terms
 from .reachability import BatchReach, ConeReachability, Reachability
@@ -206,7 +206,8 @@ class NeedlePlanner:
         fields = []
         # Bones first: a bone crossing is the most severe finding, and paths
         # that cross stop being sampled against the remaining structures.
-        labels = sorted(self.labelmap.critical_labels, key=lambda l: (l not in self.labelmap.bone_labels, l))
+        labels = sorted(self.labelmap.critical_labels,
+                        key=lambda label: (label not in self.labelmap.bone_labels, label))
         for label in labels:
             cap = max(c.cap_m, self.labelmap.margin(label) + c.saturation_m)
             f = build_structure_field(self.labelmap, label, cap, coarse)
@@ -514,7 +515,7 @@ class NeedlePlanner:
         st = b.stage[rows]
         out = np.where(st == 0, -b.region_distance[rows], out)
         out = np.where(st == 1, -np.abs(b.depth[rows] - np.clip(b.depth[rows], cfg.needle.min_depth_m,
-                                                                 cfg.needle.max_depth_m)), out)
+                                                                cfg.needle.max_depth_m)), out)
         out = np.where(st == 2, -np.nan_to_num(b.skin_angle[rows], nan=np.pi), out)
         out = np.where(st == 3, np.nan_to_num(b.joint_limit_margin[rows], nan=-np.inf), out)
         # Within the clearance check a crossing is worse than a margin violation

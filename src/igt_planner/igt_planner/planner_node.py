@@ -61,7 +61,6 @@ from diagnostic_msgs.msg import DiagnosticStatus
 from geometry_msgs.msg import Point, Vector3
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
-from scipy import ndimage
 from sensor_msgs.msg import JointState
 from std_msgs.msg import ColorRGBA
 from visualization_msgs.msg import Marker, MarkerArray
@@ -69,15 +68,16 @@ from visualization_msgs.msg import Marker, MarkerArray
 from igt_planner import reasons as R
 from igt_planner.candidates import EntryRegion
 from igt_planner.config import PlannerConfig, config_from_params
-from igt_planner.errors import (InvalidLabelMap, NoFeasiblePath, NonFiniteInput, PlanningError)
-from igt_planner.labelmap import LabelMap
+from igt_planner.errors import NoFeasiblePath, PlanningError
+from igt_planner.label_roles import ROLES, LabelRoles, labelmap_from_volume, surface_points  # noqa: F401
+from igt_planner.path_display import clearance_colour, path_slack, rejection_summary
 from igt_planner.planner import NeedlePath, NeedlePlanner
 from igt_planner.reachability import ConeReachability, RobotReachability
 from igt_robot import frames
 from igt_robot.imaging.errors import ImageError
 from igt_robot.imaging.io import read_nifti
 from igt_robot.kinematics import NeedleGuideKinematics
-from igt_robot.nodes import common, msg_convert, qos
+from igt_robot.nodes import common, msg_convert, qos, topics
 from igt_robot.nodes.params import Param, declare
 from igt_robot.robot_model import load_robot_model
 from igt_robot_msgs.msg import NeedlePlan, ProcedureEvent, RegistrationResult
@@ -85,10 +85,9 @@ from igt_robot_msgs.srv import PlanPath, ValidatePlan
 
 NODE_NAME = 'planner_node'
 DEFAULT_MAX_PLANS = 5                 # PlanPath: max_plans 0 = 5
-PLAN_TOPIC = '/planner/current_plan'
-MARKERS_TOPIC = '/planner/markers'
-REGISTRATION_TOPIC = '/registration/result'
-ROLES = ('air', 'tissue', 'entry', 'tumour', 'critical', 'bone')
+PLAN_TOPIC = topics.PLANNER_CURRENT_PLAN
+MARKERS_TOPIC = topics.PLANNER_MARKERS
+REGISTRATION_TOPIC = topics.REGISTRATION_RESULT
 # A rotation quaternion further than this from unit length is a corrupt message, not float noise.
 QUATERNION_NORM_TOL = 1e-3
 
@@ -198,105 +197,6 @@ class RequestRefused(Exception):
     """A request the node refuses before planning (frame, missing file, ...); the message says why."""
 
 
-# ------------------------------------------------------------------ label roles
-
-@dataclasses.dataclass(frozen=True)
-class LabelRoles:
-    """What each label value means (from the ``labels.*`` parameters)."""
-
-    names: dict                  # value -> name
-    margins_m: dict              # critical and bone values -> margin (m)
-    bone: frozenset
-    air: frozenset
-    tumour: frozenset
-    entry: frozenset             # empty = the whole skin is allowed
-
-    @classmethod
-    def from_params(cls, values: Sequence[int], names: Sequence[str], roles: Sequence[str],
-                    margins_m: Sequence[float]) -> 'LabelRoles':
-        """Check the parallel lists; raise ValueError naming the first problem."""
-        values, names, roles, margins = list(values), list(names), list(roles), list(margins_m)
-        if not (len(values) == len(names) == len(roles) == len(margins)):
-            raise ValueError(f'labels.values/names/roles/margins_m must have equal lengths, got '
-                             f'{len(values)}/{len(names)}/{len(roles)}/{len(margins)}')
-        if len(set(values)) != len(values) or any(int(v) < 0 for v in values):
-            raise ValueError(f'labels.values must be distinct non-negative integers, got {values}')
-        if len(set(names)) != len(names) or not all(str(n).strip() for n in names):
-            raise ValueError(f'labels.names must be distinct and non-empty, got {names}')
-        bad = [r for r in roles if r not in ROLES]
-        if bad:
-            raise ValueError(f'labels.roles {bad} unknown; each must be one of {", ".join(ROLES)}')
-        for v, m in zip(values, margins):
-            if not (math.isfinite(float(m)) and float(m) >= 0.0):
-                raise ValueError(f'labels.margins_m of label {v} must be finite and >= 0 m, got {m}')
-        if 'air' not in roles:
-            raise ValueError('labels.roles names no air label: the skin (body next to air) would be undefined')
-        by_role = {r: frozenset(int(v) for v, rr in zip(values, roles) if rr == r) for r in ROLES}
-        margins_by_value = {int(v): float(m) for v, m, r in zip(values, margins, roles) if r in ('critical', 'bone')}
-        return cls(names={int(v): str(n) for v, n in zip(values, names)}, margins_m=margins_by_value,
-                   bone=by_role['bone'], air=by_role['air'], tumour=by_role['tumour'], entry=by_role['entry'])
-
-    def describe(self) -> str:
-        def one(v):
-            name = self.names[v]
-            if v in self.bone:
-                return f'{v} {name} (bone, margin {R.format_mm(self.margins_m[v])})'
-            if v in self.margins_m:
-                return f'{v} {name} (critical, margin {R.format_mm(self.margins_m[v])})'
-            role = ('air' if v in self.air else 'tumour' if v in self.tumour else
-                    'entry region' if v in self.entry else 'tissue')
-            return f'{v} {name} ({role})'
-        return ', '.join(one(v) for v in sorted(self.names))
-
-
-def labelmap_from_volume(volume, roles: LabelRoles, refuse_unknown: bool = True, source: str = '') -> LabelMap:
-    """A :class:`LabelMap` from an ``igt_robot`` Volume (data [k, j, i], affine index -> scanner LPS m).
-
-    Float files holding whole numbers (segmentations saved as float) are accepted;
-    NaN/inf or fractional values are refused, as are (with ``refuse_unknown``)
-    label values the roles do not describe.
-    """
-    data = np.asarray(volume.data)
-    where = f' {source}' if source else ''
-    if data.dtype.kind == 'f':
-        finite = np.isfinite(data)
-        if not finite.all():
-            raise NonFiniteInput(f'label map{where} contains NaN or infinite values in '
-                                 f'{int(data.size - finite.sum())} voxels')
-        fractional = data != np.round(data)
-        if np.any(fractional):
-            raise InvalidLabelMap(f'label map{where} holds non-integer values (e.g. {float(data[fractional][0]):g}): '
-                                  'not a segmentation')
-        if data.size and (data.min() < 0 or data.max() > np.iinfo(np.int32).max):
-            raise InvalidLabelMap(f'label map{where} holds values outside 0..{np.iinfo(np.int32).max}')
-        data = data.astype(np.int32)
-    elif data.dtype.kind in 'iu' and data.size and data.min() < 0:
-        raise InvalidLabelMap(f'label map{where} holds negative labels')
-    if refuse_unknown and data.size and data.dtype.kind in 'iu':
-        present = np.flatnonzero(np.bincount(data.ravel().astype(np.int64)))
-        unknown = sorted(set(int(v) for v in present) - set(roles.names))
-        if unknown:
-            raise InvalidLabelMap(f'label map{where} holds label values {unknown} not described by labels.values '
-                                  f'{sorted(roles.names)} (an unknown label may be a critical structure; '
-                                  'describe it or set labels.refuse_unknown false)')
-    return LabelMap(data, volume.affine, roles.names, roles.margins_m, bone_labels=roles.bone,
-                    air_labels=roles.air, tumour_labels=roles.tumour)
-
-
-def surface_points(labelmap: LabelMap, labels, max_points: int) -> np.ndarray:
-    """(N, 3) scanner LPS centres of the surface voxels of ``labels`` (decimated evenly to ``max_points``)."""
-    mask = np.isin(labelmap.data, list(labels))
-    if not mask.any():
-        return np.empty((0, 3))
-    surface = mask & ~ndimage.binary_erosion(mask, border_value=0)
-    flat = np.flatnonzero(surface)
-    if flat.size > max_points:
-        # An even stride over the flat order keeps the spread of the surface (deterministic).
-        flat = flat[np.linspace(0, flat.size - 1, max_points).astype(np.intp)]
-    coords = np.stack(np.unravel_index(flat, labelmap.shape), axis=1).astype(float)
-    return labelmap.to_world(coords)
-
-
 # ------------------------------------------------------------------ messages
 
 def _point(p) -> Point:
@@ -305,31 +205,6 @@ def _point(p) -> Point:
 
 def _array(point) -> np.ndarray:
     return np.array([point.x, point.y, point.z], dtype=float)
-
-
-def clearance_colour(slack_m: float, saturation_m: float) -> tuple:
-    """(r, g, b) of a path point whose clearance exceeds the nearest margin by ``slack_m`` (m).
-
-    Inside a margin (slack < 0, or NaN) pure red; at the margin orange (1, 0.5, 0);
-    green (0, 1, 0) from ``saturation_m`` beyond; linear in between (green rises,
-    red falls monotonically with the clearance).
-    """
-    if not slack_m >= 0.0:
-        return (1.0, 0.0, 0.0)
-    t = min(float(slack_m) / float(saturation_m), 1.0)
-    return (1.0 - t, 0.5 + 0.5 * t, 0.0)
-
-
-def path_slack(planner: NeedlePlanner, entry, target, segments: int) -> tuple:
-    """(points (segments+1, 3) scanner LPS, slack (m) at each): distance minus margin to the nearest structure."""
-    s = np.linspace(0.0, 1.0, int(segments) + 1)[:, None]
-    points = np.asarray(entry, float) + s * (np.asarray(target, float) - np.asarray(entry, float))
-    slack = np.full(points.shape[0], np.inf)
-    planner.precompute()
-    coords = planner.labelmap.to_array(points)
-    for f in planner.fields:
-        slack = np.minimum(slack, f.sample(coords) - f.margin_m)
-    return points, slack
 
 
 def _colour(rgb, alpha: float = 1.0) -> ColorRGBA:
@@ -379,19 +254,6 @@ def build_markers(planner: NeedlePlanner, path: NeedlePath, structures: Sequence
         m = marker(ns, Marker.POINTS, POINT_SIZE_M, STRUCTURE_COLOURS.get(role, (0.6, 0.6, 0.6)), 0.6)
         m.points = [_point(p) for p in frames.apply(T, np.asarray(pts, float))]
     return out
-
-
-def rejection_summary(counts: dict, n_candidates: int, examples: dict) -> list:
-    """One line per rejection kind, most frequent first: count, meaning and an example sentence."""
-    lines = []
-    for kind, count in sorted(counts.items(), key=lambda kv: (-kv[1], R.KINDS.index(kv[0]))):
-        line = f'{count} of {n_candidates} candidates: {R.DESCRIPTIONS.get(kind, kind)}'
-        example = examples.get(kind)
-        if example is not None and example.reasons:
-            sentences = [s for k, s in zip(example.reason_kinds, example.reasons) if k == kind] or example.reasons
-            line += f'; e.g. {sentences[0]}'
-        lines.append(line)
-    return lines
 
 
 # ------------------------------------------------------------------ state
@@ -454,8 +316,8 @@ class PlannerNode(Node):
         # Planning holds the planner caches: one request at a time, in its own group so the
         # registration subscription and diagnostics (default group) are served meanwhile.
         self.planning_group = MutuallyExclusiveCallbackGroup()
-        self.create_service(PlanPath, '/planner/plan', self._on_plan, callback_group=self.planning_group)
-        self.create_service(ValidatePlan, '/planner/validate', self._on_validate,
+        self.create_service(PlanPath, topics.PLANNER_PLAN, self._on_plan, callback_group=self.planning_group)
+        self.create_service(ValidatePlan, topics.PLANNER_VALIDATE, self._on_validate,
                             callback_group=self.planning_group)
         self.create_timer(self.p['diagnostics_period_s'], self._publish_diagnostics)
         self.get_logger().info(f'labels: {self.roles.describe()}; reachability: guide cone until a registration '

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import os
 import pathlib
 import signal
 import sys
@@ -23,9 +24,14 @@ import time
 from typing import Dict, List, Optional
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 
-from igt_robot import paths
+from igt_robot import fastdds_shm, paths
+from igt_robot.nodes.spinning import BackgroundSpinner, shutdown_executor
+
+# Set by a parent that starts this process as its child (igt_robot.demo): the read end of a pipe only the
+# parent writes to. End-of-file = the parent is gone: shut down (the robot stops), never run as an orphan.
+PARENT_PIPE_ENV = 'IGT_PARENT_PIPE_FD'
 
 # name -> (module:class, parameter file). Order is start order.
 NODES: Dict[str, tuple] = {
@@ -35,6 +41,8 @@ NODES: Dict[str, tuple] = {
     'motion_controller': ('igt_robot.nodes.motion_controller_node:MotionControllerNode', 'motion.yaml'),
     'registration_node': ('igt_robot.nodes.registration_node:RegistrationNode', 'registration.yaml'),
     'planner_node': ('igt_planner.planner_node:PlannerNode', 'planner.yaml'),
+    # /robot_description, /tf, /tf_static (robot links too: no robot_state_publisher without ROS installed).
+    'state_publisher': ('igt_robot.nodes.state_publisher_node:StatePublisherNode', 'robot.yaml'),
     'igtl_bridge': ('igt_robot.nodes.igtl_bridge_node:IgtlBridgeNode', 'procedure.yaml'),
     'recorder_node': ('igt_robot.nodes.recorder_node:RecorderNode', 'procedure.yaml'),
     'procedure_node': ('igt_robot.nodes.procedure_node:ProcedureNode', 'procedure.yaml'),
@@ -44,7 +52,7 @@ PROFILES = {
     'sim': list(NODES),
     'robot': list(NODES),
     'safety': list(CONTROL_NODES),
-    # The split `make demo` uses: the safety-critical nodes and the 1 kHz loop in one process, image
+    # The split `make demo` uses: the safety-critical nodes and the trajectory streaming in one process, image
     # processing and the workflow in another, so heavy image work never holds the control process's GIL.
     'control': list(CONTROL_NODES),
     'workflow': [name for name in NODES if name not in CONTROL_NODES],
@@ -89,20 +97,15 @@ class Bringup:
             node = load_class(target)(context=self.context, cli_args=args)
             self.nodes[name] = node
             self.executor.add_node(node)
-        self._thread = None
+        self._spinner = None
 
     def start(self):
-        self._thread = threading.Thread(target=self._spin, name='bringup-executor', daemon=True)
-        self._thread.start()
+        self._spinner = BackgroundSpinner(self.executor, name='bringup-executor')
         for node in self.nodes.values():
             autostart = getattr(node, 'autostart_lifecycle', None)
             if callable(autostart):
                 autostart()
         return self
-
-    def _spin(self):
-        with contextlib.suppress(ExternalShutdownException, KeyboardInterrupt):
-            self.executor.spin()
 
     def shutdown(self):
         for node in reversed(list(self.nodes.values())):
@@ -110,14 +113,16 @@ class Bringup:
                 shutdown_hook = getattr(node, 'on_bringup_shutdown', None)
                 if callable(shutdown_hook):
                     shutdown_hook()
-        self.executor.shutdown(timeout_sec=3.0)
+        # Callbacks finish before the nodes are destroyed (igt_robot.nodes.spinning says why).
+        if self._spinner is not None:
+            self._spinner.stop(timeout_sec=3.0)
+        else:
+            shutdown_executor(self.executor, timeout_sec=3.0)
         for node in reversed(list(self.nodes.values())):
             with contextlib.suppress(Exception):
                 node.destroy_node()
         with contextlib.suppress(Exception):
             rclpy.shutdown(context=self.context)
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
 
     def __enter__(self):
         return self.start()
@@ -132,6 +137,25 @@ def _param_text(value) -> str:
     if isinstance(value, (list, tuple)):
         return '[' + ','.join(_param_text(v) for v in value) + ']'
     return str(value)
+
+
+def _watch_parent(stop: threading.Event) -> None:
+    """Set ``stop`` when the parent that started this process dies (pipe end-of-file, or re-parenting)."""
+    fd_text = os.environ.pop(PARENT_PIPE_ENV, '')
+    parent = os.getppid()
+    if parent == 1:   # the parent died before this process got here (PR_SET_PDEATHSIG cannot fire any more)
+        stop.set()
+        return
+    if not fd_text:
+        return
+
+    def watch():
+        with contextlib.suppress(OSError):
+            while os.read(int(fd_text), 1):
+                pass
+        print('[bringup] parent process gone: shutting down', flush=True)
+        stop.set()
+    threading.Thread(target=watch, name='parent-watch', daemon=True).start()
 
 
 def main(argv=None) -> int:
@@ -154,6 +178,11 @@ def main(argv=None) -> int:
         overrides.setdefault(node, {})[param] = value
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    _watch_parent(stop)
+    removed = fastdds_shm.remove_dead_fastdds_shm()
+    if removed:
+        print(f'[bringup] removed {len(removed)} Fast DDS shared-memory file(s) of dead processes', flush=True)
     with Bringup(names, args.config_dir, overrides) as bringup:
         print(f'[bringup] running {len(names)} node(s): {", ".join(names)}', flush=True)
         deadline = time.monotonic() + args.duration if args.duration > 0 else None

@@ -4,20 +4,32 @@ Brings the stack up in-process (igt_robot.bringup: the same nodes and config/*.y
 that `ros2 launch igt_robot sim.launch.py` starts) with the MuJoCo robot, runs the
 procedure node in demo mode and prints progress and a summary. The record, the
 MCAP log, the scans and the HTML report go to build/records/<procedure id>/.
-Exit code 0 only when the procedure completed.
+Exit code 0 only when the procedure completed; 130 after Ctrl-C (everything stopped, no traceback).
+
+No orphan (docs/record.md): the control process dies with this one (PR_SET_PDEATHSIG, and it watches a
+pipe from this process as a fallback); the supervisor requires the heartbeats of the recorder and the
+procedure node, so losing this process or the recorder stops the motion. Fast DDS shared-memory files of
+dead processes are removed at start.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from igt_robot import paths
-from igt_robot.bringup import PROFILES, Bringup, available_nodes
+from igt_robot import fastdds_shm, paths
+from igt_robot.bringup import PARENT_PIPE_ENV, PROFILES, Bringup, available_nodes
+from igt_robot.record import procedure_id as procedure_identity
+
+# Nodes of this (workflow) process whose heartbeat the supervisor requires for motion: without the workflow
+# or the recorder nothing moves. Only for motion: image work may starve this process while nothing moves.
+WORKFLOW_HEARTBEATS = ['recorder_node', 'procedure_node']
+PR_SET_PDEATHSIG = 1
 
 
 class ProcedureFailed(RuntimeError):
@@ -26,12 +38,14 @@ class ProcedureFailed(RuntimeError):
 
 def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 0.0, steps: int = 3,
                             timeout: float = 900.0, procedure_id: str = '', quiet_nodes: bool = False,
-                            extra_overrides: dict = None) -> dict:
+                            extra_overrides: dict = None, record_dir: str = '') -> dict:
     """Bring the stack up in this process, run one simulated procedure, return its summary."""
     procedure_id = procedure_id or time.strftime('demo-%Y%m%d-%H%M%S')
-    record_dir = paths.repo_root() / 'build' / 'records' / procedure_id
+    procedure_identity.set_current(procedure_id)   # every event and dose of both processes carries it
+    record_dir = paths.record_dir(procedure_id, record_dir)
     shared = {'procedure_id': procedure_id, 'record_dir': str(record_dir)}
     overrides = {
+        'safety_supervisor': {'motion_heartbeats': WORKFLOW_HEARTBEATS},
         'recorder_node': dict(shared),
         'procedure_node': dict(shared, demo=True, scenario_seed=seed, modality=modality, target_depth=depth,
                                insertion_steps=steps),
@@ -46,10 +60,16 @@ def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 
     if not quiet_nodes:
         print(f'[demo] control process: {", ".join(PROFILES["control"])}; this process: {", ".join(names)}',
               flush=True)
-    with _control_process(overrides, record_dir / 'control_process.log'), \
+    with _control_process(overrides, record_dir / 'control_process.log') as control, \
             Bringup(names, overrides=overrides) as bringup:
         procedure = bringup.nodes['procedure_node']
-        finished = procedure.demo_done.wait(timeout)
+        if not quiet_nodes:
+            print(f'[demo] control process pid {control.pid}', flush=True)
+        try:
+            finished = _wait_for_procedure(procedure, control, timeout)
+        except BaseException:
+            control.request_stop()   # the robot stops first; this process's nodes shut down meanwhile
+            raise
         if not quiet_nodes:
             for name, node in bringup.nodes.items():
                 describe = getattr(node, 'describe_state', None)
@@ -62,32 +82,131 @@ def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 
     return procedure.demo_summary
 
 
-def _raise_priority():
-    """Control before image processing: the control process runs at a higher CPU priority where allowed."""
+def _wait_for_procedure(procedure, control, timeout: float) -> bool:
+    """Wait for the demo; a lost control process ends it at once with the reason."""
+    deadline = time.monotonic() + timeout
+    while not procedure.demo_done.wait(0.2):
+        if control.poll() is not None:
+            # The procedure node sees the loss within one heartbeat timeout: let it record and say so first.
+            with contextlib.suppress(Exception):
+                from igt_robot.waiting import wait_for
+                wait_for(lambda: procedure.control_lost, 3.0, 'the procedure node to see the loss', poll=0.05)
+                time.sleep(0.3)   # the control_lost event reaches the recorder
+            raise ProcedureFailed(f'the control process exited (code {control.returncode}); see '
+                                  'control_process.log in the record folder')
+        if procedure.control_lost and time.monotonic() - procedure.control_lost_since > 5.0:
+            raise ProcedureFailed(f'{procedure.control_lost} (process alive but silent)')
+        if time.monotonic() > deadline:
+            return False
+    return True
+
+
+def _control_child_setup():
+    """In the control process before exec: die with the parent; control before image processing."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)   # SIGTERM: the control process stops the robot
     with contextlib.suppress(OSError):
         os.nice(-10)   # needs CAP_SYS_NICE (root); elsewhere both processes share the CPU equally
 
 
-@contextlib.contextmanager
-def _control_process(overrides: dict, log_path):
-    """The safety-critical nodes (hardware, scanner, supervisor, motion controller) in their own process."""
-    args = [sys.executable, '-m', 'igt_robot.bringup', '--profile', 'control']
-    for node in PROFILES['control']:
-        for key, value in overrides.get(node, {}).items():
-            args += ['--set', f'{node}.{key}={value}']
-    with open(log_path, 'wb') as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, env=dict(os.environ), preexec_fn=_raise_priority)
-    try:
-        yield process
-    finally:
-        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            if process.poll() is not None:
-                break
+class ControlProcess:
+    """The safety-critical nodes (hardware, scanner, supervisor, motion controller) in their own process.
+
+    It dies with this process: PR_SET_PDEATHSIG (SIGTERM) and, as a fallback (the death signal follows
+    the parent *thread*), a pipe whose only writer is this process (end-of-file = this process is gone).
+    """
+
+    def __init__(self, overrides: dict, log_path):
+        args = [sys.executable, '-m', 'igt_robot.bringup', '--profile', 'control']
+        for node in PROFILES['control']:
+            for key, value in overrides.get(node, {}).items():
+                args += ['--set', f'{node}.{key}={_set_text(value)}']
+        read_end, self._write_end = os.pipe()
+        env = dict(os.environ, **{PARENT_PIPE_ENV: str(read_end)})
+        try:
+            with open(log_path, 'wb') as log:
+                self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                start_new_session=True, env=env, pass_fds=(read_end,),
+                                                preexec_fn=_control_child_setup)
+        except BaseException:
+            os.close(self._write_end)
+            raise
+        finally:
+            os.close(read_end)
+
+    def poll(self):
+        return self.process.poll()
+
+    @property
+    def returncode(self):
+        return self.process.returncode
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def request_stop(self) -> None:
+        """Ask the control process to stop (it stops the robot and exits); does not wait."""
+        if self._write_end is not None:
+            os.close(self._write_end)
+            self._write_end = None
+        if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(grace)
+                os.killpg(self.process.pid, signal.SIGTERM)
+
+    def stop(self, grace: float = 4.0) -> None:
+        """Stop and reap it: SIGTERM, then SIGKILL after ``grace`` s (its whole process group)."""
+        self.request_stop()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(grace)
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5.0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _control_process(overrides: dict, log_path) -> ControlProcess:
+    return ControlProcess(overrides, log_path)
+
+
+def _set_text(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return '[' + ','.join(str(v) for v in value) + ']'
+    return str(value)
+
+
+def _interrupt_once(signum, frame):
+    """Ctrl-C / SIGTERM: one KeyboardInterrupt ends the demo; more are ignored while it cleans up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _dicom_chain(enabled: bool):
+    """``--via-dicom``: a private Orthanc as the scanner's DICOM node, forwarding to the stack's receiver."""
+    if not enabled:
+        yield {}
+        return
+    from igt_robot.simulation.dicom_peer import OrthancPeer, PeerError, free_port
+    port = free_port()
+    folder = paths.repo_root() / 'build' / 'orthanc' / time.strftime('%Y%m%d-%H%M%S')
+    try:
+        peer = OrthancPeer(folder, {'stack': ('IGT_ROBOT', port)})
+        peer.start()
+    except PeerError as exc:
+        raise ProcedureFailed(f'--via-dicom needs Orthanc: {exc}') from exc
+    try:
+        yield {'procedure_node': {'acquisition': 'dicom', 'dicom_port': port, 'dicom_allowed_calling_aets': peer.aet,
+                                  'demo_dicom_peer': peer.url, 'demo_dicom_receiver': 'stack'}}
+    finally:
+        peer.stop()
 
 
 def main(argv=None) -> int:
@@ -97,17 +216,34 @@ def main(argv=None) -> int:
     parser.add_argument('--depth', type=float, default=0.0, help='target depth below the skin, m (0 = random)')
     parser.add_argument('--steps', type=int, default=3, help='insertion steps (each followed by a control scan)')
     parser.add_argument('--timeout', type=float, default=900.0, help='give up after this many seconds')
+    parser.add_argument('--procedure-id', default='', help='procedure id (default demo-<date>-<time>)')
+    parser.add_argument('--record-dir', default='', help='record folder (default build/records/<procedure id>)')
+    parser.add_argument('--via-dicom', action='store_true',
+                        help='every image by C-STORE: simulated scanner -> Orthanc -> the stack\'s DICOM receiver, '
+                             'dose from the images')
     args = parser.parse_args(argv)
-    from igt_robot import testing
-    shm_before = testing.fastdds_shm_entries()
+    signal.signal(signal.SIGINT, _interrupt_once)
+    signal.signal(signal.SIGTERM, _interrupt_once)
+    removed = fastdds_shm.remove_dead_fastdds_shm()
+    if removed:
+        print(f'[demo] removed {len(removed)} Fast DDS shared-memory file(s) of dead processes', flush=True)
+    shm_before = fastdds_shm.fastdds_shm_entries()
     try:
-        summary = run_simulated_procedure(args.seed, args.modality, args.depth, args.steps, args.timeout)
+        with _dicom_chain(args.via_dicom) as extra:
+            summary = run_simulated_procedure(args.seed, args.modality, args.depth, args.steps, args.timeout,
+                                              extra_overrides=extra, procedure_id=args.procedure_id,
+                                              record_dir=args.record_dir)
     except ProcedureFailed as failure:
         print(f'[demo] FAILED: {failure}', flush=True)
         return 1
+    except KeyboardInterrupt:
+        # The with-blocks have stopped both processes by now (Ctrl-C during clean-up is ignored below).
+        print('[demo] interrupted: the robot is stopped and the record closed', flush=True)
+        return 130
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut the clean-up short
         # This process exits next: its Fast DDS shared-memory names can go (the mappings live on until exit).
-        testing.remove_stale_fastdds_shm(shm_before, ignore_pids=[os.getpid()])
+        fastdds_shm.remove_stale_fastdds_shm(shm_before, ignore_pids=[os.getpid()])
     print(f'[demo] done: tip {summary["tip_to_target_mm"]:.2f} mm from target; report {summary["report"]}',
           flush=True)
     return 0

@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from igt_robot.frames import invert as invert_rigid
 from igt_robot.robot_model import LimitViolation, RobotModel, load_robot_model
 
 # Numerical slack for "on the limit" after floating-point round trips (m or rad);
@@ -129,6 +130,15 @@ class NeedleGuideKinematics:
         for _, _, t in self._chain_frames(q):
             pass
         return t
+
+    def joint_transforms(self, q) -> list:
+        """``[(chain joint, T_parent_child)]`` base_link -> needle_tip, as robot_state_publisher computes them."""
+        q = self._check(q)
+        out, t_parent = [], np.eye(4)
+        for joint, _, t_child in self._chain_frames(q):
+            out.append((joint, invert_rigid(t_parent) @ t_child))
+            t_parent = t_child
+        return out
 
     def tip_position(self, q) -> np.ndarray:
         """Needle tip position in base_link (m)."""

@@ -30,18 +30,18 @@ from typing import Callable, Iterable, List, Optional, TextIO
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
 
-from igt_robot.nodes import qos
+from igt_robot.nodes import qos, topics
 from igt_robot_msgs.msg import SafetyStatus, ScannerState
 from igt_robot_msgs.srv import AcknowledgeFaults, OperatorCommand, ResumeMotion, SetEstop, SetScannerState
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 SERVICES = {
-    'resume': (ResumeMotion, '/safety/resume', 'safety_supervisor'),
-    'ack': (AcknowledgeFaults, '/safety/acknowledge', 'safety_supervisor'),
-    'estop': (SetEstop, '/safety/estop', 'safety_supervisor'),
-    'scan': (SetScannerState, '/scanner/set_state', 'scanner_interface'),
-    'cmd': (OperatorCommand, '/procedure/command', 'procedure_node'),
+    'resume': (ResumeMotion, topics.SAFETY_RESUME, 'safety_supervisor'),
+    'ack': (AcknowledgeFaults, topics.SAFETY_ACKNOWLEDGE, 'safety_supervisor'),
+    'estop': (SetEstop, topics.SAFETY_ESTOP, 'safety_supervisor'),
+    'scan': (SetScannerState, topics.SCANNER_SET_STATE, 'scanner_interface'),
+    'cmd': (OperatorCommand, topics.PROCEDURE_COMMAND, 'procedure_node'),
 }
 
 
@@ -105,7 +105,7 @@ class OperatorConsole:
         self._status_event = threading.Event()
         self._status_lock = threading.Lock()
         self._clients = {key: node.create_client(t, name) for key, (t, name, _) in SERVICES.items()}
-        self._subscription = node.create_subscription(SafetyStatus, '/safety/status', self._on_status,
+        self._subscription = node.create_subscription(SafetyStatus, topics.SAFETY_STATUS, self._on_status,
                                                       qos.SAFETY_LATCHED)
 
     # ------------------------------------------------------------ plumbing

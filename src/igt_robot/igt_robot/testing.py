@@ -18,14 +18,13 @@ import random
 import signal
 import subprocess
 import sys
-import threading
-import time
 from typing import Iterable, Optional
 
 from igt_robot.waiting import ConditionTimeout, wait_for  # noqa: F401  (re-exported for tests)
 
-SHM_DIR = pathlib.Path('/dev/shm')
-FASTDDS_SHM_PREFIXES = ('fastrtps_', 'fastdds_', 'sem.fastrtps_', 'sem.fastdds_')
+# The shared-memory helpers live in a non-test module (the launchers use them); re-exported for tests.
+from igt_robot.fastdds_shm import (FASTDDS_SHM_PREFIXES, SHM_DIR, fastdds_shm_entries,  # noqa: E402,F401
+                                   remove_dead_fastdds_shm, remove_stale_fastdds_shm)
 
 
 def pick_domain_id() -> int:
@@ -104,49 +103,6 @@ def python_process(module_or_script: str, args: Iterable[str], env: dict, log_pa
     return ManagedProcess(argv, env, log_path, name=name or module_or_script)
 
 
-def fastdds_shm_entries() -> set:
-    """Names of Fast DDS shared-memory files currently in /dev/shm."""
-    if not SHM_DIR.is_dir():
-        return set()
-    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(FASTDDS_SHM_PREFIXES)}
-
-
-def _mapped_shm_names(ignore_pids: Iterable[int] = ()) -> set:
-    """/dev/shm files mapped by any live process but ``ignore_pids`` (those are in use and must stay)."""
-    names = set()
-    ignored = {str(pid) for pid in ignore_pids}
-    for maps in pathlib.Path('/proc').glob('[0-9]*/maps'):
-        if maps.parent.name in ignored:
-            continue
-        with contextlib.suppress(OSError):
-            for line in maps.read_text().splitlines():
-                if '/dev/shm/' in line:
-                    names.add(line.rsplit('/dev/shm/', 1)[1].split(' ')[0])
-    return names
-
-
-def remove_stale_fastdds_shm(created_after: Iterable[str] = (), ignore_pids: Iterable[int] = ()) -> list:
-    """Remove Fast DDS shm files that appeared since ``created_after`` and no live process maps.
-
-    Only files not present in the ``created_after`` snapshot are considered, so
-    another program's segments are never touched. Lock files (``*_el``) go with
-    their segment. ``ignore_pids`` are processes about to exit (the test
-    runner itself at the end of a session): unlinking a name they still map is
-    harmless, the mapping lives on until they exit. Returns the removed names.
-    """
-    before = set(created_after)
-    in_use = _mapped_shm_names(ignore_pids)
-    removed = []
-    for name in sorted(fastdds_shm_entries() - before):
-        base = name[:-3] if name.endswith('_el') else name
-        if base in in_use or name in in_use:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            (SHM_DIR / name).unlink()
-            removed.append(name)
-    return removed
-
-
 class SpinningGraph:
     """rclpy in this process: own Context, a multi-threaded executor spinning in a thread.
 
@@ -164,12 +120,8 @@ class SpinningGraph:
         rclpy.init(context=self.context)
         self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
         self._nodes = []
-        self._thread = threading.Thread(target=self._spin, name='spinning-graph', daemon=True)
-        self._thread.start()
-
-    def _spin(self):
-        with contextlib.suppress(Exception):
-            self.executor.spin()
+        from igt_robot.nodes.spinning import BackgroundSpinner
+        self._spinner = BackgroundSpinner(self.executor, name='spinning-graph')
 
     def add(self, node):
         self._nodes.append(node)
@@ -180,14 +132,13 @@ class SpinningGraph:
         return self.add(self._rclpy.create_node(name, context=self.context, **kwargs))
 
     def close(self):
-        self.executor.shutdown(timeout_sec=2.0)
+        self._spinner.stop(timeout_sec=2.0)   # callbacks finish before the nodes are destroyed
         for node in reversed(self._nodes):
             with contextlib.suppress(Exception):
                 node.destroy_node()
         self._nodes.clear()
         with contextlib.suppress(Exception):
             self._rclpy.shutdown(context=self.context)
-        self._thread.join(timeout=5.0)
 
     def __enter__(self):
         return self

@@ -24,8 +24,9 @@ Multi-waypoint moves are consecutive rest-to-rest segments: the robot comes to
 rest at each waypoint, which is what a needle-guidance workflow wants (each
 waypoint is a checked pose) and keeps every segment on its straight line.
 
-:func:`plan_controlled_stop` brings a moving robot to rest from its current
-(position, velocity), each joint decelerating at its own acceleration limit.
+Stopping is not planned here: the motor controller ramps every axis down at
+its own deceleration limit when it is told to stop (or stops itself), see
+``igt_robot.hardware.controller_core``.
 """
 from __future__ import annotations
 
@@ -322,45 +323,6 @@ class MultiSegmentTrajectory(Trajectory):
         return q, qd, qdd
 
 
-class StopTrajectory(Trajectory):
-    """Decelerate every joint to rest at a constant deceleration, then hold.
-
-    Per joint ``i``: deceleration ``d_i`` (>0), stop time ``|v_i| / d_i`` and
-    stop distance ``v_i^2 / (2 d_i)`` in the direction of motion.
-    """
-
-    def __init__(self, positions, velocities, decelerations):
-        self.start_positions = np.array(positions, dtype=float)
-        self.start_velocities = np.array(velocities, dtype=float)
-        self.decelerations = np.array(decelerations, dtype=float)
-        speed = np.abs(self.start_velocities)
-        with np.errstate(divide='ignore', invalid='ignore'):
-            self.stop_times = np.where(speed > 0.0, speed / self.decelerations, 0.0)
-        self.stop_distances = self.start_velocities * self.stop_times / 2.0   # signed
-        self.end_positions = self.start_positions + self.stop_distances
-        self.duration = float(self.stop_times.max()) if self.stop_times.size else 0.0
-        self._accel = -np.sign(self.start_velocities) * np.where(speed > 0.0, self.decelerations, 0.0)
-
-    def _eval(self, t):
-        # t: (m,) -> arrays (m, n)
-        t = np.clip(np.asarray(t, dtype=float)[:, None], 0.0, None)
-        tau = np.minimum(t, self.stop_times[None, :])
-        moving = t < self.stop_times[None, :]
-        q = self.start_positions + self.start_velocities * tau + self._accel * tau * tau / 2.0
-        qd = np.where(moving, self.start_velocities + self._accel * tau, 0.0)
-        qdd = np.where(moving, self._accel, 0.0)
-        done = t[:, 0] >= self.stop_times.max(initial=0.0)
-        q[done] = self.end_positions
-        return q, qd, qdd
-
-    def sample(self, t: float) -> TrajectorySample:
-        q, qd, qdd = self._eval([float(t)])
-        return TrajectorySample(float(t), q[0], qd[0], qdd[0])
-
-    def sample_many(self, times):
-        return self._eval(np.asarray(times, dtype=float).reshape(-1))
-
-
 def _profile_limits(delta: np.ndarray, limits: JointLimits, speed_scale: float):
     """Limits of the normalised profile s(t) so that every joint respects its own."""
     moving = np.abs(delta) > 0.0
@@ -419,31 +381,3 @@ def plan_waypoints(start, waypoints, limits: JointLimits, profile: str = 'trapez
     if len(segments) > 1 and segments[0].duration == 0.0:
         segments.pop(0)
     return MultiSegmentTrajectory(segments)
-
-
-def plan_controlled_stop(positions, velocities, limits: JointLimits,
-                         synchronized: bool = False) -> StopTrajectory:
-    """Controlled stop from the current state, then hold.
-
-    ``synchronized=False`` (default, recommended): each joint brakes at its own
-    acceleration limit, the shortest possible stop for every axis (stop distance
-    v²/2a). ``synchronized=True``: every joint stops at the same time (that of
-    the slowest to stop) with a proportionally lower deceleration, which keeps a
-    straight-line joint motion on its line at the cost of a longer stop for the
-    other axes.
-
-    The stop is planned with acceleration steps (no jerk limit) because reaching
-    rest quickly matters more than smoothness here. It does not clamp to the
-    position limits: braking harder than the limit is not possible, and a stop
-    that would cross a limit is caught by the supervisor's limit check.
-    """
-    n = limits.n_joints
-    q = _vector('stop start position', positions, n, joint_names=limits.joint_names)
-    v = _vector('stop start velocity', velocities, n, joint_names=limits.joint_names)
-    decel = limits.acceleration.copy()
-    if synchronized:
-        t_stop = np.abs(v) / decel
-        t_max = float(t_stop.max()) if t_stop.size else 0.0
-        if t_max > 0.0:
-            decel = np.where(np.abs(v) > 0.0, np.abs(v) / t_max, decel)
-    return StopTrajectory(q, v, decel)

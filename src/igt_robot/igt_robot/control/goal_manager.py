@@ -3,7 +3,7 @@
 Mirrors a ROS action server's goal life cycle without ROS:
 
     ACCEPTED -> EXECUTING -> SUCCEEDED | ABORTED
-                         \\-> CANCELING -> CANCELED | ABORTED
+                         `-> CANCELING -> CANCELED | ABORTED
     ACCEPTED -> CANCELED (canceled or preempted before it started)
 
 Policy when a goal arrives while another is active:

@@ -2,10 +2,10 @@
 
 The loop calls ``step(now)`` every ``1/rate_hz`` seconds on an absolute grid:
 ``deadline += period`` after each cycle, so sleep inaccuracies never accumulate
-(no drift). Waiting is a coarse ``sleep`` until ``spin_s`` before the deadline,
-then a short busy spin on the monotonic clock: OS sleeps overshoot by tens to
-hundreds of microseconds, and spinning the last bit trades a little CPU for
-much lower jitter.
+(no drift). It drives the trajectory streamer at 50-100 Hz: the motor
+controller servos and stops by itself, so this loop only has to keep the
+controller's buffer ahead, and an OS sleep's overshoot (tens to hundreds of
+microseconds) is irrelevant at that rate: no busy spin, no real-time priority.
 
 Overruns: a cycle whose step ends after the next deadline is an overrun. If the
 next deadline is still less than one period away, the next step runs
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import threading
 import time
 from typing import Callable, Optional
@@ -58,24 +57,20 @@ class FixedRateLoop:
     stops, which the safety supervisor turns into a fault).
     """
 
-    def __init__(self, step: StepFn, rate_hz: float = 1000.0, spin_s: float = 2e-4,
+    def __init__(self, step: StepFn, rate_hz: float = 50.0,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 stats_window: int = 10000, name: str = 'control_loop',
-                 realtime_priority: Optional[int] = None):
+                 stats_window: int = 3000, name: str = 'control_loop'):
         if not callable(step):
             raise TypeError('step must be callable as step(now)')
         rate = float(rate_hz)
-        if not (math.isfinite(rate) and 0.0 < rate <= 20000.0):
-            raise ValueError(f'rate_hz must be in (0, 20000], got {rate_hz!r}')
-        if not (math.isfinite(spin_s) and 0.0 <= spin_s < 1.0 / rate):
-            raise ValueError(f'spin_s must be in [0, period={1.0 / rate:g} s), got {spin_s!r}')
+        if not (math.isfinite(rate) and 0.0 < rate <= 1000.0):
+            raise ValueError(f'rate_hz must be in (0, 1000], got {rate_hz!r}')
         if int(stats_window) < 1:
             raise ValueError('stats_window must be >= 1')
         self._step = step
         self.rate_hz = rate
         self.period = 1.0 / rate
-        self.spin_s = float(spin_s)
         self._clock = clock
         self._sleep = sleep
         self.name = name
@@ -84,9 +79,6 @@ class FixedRateLoop:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
-        self.realtime_priority = realtime_priority
-        self.realtime = False      # True once SCHED_FIFO was actually granted
-        self.realtime_error = ''
         self._reset_stats()
 
     def _reset_stats(self):
@@ -138,7 +130,6 @@ class FixedRateLoop:
         self.error = None
 
         def target():
-            self._try_realtime()
             try:
                 self.run(max_cycles)
             except BaseException as exc:  # noqa: BLE001 -- kept for the owner to inspect
@@ -171,23 +162,10 @@ class FixedRateLoop:
         return self._cycles
 
     # -------------------------------------------------------------- internals
-    def _try_realtime(self) -> None:
-        """Best effort: SCHED_FIFO for the loop thread (needs CAP_SYS_NICE / rtprio
-        limits). Failure is recorded, not raised: the loop still runs, with more jitter."""
-        if self.realtime_priority is None:
-            return
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(int(self.realtime_priority)))
-            self.realtime = True
-        except (AttributeError, OSError, ValueError) as exc:
-            self.realtime_error = f'SCHED_FIFO {self.realtime_priority} refused: {exc}'
-
     def _wait_until(self, deadline: float) -> None:
         remaining = deadline - self._clock()
-        if remaining > self.spin_s:
-            self._sleep(remaining - self.spin_s)
-        while self._clock() < deadline:
-            pass
+        if remaining > 0.0:
+            self._sleep(remaining)
 
     def _record(self, start: float, end: float) -> None:
         with self._lock:
@@ -202,13 +180,23 @@ class FixedRateLoop:
             self._cycles += 1
             self._max_step = max(self._max_step, end - start)
 
+    def reset_period_stats(self) -> None:
+        """Start a new period-error window (a measurement phase); cycle and overrun counts go on."""
+        with self._lock:
+            self._n_err = 0
+            self._max_err = 0.0
+            self._max_step = 0.0
+            self._last_start = None     # the next period starts at the next cycle
+            self._first_start = None
+
     def stats(self) -> LoopStats:
         """A consistent snapshot (safe to call from another thread)."""
         with self._lock:
             n = min(self._n_err, self._errors.size)
             errs = self._errors[:n].copy()
             cycles = self._cycles
-            mean = ((self._last_start - self._first_start) / (cycles - 1)) if cycles > 1 else 0.0
+            n_periods = self._n_err
+            mean = ((self._last_start - self._first_start) / n_periods) if n_periods else 0.0
             return LoopStats(
                 cycles=cycles, overruns=self._overruns, skipped_cycles=self._skipped,
                 rate_hz=self.rate_hz,

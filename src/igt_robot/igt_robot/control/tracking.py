@@ -1,7 +1,8 @@
 """Tracking-error monitor: does the robot follow its setpoints?
 
-Compares measured joint positions with the setpoint the drive was tracking
-(the last one written before the reading) every control cycle. Per joint:
+Compares measured joint positions with where the trajectory says they should be
+at the controller's executed stream time (the streaming executor takes both from
+one hardware reading, so host jitter does not enter), every executor cycle. Per joint:
 
 * ``tolerance``: exceeded for ``consecutive_cycles`` cycles in a row -> fault
   (a single noisy sample or a short transient does not trip it);

@@ -9,15 +9,19 @@ It opens a pty pair (raw mode), prints ``PTY <slave path>`` as its first stdout
 line and then speaks the protocol of ``docs/serial_protocol.md`` on the master
 side: 5 axes (joint order and limits from the URDF via
 :func:`igt_robot.robot_model.load_robot_model` when importable, else the
-contract values), velocity/acceleration-limited motion updated at 1 kHz
-(``--tick-hz``), encoder quantisation, a host watchdog (``--watchdog-ms``),
-motion inhibit, e-stop, latched faults and a scanner-trigger input.
+contract values), the motor controller of
+:class:`~igt_robot.hardware.controller_core.ControllerCore` servoing at 1 kHz
+(``--tick-hz``) in this process's own timing, independent of the host: PVT
+trajectory streaming, the stop ramp, encoder quantisation, a host watchdog
+(``--watchdog-ms``), motion inhibit, e-stop, latched faults and a
+scanner-trigger input that stops motion by itself.
 
 Tests drive the "physical world" through a side channel, a UNIX stream socket
 at ``--control PATH``: one command per line, one reply line each (``ok ...`` or
 ``error ...``)::
 
-    trigger 0|1                 scanner-trigger input level
+    trigger 0|1                 scanner-trigger input level; a rising edge (imaging) makes the
+                                controller ramp down at once and latch its inhibit
     fault NAME [AXIS]           latch a fault (NAME from protocol.Fault; AXIS index or joint name)
     corrupt_next N [MODE]       corrupt the next N transmitted frames; MODE = bitflip (default),
                                 garbage (noise + a fake header before the frame), length, truncate
@@ -28,7 +32,10 @@ at ``--control PATH``: one command per line, one reply line each (``ok ...`` or
     unplug                      close the pty (the host sees the port vanish)
     power_cycle                 restart the firmware from its power-on state (same pty; the host
                                 must HELLO again); also clears injected line faults
-    state                       ok {json}: the emulator's true state, for test assertions
+    state                       ok {json}: the emulator's true state, for test assertions (includes
+                                trigger_edge_wall / ramp_start_wall: host-monotonic times of the
+                                last trigger edge and of the first tick of the last stop ramp)
+    timing [reset]              ok {json}: servo-tick lateness p50/p99/max (ms) since the last reset
     ping                        ok
 
 The process exits cleanly on SIGTERM/SIGINT and when its parent dies (it polls
@@ -37,6 +44,7 @@ The process exits cleanly on SIGTERM/SIGINT and when its parent dies (it polls
 from __future__ import annotations
 
 import argparse
+import collections
 import errno
 import json
 import os
@@ -50,20 +58,21 @@ import threading
 import time
 import tty
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from igt_robot.hardware import protocol
-from igt_robot.hardware.axis_model import AxisConfig, AxisDynamics, default_axis_configs
+from igt_robot.hardware.axis_model import AxisConfig, default_axis_configs
+from igt_robot.hardware.controller_core import DEFAULT_BUFFER_CAPACITY, AxisLimits, ControllerCore, Refusal
+from igt_robot.hardware.interface import PvtPoint
 from igt_robot.hardware.protocol import Fault, MsgType, NakReason, StatusFlag
 
-DEFAULT_FIRMWARE_VERSION = (1, 2, 0)
+DEFAULT_FIRMWARE_VERSION = (2, 0, 0)
 DEFAULT_WATCHDOG_MS = 100
 DEFAULT_TICK_HZ = 1000
-DEVICE_NAME = 'igt-firmware-emulator'
 
-#: Faults that cut motion at once (position or power no longer trustworthy);
-#: the others decelerate under control first. Both then de-energise the axes.
-IMMEDIATE_FAULTS = Fault.OVERCURRENT | Fault.ENCODER | Fault.LIMIT_SWITCH | Fault.SUPPLY | Fault.INTERNAL
+DEVICE_NAME = 'igt-firmware-emulator'
 
 #: A following error larger than this many seconds of full-speed travel
 #: (but at least FOLLOWING_ERROR_MIN_COUNTS) latches FOLLOWING_ERROR.
@@ -86,58 +95,117 @@ def _parse_version(text: str, parts: int) -> Tuple[int, ...]:
     return values
 
 
-class Firmware:
-    """The controller's logic without any I/O: protocol handling plus axes.
+_STREAM_STATES = {'': protocol.StreamState.NONE, 'open': protocol.StreamState.OPEN,
+                  'running': protocol.StreamState.RUNNING, 'ramping': protocol.StreamState.RAMPING,
+                  'done': protocol.StreamState.DONE, 'stopped': protocol.StreamState.STOPPED}
 
-    Time advances only through :meth:`step` (seconds); the watchdog is measured
-    in that time. :meth:`receive` takes raw bytes from the line and returns the
-    frames to transmit.
+
+class Firmware:
+    """The controller's logic without any I/O: protocol handling around a
+    :class:`~igt_robot.hardware.controller_core.ControllerCore` (in encoder counts) plus the
+    axes' mechanics.
+
+    Time advances only through :meth:`step` (one servo tick each); the watchdog and the
+    decoder's inter-byte timeout are measured in that time. :meth:`receive` takes raw bytes
+    from the line and returns the frames to transmit.
     """
 
     def __init__(self, axes: Sequence[AxisConfig], firmware_version=DEFAULT_FIRMWARE_VERSION,
                  protocol_version=protocol.PROTOCOL_VERSION, watchdog_ms: int = DEFAULT_WATCHDOG_MS,
-                 device_name: str = DEVICE_NAME):
+                 device_name: str = DEVICE_NAME, tick_hz: float = DEFAULT_TICK_HZ,
+                 buffer_capacity: int = DEFAULT_BUFFER_CAPACITY):
         if not 0 < watchdog_ms <= 0xFFFF:
             raise ValueError(f'watchdog period must be 1..65535 ms (u16 on the wire), got {watchdog_ms} ms')
+        if tick_hz < 1000:
+            raise ValueError(f'the servo loop must run at >= 1000 Hz, got {tick_hz}')
         self.axes = list(axes)
         self.infos = [a.to_axis_info() for a in self.axes]
-        self.dyn = [AxisDynamics(i.max_velocity, i.max_acceleration) for i in self.infos]
+        n = len(self.axes)
         self.following_error_limit = [max(FOLLOWING_ERROR_MIN_COUNTS, FOLLOWING_ERROR_SECONDS * i.max_velocity)
                                       for i in self.infos]
         self.limit_switch = [(i.min_counts - LIMIT_SWITCH_MARGIN * (i.max_counts - i.min_counts),
                               i.max_counts + LIMIT_SWITCH_MARGIN * (i.max_counts - i.min_counts))
                              for i in self.infos]
         # Park inside the range (insertion's range starts at 0, the stage is centred).
-        for d, info in zip(self.dyn, self.infos):
-            d.position = d.profile_position = d.target = float(min(max(0, info.min_counts), info.max_counts))
+        park = np.array([float(min(max(0, i.min_counts), i.max_counts)) for i in self.infos])
+        # The mechanics: axes follow the controller's reference exactly unless stalled
+        # (plain lists: this runs every servo tick).
+        self.actual = park.tolist()
+        self.actual_velocity = [0.0] * n
+        self.stalled = [False] * n
+        self.core = ControllerCore(
+            [AxisLimits(float(i.min_counts), float(i.max_counts), float(i.max_velocity), float(i.max_acceleration),
+                        1.0, a.name) for i, a in zip(self.infos, self.axes)],
+            servo_period=1.0 / tick_hz, buffer_capacity=buffer_capacity, watchdog_timeout=watchdog_ms / 1000.0,
+            positions=park, measure=lambda: np.array(self.actual))
         self.firmware_version = tuple(firmware_version)
         self.protocol_version = tuple(protocol_version)
         self.watchdog_ms = int(watchdog_ms)
         self.device_name = device_name
-        self.time = 0.0
-        self.enabled = False
-        self.stopping_to_off = False      # decelerating before de-energising (DISABLE or fault)
-        self.inhibited = False
-        self.estop = False
-        self.estop_input = False
-        self.faults = 0
-        self.fault_axes = 0
-        self.trigger = False
-        self.trigger_edges = 0
         self.handshake_done = False
-        self.last_rx_time = 0.0
         self.last_seq: Optional[int] = None
         self.rx_crc_errors = 0
         self.rx_seq_gaps = 0
         self.rx_frames = 0
         self.duplicates = 0
-        self.watchdog_trips = 0
+        self.replays = 0
         self.corrupt_rx = 0
         self.executed: Dict[str, int] = {}
         self._last_stateful: Optional[Tuple[int, int, bytes]] = None
         self._last_stateful_reply = b''
         self._out: List[bytes] = []
-        self.decoder = protocol.FrameDecoder(on_crc_error=self._on_crc_error)
+        self.decoder = protocol.FrameDecoder(on_crc_error=self._on_crc_error,
+                                             inter_byte_timeout=protocol.INTER_BYTE_TIMEOUT)
+
+    # ------------------------------------------------------------------ views of the core
+    @property
+    def time(self) -> float:
+        return self.core.time
+
+    @property
+    def enabled(self) -> bool:
+        return self.core.enabled
+
+    @property
+    def stopping_to_off(self) -> bool:
+        return self.core.stopping_to_off
+
+    @property
+    def inhibited(self) -> bool:
+        return self.core.inhibited
+
+    @property
+    def estop(self) -> bool:
+        return self.core.estop
+
+    @property
+    def estop_input(self) -> bool:
+        return self.core.estop_input
+
+    @property
+    def trigger(self) -> bool:
+        return self.core.trigger
+
+    @property
+    def trigger_edges(self) -> int:
+        return self.core.trigger_edges
+
+    @property
+    def watchdog_trips(self) -> int:
+        return self.core.watchdog_trips
+
+    @property
+    def faults(self) -> int:
+        """Latched fault bits (protocol.Fault)."""
+        return protocol.fault_bits(self.core.faults)
+
+    @property
+    def fault_axes(self) -> int:
+        return sum(1 << i for i in self.core.fault_axes)
+
+    @property
+    def moving(self) -> bool:
+        return self.core.moving or any(self.actual_velocity)
 
     # ------------------------------------------------------------------ line side
     def receive(self, data: bytes) -> List[bytes]:
@@ -146,9 +214,9 @@ class Firmware:
 
     def decode(self, data: bytes) -> List[protocol.Frame]:
         """Bytes from the line -> valid request frames, not yet executed (CRC failures
-        are NAKed into the pending output)."""
+        are NAKed into the pending output). Arrival time is the controller's clock."""
         frames = []
-        for frame in self.decoder.feed(data):
+        for frame in self.decoder.feed(data, now=self.core.time):
             if self.corrupt_rx > 0:
                 # Injected line noise: behave exactly as for a CRC failure.
                 self.corrupt_rx -= 1
@@ -161,6 +229,8 @@ class Firmware:
         """Execute decoded requests; return every pending reply frame in order."""
         for frame in frames:
             self._out.append(self.handle(frame))
+        if frames:
+            self._follow()
         out, self._out = self._out, []
         return out
 
@@ -173,33 +243,63 @@ class Firmware:
             MsgType.NAK, seq, protocol.encode_nak(protocol.Nak(msg_type, NakReason.CRC))))
 
     def handle(self, frame: protocol.Frame) -> bytes:
-        """One valid request frame -> the reply frame bytes."""
+        """One valid request frame -> the reply frame bytes.
+
+        Sequence rule (docs/serial_protocol.md §2): HELLO starts a new sequence. A stateful
+        request must be 1..SEQ_WINDOW ahead of the last accepted request (modulo 256);
+        otherwise it is the retransmission of the last stateful request (identical TYPE,
+        SEQ, PAYLOAD: answered from the reply cache, not executed again) or a replay
+        (NAK REPLAY, nothing executed).
+        """
         self.rx_frames += 1
-        self.last_rx_time = self.time          # any valid frame feeds the watchdog
+        self.core.host_seen()                  # any valid frame feeds the watchdog
         if frame.type == MsgType.HELLO:
             self._last_stateful = None         # a (re)connecting host restarts its sequence
             self.last_seq = None
-        if self.last_seq is not None and frame.seq not in (self.last_seq, (self.last_seq + 1) & 0xFF):
-            self.rx_seq_gaps += 1
-        self.last_seq = frame.seq
+        ahead = None if self.last_seq is None else (frame.seq - self.last_seq) & 0xFF
         key = (frame.type, frame.seq, frame.payload)
-        if frame.type in protocol.STATEFUL_REQUESTS and key == self._last_stateful:
-            # Retransmission (our reply was lost): answer again, do not execute twice.
-            self.duplicates += 1
-            return self._last_stateful_reply
+        stateful = frame.type in protocol.STATEFUL_REQUESTS
+        if stateful and ahead is not None and not 1 <= ahead <= protocol.SEQ_WINDOW:
+            if key == self._last_stateful:
+                # Retransmission (our reply was lost): answer again, do not execute twice.
+                self.duplicates += 1
+                return self._last_stateful_reply
+            self.replays += 1
+            return protocol.encode_frame(MsgType.NAK, frame.seq, protocol.encode_nak(
+                protocol.Nak(frame.type, NakReason.REPLAY)))
+        if ahead is not None and ahead > 1 and ahead <= protocol.SEQ_WINDOW:
+            self.rx_seq_gaps += 1
+        if ahead is None or 1 <= ahead <= protocol.SEQ_WINDOW:
+            self.last_seq = frame.seq          # a late side-effect-free request does not move it back
         reply_type, payload = self._dispatch(frame)
         reply = protocol.encode_frame(reply_type, frame.seq, payload)
-        if frame.type in protocol.STATEFUL_REQUESTS:
+        if stateful:
             self._last_stateful, self._last_stateful_reply = key, reply
         return reply
 
     def _nak(self, frame, reason: NakReason, detail: int = protocol.NO_AXIS):
         return MsgType.NAK, protocol.encode_nak(protocol.Nak(frame.type, reason, detail))
 
+    def _refused(self, frame, refusal: Refusal):
+        """A core refusal as a NAK: detail = axis, or the fault's bit index for FAULTED."""
+        try:
+            reason = NakReason[refusal.reason]
+        except KeyError:
+            reason = NakReason.BAD_VALUE
+        detail = protocol.NO_AXIS
+        if refusal.fault:
+            detail = protocol.fault_bits([refusal.fault]).bit_length() - 1
+        elif refusal.axis is not None:
+            detail = int(refusal.axis)
+        return self._nak(frame, reason, detail)
+
     def _ack(self, frame):
+        self._count(frame)
+        return MsgType.ACK, protocol.encode_ack(frame.type)
+
+    def _count(self, frame):
         name = protocol.type_name(frame.type)
         self.executed[name] = self.executed.get(name, 0) + 1
-        return MsgType.ACK, protocol.encode_ack(frame.type)
 
     def _dispatch(self, frame: protocol.Frame):
         try:
@@ -217,14 +317,13 @@ class Firmware:
             return self._nak(frame, NakReason.BAD_LENGTH)
         except protocol.ProtocolError:
             return self._nak(frame, NakReason.BAD_VALUE)
+        except Refusal as refusal:
+            return self._refused(frame, refusal)
 
     @staticmethod
     def _no_payload(frame):
         if frame.payload:
             raise protocol.PayloadLengthError(f'{protocol.type_name(frame.type)} payload must be 0 bytes')
-
-    def _fault_detail(self) -> int:
-        return (self.faults & -self.faults).bit_length() - 1 if self.faults else protocol.NO_AXIS
 
     # --- request handlers -----------------------------------------------------------
     def _on_hello(self, frame):
@@ -249,140 +348,121 @@ class Firmware:
 
     def _on_enable(self, frame):
         self._no_payload(frame)
-        if self.estop or self.estop_input:
-            return self._nak(frame, NakReason.ESTOPPED)
-        if self.faults:
-            return self._nak(frame, NakReason.FAULTED, self._fault_detail())
-        if not self.enabled or self.stopping_to_off:
-            if not self.stopping_to_off:
-                for d in self.dyn:
-                    d.hold()                   # energise holding the current position
-            self.enabled, self.stopping_to_off = True, False
-            self.last_rx_time = self.time
+        self.core.enable()                     # energise holding the current position
         return self._ack(frame)
 
     def _on_disable(self, frame):
         self._no_payload(frame)
-        if self.enabled and not self.stopping_to_off:
-            self._begin_stop_to_off()
+        self.core.disable()
         return self._ack(frame)
 
     def _on_set_target(self, frame):
         target = protocol.decode_set_target(frame.payload)
         if len(target.positions) != len(self.axes):
             return self._nak(frame, NakReason.BAD_LENGTH)
-        if self.estop:
-            return self._nak(frame, NakReason.ESTOPPED)
-        if self.faults:
-            return self._nak(frame, NakReason.FAULTED, self._fault_detail())
-        if not self.enabled or self.stopping_to_off:
-            return self._nak(frame, NakReason.NOT_ENABLED)
-        if self.inhibited:
-            return self._nak(frame, NakReason.INHIBITED)
-        for i, (pos, info) in enumerate(zip(target.positions, self.infos)):
-            if not info.min_counts <= pos <= info.max_counts:
-                return self._nak(frame, NakReason.RANGE, i)
-        for d, pos, vlim, vff in zip(self.dyn, target.positions, target.velocity_limits, target.feedforward):
-            d.set_target(pos, vlim, vff)       # the axis clamps vlim and vff to its own maximum
+        self.core.set_target(np.array(target.positions, dtype=float),
+                             velocity_limits=np.array(target.velocity_limits, dtype=float),
+                             feedforward=np.array(target.feedforward, dtype=float))
         return self._ack(frame)
 
     def _on_stop(self, frame):
         self._no_payload(frame)
-        if self.enabled:
-            for d in self.dyn:
-                d.begin_stop()
+        self.core.stop()
         return self._ack(frame)
 
     def _on_estop(self, frame):
         self._no_payload(frame)
-        self.trip_estop()
+        self.core.emergency_stop()
         return self._ack(frame)
 
     def _on_motion_inhibit(self, frame):
-        inhibit = protocol.decode_motion_inhibit(frame.payload)
-        if inhibit and not self.inhibited and self.enabled:
-            # Decelerate and hold; targets refused while set. A de-energised drive is not moving:
-            # starting a stop there would leave it "stopping" (MOVING) forever, as it never steps.
-            for d in self.dyn:
-                d.begin_stop()
-        self.inhibited = inhibit
+        self.core.set_inhibit(protocol.decode_motion_inhibit(frame.payload))
         return self._ack(frame)
 
     def _on_reset_faults(self, frame):
         self._no_payload(frame)
-        if self.estop_input:
-            return self._nak(frame, NakReason.ESTOPPED)   # the button is still pressed
-        self.faults = self.fault_axes = 0
-        self.estop = False
+        self.core.reset_faults()
         return self._ack(frame)
 
+    def _on_begin_stream(self, frame):
+        start = protocol.decode_begin_stream(frame.payload)
+        if len(start) != len(self.axes):
+            return self._nak(frame, NakReason.BAD_LENGTH)
+        self.core.begin_stream(np.array(start, dtype=float))
+        self._count(frame)
+        return MsgType.STREAM_STATUS, protocol.encode_stream_status(self.stream_info())
+
+    def _on_push_points(self, frame):
+        push = protocol.decode_push_points(frame.payload, len(self.axes))
+        points = [PvtPoint(p.time_us * 1e-6, np.array(p.positions, dtype=float), np.array(p.velocities, dtype=float))
+                  for p in push.points]
+        self.core.push_points(push.stream_id, points, final=push.final)
+        self._count(frame)
+        return MsgType.STREAM_STATUS, protocol.encode_stream_status(self.stream_info())
+
     # ------------------------------------------------------------------ machine side
-    def _power_off(self) -> None:
-        self.enabled = self.stopping_to_off = False
-        for d in self.dyn:
-            d.hold()
-
-    def _begin_stop_to_off(self) -> None:
-        self.stopping_to_off = True
-        for d in self.dyn:
-            d.begin_stop()
-
-    def trip_estop(self) -> None:
-        """E-stop: motion cut this instant, power off, latched until RESET_FAULTS."""
-        self.estop = True
-        for d in self.dyn:
-            d.halt()
-        self._power_off()
-
     def latch_fault(self, fault: Fault, axis: Optional[int] = None) -> None:
         """Latch ``fault`` (optionally on ``axis``) and take the axes to a safe state."""
-        self.faults |= int(fault)
-        if axis is not None:
-            self.fault_axes |= 1 << axis
-        if fault == Fault.WATCHDOG:
-            self.watchdog_trips += 1
-        if not self.enabled:
-            return
-        if fault & IMMEDIATE_FAULTS:
-            for d in self.dyn:
-                d.halt()
-            self._power_off()
-        elif not self.stopping_to_off:
-            self._begin_stop_to_off()
+        for name in protocol.fault_names(int(fault)):
+            self.core.latch_fault(name, axis)
+        self._follow()
+
+    def trip_estop(self) -> None:
+        self.core.emergency_stop()
+        self._follow()
 
     def set_trigger(self, level: bool) -> None:
-        if level and not self.trigger:
-            self.trigger_edges += 1
-        self.trigger = bool(level)
+        """The scanner-trigger input: a rising edge ramps motion down and latches the inhibit."""
+        self.core.set_trigger(level)
 
     def set_estop_input(self, pressed: bool) -> None:
-        self.estop_input = bool(pressed)
-        if pressed:
-            self.trip_estop()
+        self.core.set_estop_input(pressed)
+        self._follow()
 
-    def step(self, dt: float, host_seen: bool = False) -> None:
-        """Advance the controller by ``dt`` seconds (one servo tick).
+    def step(self, dt: Optional[float] = None, host_seen: bool = False) -> None:
+        """Advance the controller by one servo tick (``dt``, if given, in whole ticks).
 
         ``host_seen``: a valid host frame has arrived but is not executed yet
         (it counts for the watchdog, as a UART interrupt would have noted it).
         """
-        self.time += dt
+        ticks = 1 if dt is None else max(1, int(round(dt / self.core.servo_period)))
+        for _ in range(ticks):
+            self._tick(host_seen)
+
+    def _tick(self, host_seen: bool) -> None:
+        core = self.core
+        core.step()
         if host_seen:
-            self.last_rx_time = self.time
-        if not self.enabled:
+            core.host_seen()
+        self._follow()
+        if not core.enabled:
             return
-        if not self.faults & Fault.WATCHDOG and (self.time - self.last_rx_time) * 1000.0 > self.watchdog_ms:
-            self.latch_fault(Fault.WATCHDOG)
-        for d in self.dyn:
-            d.step(dt)
-        for i, d in enumerate(self.dyn):
-            if abs(d.following_error) > self.following_error_limit[i] and not self.fault_axes & (1 << i):
-                self.latch_fault(Fault.FOLLOWING_ERROR, i)
-            lo, hi = self.limit_switch[i]
-            if not lo <= d.position <= hi:
-                self.latch_fault(Fault.LIMIT_SWITCH, i)
-        if self.stopping_to_off and not any(d.profile_velocity for d in self.dyn):
-            self._power_off()
+        ref, _ = core.reference()
+        checks = zip(ref, self.actual, self.following_error_limit, self.limit_switch)
+        for i, (r, x, limit, (lo, hi)) in enumerate(checks):
+            if abs(r - x) > limit and i not in core.fault_axes:
+                core.latch_fault('FOLLOWING_ERROR', i)
+            if not lo <= x <= hi:
+                core.latch_fault('LIMIT_SWITCH', i)
+
+    def _follow(self) -> None:
+        """The mechanics follow the controller's reference at once, except a stalled axis."""
+        ref, ref_vel = self.core.reference()
+        for i in range(len(self.axes)):
+            if self.stalled[i]:
+                self.actual_velocity[i] = 0.0
+            else:
+                self.actual[i] = ref[i]
+                self.actual_velocity[i] = ref_vel[i]
+
+    def stream_info(self) -> protocol.StreamInfo:
+        st = self.core.stream_status()
+        return protocol.StreamInfo(
+            stream_id=st.stream_id, state=_STREAM_STATES[self.core.stream_state],
+            stop_cause=protocol.stop_cause_code(st.stop_cause),
+            inhibit_cause=protocol.inhibit_cause_bits(self.core.inhibit_cause),
+            executed_us=int(round(st.executed_time * 1e6)), buffered_until_us=int(round(st.buffered_until * 1e6)),
+            free_slots=st.free_slots, underruns=st.underruns)
 
     def status(self) -> protocol.Status:
         flags = 0
@@ -392,7 +472,7 @@ class Firmware:
             flags |= StatusFlag.INHIBITED
         if self.estop:
             flags |= StatusFlag.ESTOP
-        if any(d.moving for d in self.dyn):
+        if self.moving:
             flags |= StatusFlag.MOVING
         if self.trigger:
             flags |= StatusFlag.SCANNER_TRIGGER
@@ -403,22 +483,30 @@ class Firmware:
         return protocol.Status(
             uptime_ms=int(self.time * 1000.0), flags=int(flags), faults=self.faults, fault_axes=self.fault_axes,
             rx_crc_errors=self.rx_crc_errors, rx_seq_gaps=self.rx_seq_gaps, trigger_edges=self.trigger_edges,
-            positions=tuple(int(round(d.position)) for d in self.dyn),       # encoder quantisation
-            velocities=tuple(int(round(d.velocity)) for d in self.dyn))
+            positions=tuple(int(round(p)) for p in self.actual),       # encoder quantisation
+            velocities=tuple(int(round(v)) for v in self.actual_velocity),
+            stream=self.stream_info())
 
     def snapshot(self) -> dict:
         """The true state for the control channel (JSON-serialisable)."""
+        st = self.core.stream_status()
         return {
             'time': self.time, 'enabled': self.enabled, 'stopping_to_off': self.stopping_to_off,
-            'inhibited': self.inhibited, 'estop': self.estop, 'estop_input': self.estop_input,
-            'faults': list(protocol.fault_names(self.faults)),
-            'fault_axes': [i for i in range(len(self.axes)) if self.fault_axes & (1 << i)],
-            'positions': [d.position for d in self.dyn], 'velocities': [d.velocity for d in self.dyn],
-            'targets': [d.target for d in self.dyn], 'stalled': [d.stalled for d in self.dyn],
-            'moving': any(d.moving for d in self.dyn), 'trigger': self.trigger,
+            'inhibited': self.inhibited, 'inhibit_cause': self.core.inhibit_cause, 'estop': self.estop,
+            'estop_input': self.estop_input, 'faults': list(protocol.fault_names(self.faults)),
+            'fault_axes': sorted(int(i) for i in self.core.fault_axes),
+            'positions': list(self.actual), 'velocities': list(self.actual_velocity),
+            'targets': self.core.target.tolist(), 'stalled': list(self.stalled),
+            'moving': self.moving, 'mode': self.core.mode, 'trigger': self.trigger,
             'trigger_edges': self.trigger_edges, 'handshake_done': self.handshake_done,
             'rx_frames': self.rx_frames, 'rx_crc_errors': self.rx_crc_errors, 'rx_seq_gaps': self.rx_seq_gaps,
-            'duplicates': self.duplicates, 'watchdog_trips': self.watchdog_trips, 'executed': dict(self.executed),
+            'rx_timeouts': self.decoder.timeouts, 'duplicates': self.duplicates, 'replays': self.replays,
+            'watchdog_trips': self.watchdog_trips, 'executed': dict(self.executed),
+            'stream': {'stream_id': st.stream_id, 'state': self.core.stream_state, 'active': st.active,
+                       'done': st.done, 'executed_time': st.executed_time, 'buffered_until': st.buffered_until,
+                       'free_slots': st.free_slots, 'stop_cause': st.stop_cause},
+            'underruns': self.core.underruns, 'last_stop_cause': self.core.last_stop_cause,
+            'ramp_started_tick': self.core.ramp_started_tick, 'ticks': self.core.ticks,
         }
 
 
@@ -451,6 +539,13 @@ class EmulatorServer:
         self.tx_corrupted = 0
         self.tx_dropped = 0
         self.overruns = 0
+        # Timing evidence for bench/controller_timing.py (host monotonic clock, shared by processes).
+        self.tick_lateness: Deque[float] = collections.deque(maxlen=60000)
+        self.trigger_edge_wall: Optional[float] = None
+        self.ramp_start_wall: Optional[float] = None
+        self._ramp_seen: Optional[int] = None
+        self._lock = threading.Lock()          # the firmware state, shared by the servo and line threads
+        self._host_seen = False
 
     # ------------------------------------------------------------------ setup / teardown
     def open(self) -> str:
@@ -496,35 +591,63 @@ class EmulatorServer:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
+        """Serve until stopped: the servo loop in this thread, the line and the control channel
+        in a second one.
+
+        Two threads, as a controller has a servo timer and a UART interrupt: the tty layer can
+        hold a reader or writer of the pty for milliseconds (its buffer work runs in a normal
+        kernel worker), which must not delay servo ticks. The firmware state is shared under
+        one lock, held for microseconds. Python's default GIL switch interval is kept: the line
+        thread releases the GIL whenever it waits on the pty, and a shorter interval makes the
+        two threads convoy on the GIL when the machine is loaded.
+        """
+        io_thread = threading.Thread(target=self._io_loop, name='emulator-line', daemon=True)
+        io_thread.start()
+        try:
+            return self._servo_loop()
+        finally:
+            self._stop = True
+            io_thread.join(timeout=2.0)
+
+    def _servo_loop(self) -> int:
         parent = os.getppid()
         next_tick = time.monotonic()
         next_parent_check = next_tick
         max_catch_up = 100                     # ticks; beyond that we were starved: skip ahead
         while not self._stop:
-            # Frames that arrived while we were not running are decoded first so the
-            # catch-up ticks know the host was alive (no false watchdog trip after this
-            # process was descheduled), and executed after them so that a STATUS reply
-            # shows the present, not the moment we were descheduled.
-            frames = self._read_frames()
             now = time.monotonic()
-            if now >= next_tick:
-                due = int((now - next_tick) / self.tick) + 1
-                if due > max_catch_up:
-                    # Starved for longer than we are willing to replay: drop the excess
-                    # time (it never reaches the watchdog clock either) and go on.
-                    self.overruns += 1
-                    due = max_catch_up
-                    next_tick = now - (due - 1) * self.tick
-                for _ in range(due):
-                    self.fw.step(self.tick, host_seen=bool(frames))
-                next_tick += due * self.tick
-                if now >= next_parent_check:
-                    next_parent_check = now + 0.1
-                    if os.getppid() != parent:
-                        print('emulator: parent process died, exiting', file=self.log, flush=True)
-                        break
-            for reply in self.fw.respond(frames):
-                self._transmit(reply)
+            if now < next_tick:
+                time.sleep(next_tick - now)
+                continue
+            due = int((now - next_tick) / self.tick) + 1
+            if due > max_catch_up:
+                # Starved for longer than we are willing to replay: drop the excess
+                # time (it never reaches the watchdog clock either) and go on.
+                self.overruns += 1
+                due = max_catch_up
+                next_tick = now - (due - 1) * self.tick
+            with self._lock:
+                # Frames that arrived while this thread was not running count as received in
+                # time for the watchdog (no false trip after the process was descheduled).
+                seen, self._host_seen = self._host_seen, False
+                for k in range(due):
+                    self.tick_lateness.append(now - (next_tick + k * self.tick))
+                    self.fw.step(host_seen=seen)
+                    ramp = self.fw.core.ramp_started_tick
+                    if ramp is not None and ramp != self._ramp_seen:
+                        # The first servo tick of a new stop ramp has run.
+                        self._ramp_seen = ramp
+                        self.ramp_start_wall = time.monotonic()
+            next_tick += due * self.tick
+            if now >= next_parent_check:
+                next_parent_check = now + 0.1
+                if os.getppid() != parent:
+                    print('emulator: parent process died, exiting', file=self.log, flush=True)
+                    break
+        return 0
+
+    def _io_loop(self) -> None:
+        while not self._stop:
             rlist = list(self._clients)
             if self.master >= 0:
                 rlist.append(self.master)
@@ -532,19 +655,26 @@ class EmulatorServer:
                 rlist.append(self._listener)
             wlist = [self.master] if self._tx and self.master >= 0 else []
             try:
-                readable, writable, _ = select.select(rlist, wlist, [], max(0.0, next_tick - time.monotonic()))
+                readable, writable, _ = select.select(rlist, wlist, [], 0.1)
             except InterruptedError:
                 continue
+            except (OSError, ValueError):
+                continue                       # an fd closed under us (unplug): rebuild the lists
             if self.master in writable:
                 self._flush_tx()
             for src in readable:
                 if src is self._listener:
                     self._accept()
                 elif src == self.master:
-                    pass                               # read at the top of the loop
+                    frames = self._read_frames()
+                    with self._lock:
+                        if frames:
+                            self._host_seen = True
+                        replies = self.fw.respond(frames)   # also a NAK(CRC) the decoder queued
+                    for reply in replies:
+                        self._transmit(reply)
                 elif isinstance(src, socket.socket):
                     self._read_control(src)
-        return 0
 
     def _read_frames(self) -> List[protocol.Frame]:
         """Decode whatever the host has sent (non-blocking); [] when nothing or silenced."""
@@ -560,7 +690,8 @@ class EmulatorServer:
             raise
         if self.silenced or not data:
             return []
-        return self.fw.decode(data)
+        with self._lock:
+            return self.fw.decode(data)
 
     def _transmit(self, frame: bytes) -> None:
         self.tx_frames += 1
@@ -626,7 +757,9 @@ class EmulatorServer:
             line, _, rest = bytes(buf).partition(b'\n')
             buf[:] = rest
             try:
-                reply = 'ok' + ((' ' + r) if (r := self.control(line.decode('utf-8', 'replace'))) else '')
+                with self._lock:
+                    result = self.control(line.decode('utf-8', 'replace'))
+                reply = 'ok' + ((' ' + result) if result else '')
             except (ValueError, KeyError, IndexError) as exc:
                 reply = f'error {exc}'
             try:
@@ -658,9 +791,24 @@ class EmulatorServer:
         if cmd == 'state':
             snap = self.fw.snapshot()
             snap.update(pty=self.pty_path, silenced=self.silenced, unplugged=self.unplugged,
-                        tx_frames=self.tx_frames, tx_corrupted=self.tx_corrupted, overruns=self.overruns)
+                        tx_frames=self.tx_frames, tx_corrupted=self.tx_corrupted, overruns=self.overruns,
+                        trigger_edge_wall=self.trigger_edge_wall, ramp_start_wall=self.ramp_start_wall)
             return json.dumps(snap)
+        if cmd == 'timing' and args in ([], ['reset']):
+            late = sorted(self.tick_lateness)
+
+            def pick(q):
+                return late[min(len(late) - 1, int(q * len(late)))] * 1e3 if late else None
+            out = {'ticks': len(late), 'lateness_p50_ms': pick(0.5), 'lateness_p99_ms': pick(0.99),
+                   'lateness_max_ms': late[-1] * 1e3 if late else None, 'overruns': self.overruns,
+                   'period_ms': self.tick * 1e3}
+            if args:
+                self.tick_lateness.clear()
+                self.overruns = 0
+            return json.dumps(out)
         if cmd == 'trigger' and len(args) == 1 and args[0] in ('0', '1'):
+            if args[0] == '1' and not self.fw.trigger:
+                self.trigger_edge_wall = time.monotonic()
             self.fw.set_trigger(args[0] == '1')
             return ''
         if cmd == 'estop_input' and len(args) == 1 and args[0] in ('0', '1'):
@@ -681,7 +829,7 @@ class EmulatorServer:
             self.fw.corrupt_rx = max(0, int(args[0]))
             return ''
         if cmd in ('stall_axis', 'release_axis') and len(args) == 1:
-            self.fw.dyn[self._axis_index(args[0])].stalled = cmd == 'stall_axis'
+            self.fw.stalled[self._axis_index(args[0])] = cmd == 'stall_axis'
             return ''
         if cmd == 'silence' and not args:
             self.silenced = True
@@ -724,6 +872,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument('--no-robot-model', action='store_true',
                         help='use the limits of docs/contracts.md instead of loading the URDF')
     parser.add_argument('--device-name', default=DEVICE_NAME)
+    parser.add_argument('--rt-priority', type=int, default=0, metavar='N',
+                        help='run the servo loop under SCHED_FIFO priority N (1..99), as the dedicated '
+                             'microcontroller it stands in for is never starved by the host\'s load; 0 (default) '
+                             '= normal scheduling. Falls back to normal scheduling (with a note) when not permitted')
     parser.add_argument('--link', metavar='PATH',
                         help='also make PATH a symlink to the pty (a fixed port name for launch files); '
                              'removed on exit')
@@ -731,6 +883,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if '--ros-args' in argv:   # started as a launch_ros Node, which appends ROS arguments
+        argv = argv[:argv.index('--ros-args')]
     args = build_arg_parser().parse_args(argv)
     cpus = None
     if args.counts_per_unit:
@@ -742,13 +897,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
     try:
         axes, source = default_axis_configs(cpus, use_robot_model=not args.no_robot_model)
+
         def make_firmware():
-            return Firmware(axes, args.firmware_version, args.protocol_version, args.watchdog_ms, args.device_name)
+            return Firmware(axes, args.firmware_version, args.protocol_version, args.watchdog_ms, args.device_name,
+                            tick_hz=args.tick_hz)
         server = EmulatorServer(make_firmware, args.control, args.tick_hz)
         firmware = server.fw
     except ValueError as exc:
         print(f'emulator: {exc}', file=sys.stderr)
         return 2
+    if args.rt_priority:
+        try:
+            if not 1 <= args.rt_priority <= 99:
+                raise ValueError(f'--rt-priority must be 1..99, got {args.rt_priority}')
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.rt_priority))
+        except (OSError, AttributeError, ValueError) as exc:
+            print(f'emulator: real-time priority not applied ({exc}); normal scheduling', file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, server.request_stop)
     signal.signal(signal.SIGINT, server.request_stop)
     try:

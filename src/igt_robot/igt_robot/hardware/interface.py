@@ -47,6 +47,14 @@ class HardwareFault(HardwareError):
         self.code = code
 
 
+class CommandRefused(HardwareFault):
+    """The controller refused a command; ``code`` says why: a NAK reason name such as
+    ``'NOT_ENABLED'``, ``'INHIBITED'``, ``'TRIGGER_ACTIVE'`` (the scanner-trigger input says
+    imaging), ``'ESTOPPED'``, ``'RANGE'``, ``'STREAM_ACTIVE'``, ``'STREAM_CLOSED'``,
+    ``'BUFFER_FULL'``, ``'TIME_ORDER'``, ``'START_MISMATCH'``, ``'MOVING'``, ``'REPLAY'``, or for a
+    latched fault the fault's name (``'WATCHDOG'``, ...)."""
+
+
 class HardwareTimeout(HardwareError):
     """The controller did not answer in time."""
 
@@ -56,10 +64,14 @@ class PvtPoint:
     """One trajectory point for the controller's buffer.
 
     ``time`` is on the stream's own clock, s: 0 is the moment the controller
-    starts executing the stream (its first point arriving), strictly
-    increasing from point to point. The controller reaches ``positions``
+    starts executing the stream (when 100 ms of points are buffered, or the
+    final point is in), strictly increasing from point to point (so the
+    first point has time > 0; the stream's implicit first knot is the
+    controller's own rest position at time 0 with zero velocity). The controller reaches ``positions``
     (m / rad, joint order) with ``velocities`` (m/s, rad/s) at ``time`` and
-    interpolates between points (cubic Hermite) at its servo rate.
+    interpolates between points (cubic Hermite) at its servo rate. The
+    reference model of that controller is
+    :class:`igt_robot.hardware.controller_core.ControllerCore`.
     """
 
     time: float

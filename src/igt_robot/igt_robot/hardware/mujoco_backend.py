@@ -17,12 +17,18 @@ and completed programmatically:
   primitive collision shapes (kept in the URDF for Gazebo and planners) would
   only add spurious self-contacts.
 
-Controller behaviour mirrored from the firmware contract (see interface.py):
-setpoints are rate-limited to the URDF joint velocity limits, stop/inhibit
-decelerate at the axis acceleration limits and hold, e-stop holds at once and
-latches, out-of-range setpoints latch ``SETPOINT_RANGE``, a large tracking error
-latches ``FOLLOWING_ERROR``. Encoders are quantised (counts per m / per rad),
-optionally with Gaussian noise and gear backlash (seeded).
+The motor controller is :class:`~igt_robot.hardware.controller_core.ControllerCore`, the same
+model the firmware emulator runs: it servos at the physics rate (at least 1 kHz) in simulated
+time, plays streamed PVT trajectories (begin_stream / push_points), ramps down at its own
+deceleration limits on STOP, inhibit, a scanner-trigger edge (:meth:`MujocoHardware.set_scanner_trigger`),
+buffer underrun, watchdog (optional here) or a fault, e-stop holds at once and latches,
+out-of-range setpoints latch ``SETPOINT_RANGE`` (host-side guard), a large tracking error
+latches ``FOLLOWING_ERROR``. Encoders are quantised (counts per m / per rad), optionally with
+Gaussian noise and gear backlash (seeded).
+
+Physics and controller advance by catch-up stepping: each interface call first replays the
+simulation up to the wall clock (realtime mode) or time advances only via :meth:`advance`.
+See :meth:`MujocoHardware._sync` for why this rather than a physics thread.
 
 Units are SI (m, rad, s); joint order is the contract order.
 """
@@ -44,8 +50,11 @@ os.environ.setdefault('MUJOCO_GL', 'egl')
 
 import mujoco  # noqa: E402
 
+from igt_robot.hardware.controller_core import (  # noqa: E402
+    DEFAULT_BUFFER_CAPACITY, DEFAULT_MAX_LOOKAHEAD, FEEDFORWARD_BRIDGE, FEEDFORWARD_MAX_PERIOD, FINISH_GAIN,
+    AxisLimits, ControllerCore, Refusal)
 from igt_robot.hardware.interface import (  # noqa: E402
-    HardwareError, HardwareFault, HardwareInterface, HardwareState)
+    CommandRefused, HardwareError, HardwareFault, HardwareInterface, HardwareState, PvtPoint, StreamStatus)
 from igt_robot.robot_model import RobotModel, load_robot_model  # noqa: E402
 
 #: Axis acceleration limits (m/s², rad/s²) used for controlled stops; the same
@@ -59,25 +68,23 @@ DEFAULT_FOLLOWING_ERROR_LIMIT = {'prismatic': 0.002, 'revolute': 0.035}
 #: Servo bandwidth (rad/s) at the heaviest configuration; ~24 Hz, well above the
 #: motion bandwidth yet with omega*dt << 1 at a 1 ms step.
 SERVO_BANDWIDTH = 150.0
-#: Longest stretch of wall time a realtime read()/write() simulates in one call (s);
-#: beyond it the simulation drops time instead of stalling the caller.
-MAX_CATCH_UP = 0.25
+#: Longest stretch of wall time a realtime call replays in one go (s). It exceeds the watchdog
+#: plus the longest buffered look-ahead, so any stall a stream could bridge is replayed in full
+#: (and a longer one has already run the buffer dry); beyond it the simulation drops time.
+MAX_CATCH_UP = 2.5
 #: Below these speeds an axis counts as not moving (m/s, rad/s).
 MOVING_SPEED = {'prismatic': 1e-5, 'revolute': 1e-4}
 # Same nano-scale slack as the kinematics: a setpoint computed exactly on a limit
 # must not fault because of floating-point round-off.
 _LIMIT_SLACK = 1e-9
+#: How far (encoder counts, plus backlash and 6 sigma of encoder noise) a stream's start may
+#: differ from where the controller holds.
+START_TOLERANCE_COUNTS = 50.0
+#: The controller servos at least this fast (Hz); coarser physics steps are sub-divided.
+MIN_SERVO_RATE = 1000.0
 
-#: Gain (1/s) of the linear finish of the reference onto its target (~33 ms time constant).
-FINISH_GAIN = 30.0
-#: Setpoints further apart than this (s) are not a stream: no velocity feed-forward
-#: is estimated from them, and explicit feed-forward expires after this long.
-FEEDFORWARD_MAX_PERIOD = 0.1
-#: A streamed setpoint's feed-forward is extrapolated for at least this long (s), as a drive in
-#: cyclic-synchronous mode bridges a few late host cycles: a host that is late by up to this much
-#: does not make the axis brake and then lag behind its trajectory. A host that falls silent drags the
-#: axis at most v_max * FEEDFORWARD_BRIDGE past its last setpoint (0.5 mm at 10 mm/s).
-FEEDFORWARD_BRIDGE = 0.05
+__all__ = ['MujocoHardware', 'measure_real_time_factor', 'FEEDFORWARD_BRIDGE', 'FEEDFORWARD_MAX_PERIOD',
+           'FINISH_GAIN']
 
 OVERVIEW_CAMERA = 'overview'
 
@@ -189,19 +196,30 @@ class MujocoHardware(HardwareInterface):
             the deceleration of stop/inhibit (m/s², rad/s²; default config/robot.yaml values).
         initial_positions: joint positions at connect() (default 0, needle retracted).
         following_error_limit: tracking error latching FOLLOWING_ERROR (m / rad).
+        watchdog_timeout: host silence (s, simulated time) that latches WATCHDOG while enabled;
+            None (default) = off, as a simulation driven by advance() has no host heartbeat.
+        buffer_capacity, max_lookahead: the controller's trajectory buffer (points, s).
 
     After :meth:`connect`, ``servo_gains`` holds the derived (kp, kv) per joint.
     """
 
     def __init__(self, urdf_path=None, realtime: bool = True, timestep: float = 0.001,
                  counts_per_unit=None, noise_std=0.0, backlash=0.0, seed: Optional[int] = None,
-                 accel_limits=None, initial_positions=None, following_error_limit=None):
+                 accel_limits=None, initial_positions=None, following_error_limit=None,
+                 watchdog_timeout: Optional[float] = None, buffer_capacity: int = DEFAULT_BUFFER_CAPACITY,
+                 max_lookahead: float = DEFAULT_MAX_LOOKAHEAD):
         self.robot = load_robot_model(urdf_path)
         self.urdf_path = self.robot.urdf_path
         self.joint_names = self.robot.joint_names
         if not (isinstance(timestep, (int, float)) and math.isfinite(timestep) and 1e-5 <= timestep <= 0.01):
             raise ValueError(f'timestep must be between 1e-5 and 0.01 s, got {timestep!r}')
         self.timestep = float(timestep)
+        self._servo_substeps = max(1, math.ceil(self.timestep * MIN_SERVO_RATE - 1e-9))
+        if watchdog_timeout is not None and not (math.isfinite(watchdog_timeout) and watchdog_timeout > 0):
+            raise ValueError(f'watchdog_timeout must be positive seconds or None, got {watchdog_timeout!r}')
+        self.watchdog_timeout = watchdog_timeout
+        self.buffer_capacity = int(buffer_capacity)
+        self.max_lookahead = float(max_lookahead)
         self.realtime = bool(realtime)
         self.counts_per_unit = _per_joint(counts_per_unit, self.robot, 'counts_per_unit',
                                           DEFAULT_COUNTS_PER_UNIT, positive=True)
@@ -227,6 +245,7 @@ class MujocoHardware(HardwareInterface):
         self._data = None
         self._render = None
         self._connected = False
+        self.core: Optional[ControllerCore] = None
         self.servo_gains = None   # (kp, kv) per joint, known after connect()
 
     # ================================================================ model construction
@@ -294,23 +313,21 @@ class MujocoHardware(HardwareInterface):
             self._qadr = self._vadr = slice(0, n)
             self._data.qpos[self._qadr] = self._initial
             mujoco.mj_forward(self._model, self._data)
-            self._target = self._initial.copy()
-            self._ref_pos = self._initial.copy()
-            self._ref_vel = np.zeros(n)
+            # The simulated motor controller: the same core the firmware emulator runs, servoing
+            # at the physics rate (or a whole multiple of it) in simulated time.
+            resolution = 1.0 / self.counts_per_unit
+            axes = [AxisLimits(float(lo), float(up), float(v), float(a), float(r), name)
+                    for name, lo, up, v, a, r in zip(self.joint_names, self.robot.lower, self.robot.upper,
+                                                     self.robot.velocity, self.accel_limits, resolution)]
+            self.core = ControllerCore(
+                axes, servo_period=self.timestep / self._servo_substeps, watchdog_timeout=self.watchdog_timeout,
+                buffer_capacity=self.buffer_capacity, max_lookahead=self.max_lookahead,
+                start_tolerance=START_TOLERANCE_COUNTS * resolution + self.backlash + 6.0 * self.noise_std,
+                positions=self._initial, measure=lambda: self._data.qpos[self._qadr].copy())
             self._out_pos = self._initial.copy()
             self._out_vel = np.zeros(n)
-            self._mode = 'hold'
-            self._ff = np.zeros(n)
-            self._ff_expiry = 0.0
-            self._last_write_time = None
-            self._last_write_target = self._initial.copy()
-            self._snap_distance = 0.5 / self.counts_per_unit
-            self._a_dt = self.accel_limits * self.timestep
             self._half_play = 0.5 * self.backlash
-            self._enabled = False
-            self._inhibited = False
-            self._estopped = False
-            self._faults = []
+            self._setpoint_faults = []         # host-side guard faults (SETPOINT_RANGE), see write()
             self._advance_residual = 0.0
             self._counters = {'physics_steps': 0, 'writes': 0, 'refused_writes': 0, 'dropped_time': 0.0}
             self._t0 = time.monotonic()
@@ -321,17 +338,24 @@ class MujocoHardware(HardwareInterface):
         with self._lock:
             if not self._connected:
                 return
-            self._enabled = False
             if self._render is not None:
                 self._render.free()
                 self._render = None
             self._model = None
             self._data = None
+            self.core = None
             self._connected = False
 
     def _require_connected(self, action: str) -> None:
         if not self._connected:
             raise HardwareError(f'cannot {action}: the MuJoCo backend is not connected (call connect())')
+
+    def _host_call(self, action: str) -> ControllerCore:
+        """Every interface call is a frame from the host: catch the physics up, feed the watchdog."""
+        self._require_connected(action)
+        self._sync()
+        self.core.host_seen()
+        return self.core
 
     # ================================================================ time
 
@@ -343,14 +367,22 @@ class MujocoHardware(HardwareInterface):
             return float(self._data.time)
 
     def _sync(self) -> None:
-        """Realtime mode: step the physics until simulated time catches up with the wall clock."""
+        """Realtime mode: step the physics until simulated time catches up with the wall clock.
+
+        Catch-up stepping instead of a physics thread: nothing outside can observe the
+        simulation except through these calls, and each call first replays the physics (and the
+        controller, in simulated time) up to now, so the result is exactly what a controller
+        running on its own would have done meanwhile -- a host stall shorter than the buffer
+        changes nothing -- without a Python 1 kHz thread competing for the host's GIL.
+        """
         if not self.realtime:
             return
         behind = (time.monotonic() - self._t0) - self._data.time
         steps = int(behind / self.timestep)
         max_steps = int(MAX_CATCH_UP / self.timestep)
         if steps > max_steps:
-            # The caller stalled (debugger, overloaded host): skip rather than lock up.
+            # Longer than any stream can bridge: the replayed MAX_CATCH_UP already saw the
+            # buffer run dry (and the watchdog, if enabled); drop the rest rather than lock up.
             skipped = (steps - max_steps) * self.timestep
             self._t0 += skipped
             self._counters['dropped_time'] += skipped
@@ -380,120 +412,59 @@ class MujocoHardware(HardwareInterface):
     # ================================================================ the simulated controller
 
     def _step_once(self) -> None:
-        self._update_reference()
+        core = self.core
+        for _ in range(self._servo_substeps):
+            core.step()
+        self._update_output()
         self._data.ctrl[0::2] = self._out_pos       # actuators alternate position, velocity
         self._data.ctrl[1::2] = self._out_vel
         mujoco.mj_step(self._model, self._data)
         self._counters['physics_steps'] += 1
         self._check_following_error()
 
-    def _update_reference(self) -> None:
-        """Advance the motor-side reference one step, then the joint side through the backlash.
+    def _update_output(self) -> None:
+        """The joint-side servo reference: the controller's reference through the backlash.
 
-        Tracking law per axis (e = target - reference), acceleration- and velocity-limited::
-
-            v_des = clip(v_ff + sign(e) * min(sqrt(a |e|), K_FINISH |e|), -v_max, v_max)
-            v    += clip(v_des - v, -a dt, a dt)
-
-        sqrt(a|e|) is the braking curve for half the axis deceleration, so a discrete
-        step can always stay on it (no overshoot); K_FINISH |e| gives a smooth
-        exponential finish; the reference snaps onto a static target once within
-        half an encoder count at a speed it can shed in one step. The servo thus
-        sees a smooth reference and the joints never exceed the URDF velocity limit
-        by more than the servo's small tracking transient.
+        The joint side only follows once the motor has taken up the play.
         """
-        if self._mode == 'hold' and not self._out_vel.any():
-            return      # at rest with the play settled: nothing changes (the common case)
-        dt = self.timestep
-        a_dt = self._a_dt
-        v = self._ref_vel
-        lower, upper, v_max = self.robot.lower, self.robot.upper, self.robot.velocity
-        if self._mode == 'track':
-            target = self._target
-            if self._data.time < self._ff_expiry:
-                # Streaming: the setpoint describes a moving trajectory point, so follow
-                # it extrapolated along its velocity until the next setpoint is due.
-                feedforward = self._ff
-                elapsed = self._data.time - self._last_write_time
-                target = np.minimum(np.maximum(target + feedforward * elapsed, lower), upper)
-            else:
-                feedforward = np.zeros_like(v)
-            err = target - self._ref_pos
-            distance = np.abs(err)
-            magnitude = np.minimum(np.sqrt(self.accel_limits * distance), FINISH_GAIN * distance)
-            v_des = np.minimum(np.maximum(feedforward + np.sign(err) * magnitude, -v_max), v_max)
-        else:   # 'stopping' decelerates to rest; 'hold' stays at rest
-            feedforward = np.zeros_like(v)
-            v_des = np.zeros_like(v)
-        v_new = v + np.minimum(np.maximum(v_des - v, -a_dt), a_dt)
-        ref = np.minimum(np.maximum(self._ref_pos + 0.5 * (v + v_new) * dt, lower), upper)
-        if self._mode == 'track':
-            arrived = ((feedforward == 0.0) & (np.abs(target - ref) <= self._snap_distance)
-                       & (np.abs(v_new) <= a_dt))
-            ref = np.where(arrived, target, ref)
-            v_new = np.where(arrived, 0.0, v_new)
-        self._ref_pos, self._ref_vel = ref, v_new
-        if self._mode == 'stopping' and not v_new.any():
-            self._hold_reference()
-        # Backlash: the joint side only follows once the motor has taken up the play.
+        ref = self.core.ref_pos
         half_play = self._half_play
-        new_out = np.minimum(np.maximum(self._out_pos, self._ref_pos - half_play), self._ref_pos + half_play)
-        self._out_vel = (new_out - self._out_pos) / dt
+        new_out = np.minimum(np.maximum(self._out_pos, ref - half_play), ref + half_play)
+        self._out_vel = (new_out - self._out_pos) / self.timestep
         self._out_pos = new_out
 
-    def _hold_reference(self) -> None:
-        self._mode = 'hold'
-        self._ref_vel = np.zeros_like(self._ref_vel)
-        self._target = self._ref_pos.copy()
-        # A stream interrupted by a stop starts afresh: no feed-forward across it.
-        self._ff = np.zeros_like(self._ref_vel)
-        self._ff_expiry = 0.0
-        self._last_write_time = None
-
-    def _hold_here(self) -> None:
-        """Freeze every reference at the measured joint positions (immediate stop)."""
-        q = self._data.qpos[self._qadr].copy()
-        self._ref_pos = q.copy()
-        self._out_pos = q.copy()
-        self._out_vel = np.zeros_like(q)
-        self._hold_reference()
-
     def _check_following_error(self) -> None:
+        core = self.core
+        if not core.enabled or 'FOLLOWING_ERROR' in core.faults:
+            return
         error = np.abs(self._data.qpos[self._qadr] - self._out_pos)
-        if (error > self.following_error_limit).any() and 'FOLLOWING_ERROR' not in self._faults:
-            self._faults.append('FOLLOWING_ERROR')
-            self._enabled = False
-            self._hold_here()
-
-    def _latch(self, code: str) -> None:
-        if code not in self._faults:
-            self._faults.append(code)
+        over = np.flatnonzero(error > self.following_error_limit)
+        if over.size:
+            core.latch_fault('FOLLOWING_ERROR', int(over[0]))
 
     # ================================================================ HardwareInterface
 
     def enable(self) -> None:
         """Energise the axes, holding the current position. Refused while e-stopped or faulted."""
         with self._lock:
-            self._require_connected('enable')
-            self._sync()
-            if self._estopped or self._faults:
-                raise HardwareError('cannot enable: ' + self._blocking_reason()
-                                    + '; call reset_faults() first')
-            if not self._enabled:
-                self._hold_here()
-                self._enabled = True
+            core = self._host_call('enable')
+            if self._setpoint_faults:
+                raise HardwareError('cannot enable: ' + self._blocking_reason() + '; call reset_faults() first')
+            try:
+                core.enable()
+            except Refusal as exc:
+                raise HardwareError('cannot enable: ' + self._blocking_reason() + '; call reset_faults() first') \
+                    from exc
+            self._out_pos = np.asarray(core.ref_pos, dtype=float).copy()
 
     def disable(self) -> None:
-        """Stop (decelerate, then hold) and refuse setpoints until enable().
+        """Stop (decelerate, then de-energise) and refuse setpoints until enable().
 
         The MR-safe piezo drives are non-backdrivable, so a disabled axis keeps its
         position; the simulation models that by holding the last reference.
         """
         with self._lock:
-            self._require_connected('disable')
-            self._sync()
-            self._enabled = False
-            self._begin_stop()
+            self._host_call('disable').disable()
 
     def read(self) -> HardwareState:
         """Encoder-quantised positions (with optional noise) and joint velocities.
@@ -502,91 +473,70 @@ class MujocoHardware(HardwareInterface):
         (connect time + simulated time; equal to the wall clock in realtime mode).
         """
         with self._lock:
-            self._require_connected('read')
-            self._sync()
+            core = self._host_call('read')
             q = self._data.qpos[self._qadr].copy()
             qd = self._data.qvel[self._vadr].copy()
             if np.any(self.noise_std > 0):
                 q = q + self._rng.normal(0.0, 1.0, q.shape) * self.noise_std
             positions = np.round(q * self.counts_per_unit) / self.counts_per_unit
-            moving = (self._mode == 'stopping' or bool(np.any(self._ref_vel))
-                      or (self._mode == 'track' and not np.array_equal(self._ref_pos, self._target))
-                      or bool(np.any(np.abs(qd) > self._moving_speed)))
+            moving = core.moving or bool(np.any(np.abs(qd) > self._moving_speed))
             counters = dict(self._counters)
-            counters['sim_time'] = float(self._data.time)
+            counters.update(sim_time=float(self._data.time), underruns=core.underruns,
+                            watchdog_trips=core.watchdog_trips, scanner_trigger_edges=core.trigger_edges)
             return HardwareState(
                 stamp=self._t0 + float(self._data.time),
                 positions=positions,
                 velocities=qd,
-                enabled=self._enabled,
-                motion_inhibited=self._inhibited,
-                estopped=self._estopped,
+                enabled=core.enabled,
+                motion_inhibited=core.inhibited,
+                estopped=core.estop,
                 moving=moving,
-                faults=tuple(self._faults),
-                scanner_trigger=False,
+                faults=self._faults(),
+                scanner_trigger=core.trigger,
                 firmware_version=f'mujoco-{mujoco.__version__}',
                 counters=counters,
+                inhibit_cause=core.inhibit_cause,
+                stream=core.stream_status(),
             )
+
+    def _faults(self) -> tuple:
+        return tuple(self.core.faults) + tuple(f for f in self._setpoint_faults if f not in self.core.faults)
 
     def write(self, positions: Sequence[float], velocities: Optional[Sequence[float]] = None) -> None:
         """Command joint position setpoints (m / rad, contract order).
 
-        Refused with :class:`HardwareError` when disabled, inhibited, e-stopped or
-        faulted; an out-of-range or non-finite setpoint (or a feed-forward velocity
-        above the joint limit) latches ``SETPOINT_RANGE`` and raises
-        :class:`HardwareFault`. Feed-forward velocities are validated; the simulated
-        servo derives its own feed-forward from the rate-limited reference.
+        Refused with :class:`HardwareError` when disabled, inhibited, e-stopped,
+        faulted or while a trajectory stream runs; an out-of-range or non-finite
+        setpoint (or a feed-forward velocity above the joint limit) latches
+        ``SETPOINT_RANGE`` (a host-side guard: the axes stop but stay energised)
+        and raises :class:`HardwareFault`. The controller tracks the setpoint
+        within its velocity and acceleration limits with the feed-forward given
+        (or estimated from successive setpoints; see ControllerCore.set_target).
         """
         with self._lock:
-            self._require_connected('write')
-            self._sync()
+            core = self._host_call('write')
             n = self.robot.n_joints
             target = np.asarray(positions, dtype=float)
             if target.shape != (n,):
                 self._counters['refused_writes'] += 1
                 raise ValueError(f'write() needs {n} positions ({", ".join(self.joint_names)}), '
                                  f'got shape {target.shape}')
-            if self._estopped or self._faults or not self._enabled or self._inhibited:
+            if core.estop or core.faults or self._setpoint_faults or not core.enabled or core.inhibited:
                 self._counters['refused_writes'] += 1
                 raise HardwareError('setpoint refused: ' + self._blocking_reason())
             problems = self._setpoint_problems(target, velocities)
             if problems:
                 self._counters['refused_writes'] += 1
-                self._latch('SETPOINT_RANGE')
-                self._begin_stop()   # a faulted controller brings running motion to a stop
+                self._setpoint_faults.append('SETPOINT_RANGE')
+                core.stop()            # a faulted controller brings running motion to a stop
                 raise HardwareFault('SETPOINT_RANGE', 'setpoint refused: ' + '; '.join(problems))
-            self._set_feedforward(target, velocities)
-            self._target = np.clip(target, self.robot.lower, self.robot.upper)
-            self._mode = 'track'
+            try:
+                core.set_target(np.clip(target, self.robot.lower, self.robot.upper),
+                                feedforward=None if velocities is None else np.asarray(velocities, dtype=float))
+            except Refusal as exc:
+                self._counters['refused_writes'] += 1
+                raise CommandRefused(exc.reason, f'setpoint refused: {exc}') from None
             self._counters['writes'] += 1
-
-    def _set_feedforward(self, target: np.ndarray, velocities) -> None:
-        """Velocity feed-forward for a streamed trajectory, valid until the next setpoint is due.
-
-        Explicit ``velocities`` win; otherwise the velocity is estimated from the
-        last two setpoints. It expires 1.5 write periods after the write, but not
-        before FEEDFORWARD_BRIDGE (late host cycles are bridged) and not after 0.1 s,
-        so a stream that ends, or a host that falls silent, drags an axis only a
-        bounded distance past its last setpoint.
-        """
-        now = float(self._data.time)
-        interval = None if self._last_write_time is None else now - self._last_write_time
-        if interval == 0.0:
-            # Another setpoint within the same physics step: keep the current estimate.
-            if velocities is not None:
-                self._ff = np.clip(np.asarray(velocities, dtype=float), -self.robot.velocity, self.robot.velocity)
-            return
-        streaming = interval is not None and interval <= FEEDFORWARD_MAX_PERIOD
-        if velocities is not None:
-            ff = np.asarray(velocities, dtype=float)
-        elif streaming:
-            ff = (target - self._last_write_target) / interval
-        else:
-            ff = np.zeros_like(target)
-        self._ff = np.clip(ff, -self.robot.velocity, self.robot.velocity)
-        self._ff_expiry = now + (max(1.5 * interval, FEEDFORWARD_BRIDGE) if streaming else FEEDFORWARD_MAX_PERIOD)
-        self._last_write_time = now
-        self._last_write_target = target.copy()
 
     def _setpoint_problems(self, target: np.ndarray, velocities) -> list:
         if not np.isfinite(target).all():
@@ -609,52 +559,90 @@ class MujocoHardware(HardwareInterface):
         return problems
 
     def _blocking_reason(self) -> str:
-        if self._estopped:
+        core = self.core
+        if core.estop or core.estop_input:
             return 'emergency stop latched'
-        if self._faults:
-            return 'faults latched: ' + ', '.join(self._faults)
-        if not self._enabled:
+        faults = self._faults()
+        if faults:
+            return 'faults latched: ' + ', '.join(faults)
+        if not core.enabled or core.stopping_to_off:
             return 'axes disabled (call enable())'
-        if self._inhibited:
-            return 'motion inhibited'
+        if core.inhibited:
+            return f'motion inhibited (cause {core.inhibit_cause})'
         return 'ready'
 
-    def _begin_stop(self) -> None:
-        if self._mode != 'hold':
-            self._mode = 'stopping'
-
     def stop(self) -> None:
-        """Controlled stop: decelerate at the axis acceleration limits, then hold."""
+        """Controlled stop: decelerate at the axis acceleration limits, then hold (cause STOP)."""
         with self._lock:
-            self._require_connected('stop')
-            self._sync()
-            self._begin_stop()
+            self._host_call('stop').stop()
 
     def emergency_stop(self) -> None:
         """Hold the current position at once, disable, and latch until reset_faults()."""
         with self._lock:
-            self._require_connected('emergency stop')
-            self._sync()
-            self._estopped = True
-            self._enabled = False
-            self._hold_here()
+            self._host_call('emergency stop').emergency_stop()
 
     def set_motion_inhibit(self, inhibit: bool) -> None:
-        """Inhibit: decelerate to a stop and hold, refusing setpoints until cleared."""
+        """Inhibit: decelerate to a stop and hold, refusing motion until cleared.
+
+        Releasing it is refused (:class:`CommandRefused` ``TRIGGER_ACTIVE``) while the
+        simulated scanner-trigger input says imaging.
+        """
         with self._lock:
-            self._require_connected('set motion inhibit')
-            self._sync()
-            self._inhibited = bool(inhibit)
-            if self._inhibited:
-                self._begin_stop()
+            core = self._host_call('set motion inhibit')
+            try:
+                core.set_inhibit(bool(inhibit))
+            except Refusal as exc:
+                raise CommandRefused(exc.reason, f'motion inhibit not released: {exc}') from None
 
     def reset_faults(self) -> None:
         """Clear latched faults and the e-stop; the axes stay disabled until enable()."""
         with self._lock:
-            self._require_connected('reset faults')
+            core = self._host_call('reset faults')
+            try:
+                core.reset_faults()
+            except Refusal as exc:
+                raise CommandRefused(exc.reason, f'faults not reset: {exc}') from None
+            self._setpoint_faults = []
+
+    def heartbeat(self) -> None:
+        """Feed the simulated controller's watchdog (every other call does too)."""
+        with self._lock:
+            self._host_call('heartbeat')
+
+    # ---------------------------------------------------------------- trajectory streaming
+
+    def begin_stream(self, start_positions: Sequence[float]) -> int:
+        with self._lock:
+            core = self._host_call('begin a stream')
+            if self._setpoint_faults:
+                raise CommandRefused('FAULTED', 'stream refused: ' + self._blocking_reason())
+            try:
+                return core.begin_stream(np.asarray(start_positions, dtype=float))
+            except Refusal as exc:
+                raise CommandRefused(exc.reason, f'stream refused: {exc}') from None
+
+    def push_points(self, stream_id: int, points: Sequence[PvtPoint], final: bool = False) -> StreamStatus:
+        with self._lock:
+            core = self._host_call('push trajectory points')
+            try:
+                return core.push_points(int(stream_id), list(points), final=final)
+            except Refusal as exc:
+                raise CommandRefused(exc.reason, f'points refused: {exc}') from None
+
+    def stream_status(self) -> StreamStatus:
+        with self._lock:
+            return self._host_call('read the stream status').stream_status()
+
+    # ---------------------------------------------------------------- simulated inputs
+
+    def set_scanner_trigger(self, imaging: bool) -> None:
+        """The controller's scanner-trigger input (simulation only): a rising edge stops
+        motion at once (cause TRIGGER) and latches the inhibit until the host releases it
+        after the trigger has fallen."""
+        with self._lock:
+            self._require_connected('set the scanner trigger')
             self._sync()
-            self._faults = []
-            self._estopped = False
+            self.core.set_trigger(bool(imaging))
 
     def apply_external_force(self, joint_forces) -> None:
         """Apply a disturbance (N for prismatic, N·m for revolute joints) held until changed.

@@ -16,7 +16,13 @@ Frame layout (all multi-byte integers little-endian)::
 * Resynchronisation is length based: the decoder hunts for the sync pair,
   validates the header, waits for the announced length and checks the CRC.
   On any failure it drops only the first sync byte and hunts again, so a
-  frame that starts inside the rejected bytes is still found.
+  frame that starts inside the rejected bytes is still found. An inter-byte
+  timeout rejects a candidate whose bytes stopped coming (a truncated frame),
+  so it cannot swallow the requests that follow it.
+
+Protocol 2 adds trajectory streaming (BEGIN_STREAM, PUSH_POINTS with PVT
+points, STREAM_STATUS, buffer fields in STATUS) and sequence-number replay
+protection for stateful requests (NAK REPLAY).
 
 Values on the wire are integers in controller units: encoder counts for
 positions, counts/s for velocities, counts/s^2 for accelerations. SI <-> counts
@@ -29,12 +35,14 @@ import enum
 import struct
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
+from igt_robot.hardware.interface import STOP_CAUSES
+
 # ----------------------------------------------------------------------------
 # Constants
 # ----------------------------------------------------------------------------
 
 #: (major, minor). A different major means an incompatible wire format.
-PROTOCOL_VERSION: Tuple[int, int] = (1, 0)
+PROTOCOL_VERSION: Tuple[int, int] = (2, 0)
 
 # 0xA5 ^ 0xC3 != 0xFF on purpose: a frame cut off right after its sync pair and
 # followed by a new frame must not read as a valid LEN/~LEN header.
@@ -45,6 +53,12 @@ FRAME_OVERHEAD = HEADER_SIZE + CRC_SIZE
 MAX_PAYLOAD = 240        # largest payload either end will send or accept
 NO_AXIS = 0xFF           # NAK detail when the refusal concerns no single axis
 MAX_DEVICE_NAME = 32     # bytes of UTF-8 in HELLO_REPLY
+#: A stateful request is accepted only if its SEQ is 1..SEQ_WINDOW ahead of the last accepted
+#: request (serial-number arithmetic modulo 256); 0 or further "ahead" than this is behind: REPLAY.
+SEQ_WINDOW = 127
+#: A candidate frame whose next byte has not arrived within this many seconds is rejected
+#: (one frame is written in one go; 248 bytes take 2.5 ms at 1 Mbit/s).
+INTER_BYTE_TIMEOUT = 0.02
 
 
 class ProtocolError(ValueError):
@@ -69,12 +83,15 @@ class MsgType(enum.IntEnum):
     HEARTBEAT = 0x09
     GET_STATUS = 0x0A
     GET_AXIS_CONFIG = 0x0B
+    BEGIN_STREAM = 0x0C        # protocol 2
+    PUSH_POINTS = 0x0D         # protocol 2
     # replies (controller -> host)
     ACK = 0x80
     NAK = 0x81
     HELLO_REPLY = 0x82
     STATUS = 0x83
     AXIS_CONFIG = 0x84
+    STREAM_STATUS = 0x85       # protocol 2
 
 
 #: The reply type a successful request gets (a NAK is always possible instead).
@@ -90,14 +107,17 @@ REPLY_TYPE = {
     MsgType.HEARTBEAT: MsgType.ACK,
     MsgType.GET_STATUS: MsgType.STATUS,
     MsgType.GET_AXIS_CONFIG: MsgType.AXIS_CONFIG,
+    MsgType.BEGIN_STREAM: MsgType.STREAM_STATUS,
+    MsgType.PUSH_POINTS: MsgType.STREAM_STATUS,
 }
 
 #: Requests that change controller state. A retransmission of one of these
 #: (same TYPE, SEQ and PAYLOAD as the last request) is answered from the
-#: controller's reply cache and NOT executed twice.
+#: controller's reply cache and NOT executed twice; any other one whose SEQ is
+#: not ahead of the last accepted request is a replay (NAK REPLAY).
 STATEFUL_REQUESTS = frozenset({
     MsgType.ENABLE, MsgType.DISABLE, MsgType.SET_TARGET, MsgType.STOP, MsgType.ESTOP,
-    MsgType.MOTION_INHIBIT, MsgType.RESET_FAULTS,
+    MsgType.MOTION_INHIBIT, MsgType.RESET_FAULTS, MsgType.BEGIN_STREAM, MsgType.PUSH_POINTS,
 })
 
 
@@ -115,6 +135,15 @@ class NakReason(enum.IntEnum):
     FAULTED = 0x09             # a latched fault blocks the request (detail: fault bit)
     HANDSHAKE_REQUIRED = 0x0A  # no compatible HELLO yet
     BUSY = 0x0B                # controller temporarily unable -> retry
+    # protocol 2
+    TRIGGER_ACTIVE = 0x0C      # inhibit release refused: the scanner-trigger input says imaging
+    STREAM_ACTIVE = 0x0D       # another stream is executing (or SET_TARGET during a stream)
+    STREAM_CLOSED = 0x0E       # points for a stream that is not current, has ended or got its final point
+    BUFFER_FULL = 0x0F         # not enough free slots, or beyond the look-ahead bound
+    TIME_ORDER = 0x10          # point times not strictly increasing / already executed
+    START_MISMATCH = 0x11      # stream start differs from where the axes are (detail: axis)
+    MOVING = 0x12              # BEGIN_STREAM while the axes move
+    REPLAY = 0x13              # SEQ not ahead of the last accepted stateful request
 
 
 #: NAK reasons worth retrying: the request itself was fine.
@@ -131,6 +160,22 @@ class StatusFlag(enum.IntFlag):
     SCANNER_TRIGGER = 0x10   # level of the scanner-trigger input
     FAULT = 0x20             # at least one fault latched
     HANDSHAKE_DONE = 0x40    # a compatible HELLO has been received
+
+
+#: STATUS/STREAM_STATUS inhibit-cause bits.
+INHIBIT_HOST = 0x01            # the host's MOTION_INHIBIT
+INHIBIT_TRIGGER = 0x02         # the scanner-trigger input (level, or a latched edge)
+
+
+class StreamState(enum.IntEnum):
+    """Trajectory-stream state byte."""
+
+    NONE = 0                   # no stream since power-on
+    OPEN = 1                   # begun, no point yet
+    RUNNING = 2                # executing points
+    RAMPING = 3                # stopped by a cause, the stop ramp is running
+    DONE = 4                   # the final point was reached
+    STOPPED = 5                # ended by a cause (stop_cause), at rest
 
 
 class Fault(enum.IntFlag):
@@ -237,7 +282,7 @@ def encode_frame(msg_type: int, seq: int, payload: bytes = b'') -> bytes:
 
 
 class FrameDecoder:
-    """Streaming frame decoder that resynchronises after garbage or corruption.
+    """Streaming frame decoder that resynchronises after garbage, corruption or truncation.
 
     Feed it whatever bytes arrive (any chunking); it returns complete, CRC-valid
     frames. Diagnostics counters:
@@ -245,20 +290,33 @@ class FrameDecoder:
     * ``frames``          -- valid frames returned
     * ``crc_errors``      -- candidate frames whose CRC did not match
     * ``header_errors``   -- candidate headers with LEN/~LEN mismatch or LEN > MAX_PAYLOAD
+    * ``timeouts``        -- candidates rejected because their bytes stopped coming (truncated)
     * ``discarded_bytes`` -- bytes thrown away while hunting for a sync pair
     * ``resyncs``         -- times the decoder had to hunt (garbage run or rejected candidate)
 
     ``on_crc_error(type, seq)`` is called for a candidate whose header was
     consistent but whose CRC failed; the controller uses it to NAK(CRC) at once
     so the host can retransmit without waiting for its timeout.
+
+    ``inter_byte_timeout`` (s): when :meth:`feed` is given the arrival time ``now``
+    and the buffered partial candidate is older than this, that candidate is
+    rejected (one byte dropped, hunt again, as for a CRC error) before the new
+    bytes are looked at. A truncated frame announcing a long payload then cannot
+    consume the requests that follow it as its body.
     """
 
-    def __init__(self, on_crc_error: Optional[Callable[[int, int], None]] = None):
+    def __init__(self, on_crc_error: Optional[Callable[[int, int], None]] = None,
+                 inter_byte_timeout: Optional[float] = None):
+        if inter_byte_timeout is not None and not inter_byte_timeout > 0:
+            raise ValueError(f'inter_byte_timeout must be positive seconds or None, got {inter_byte_timeout!r}')
         self._buf = bytearray()
         self._on_crc_error = on_crc_error
+        self.inter_byte_timeout = inter_byte_timeout
+        self._last_rx: Optional[float] = None
         self.frames = 0
         self.crc_errors = 0
         self.header_errors = 0
+        self.timeouts = 0
         self.discarded_bytes = 0
         self.resyncs = 0
 
@@ -277,16 +335,27 @@ class FrameDecoder:
             del self._buf[:count]
             self.discarded_bytes += count
 
-    def feed(self, data: bytes) -> List[Frame]:
-        """Consume ``data``; return the frames completed by it (possibly none)."""
-        buf = self._buf
-        buf.extend(data)
+    def feed(self, data: bytes, now: Optional[float] = None) -> List[Frame]:
+        """Consume ``data`` (arrived at time ``now``, s, any steady clock); return the frames
+        completed by it (possibly none)."""
         out: List[Frame] = []
+        if self.inter_byte_timeout is not None and now is not None:
+            if (self._buf and self._last_rx is not None
+                    and now - self._last_rx > self.inter_byte_timeout):
+                self._scan(out, expire=True)       # what is left of the old bytes will never complete
+            if data:
+                self._last_rx = now
+        self._buf.extend(data)
+        self._scan(out, expire=False)
+        return out
+
+    def _scan(self, out: List[Frame], expire: bool) -> None:
+        buf = self._buf
         while buf:
             start = buf.find(SYNC)
             if start < 0:
                 # Keep a trailing first sync byte: its partner may be in the next chunk.
-                keep = 1 if buf[-1] == SYNC[0] else 0
+                keep = 1 if buf[-1] == SYNC[0] and not expire else 0
                 if len(buf) - keep > 0:
                     self.resyncs += 1
                     self._discard(len(buf) - keep)
@@ -295,6 +364,9 @@ class FrameDecoder:
                 self.resyncs += 1
                 self._discard(start)
             if len(buf) < HEADER_SIZE:
+                if expire:
+                    self._expire()
+                    continue
                 break
             length, length_inv = buf[2], buf[3]
             if length ^ length_inv != 0xFF or length > MAX_PAYLOAD:
@@ -304,6 +376,9 @@ class FrameDecoder:
                 continue
             total = HEADER_SIZE + length + CRC_SIZE
             if len(buf) < total:
+                if expire:
+                    self._expire()
+                    continue
                 break
             received_crc = buf[total - 2] | (buf[total - 1] << 8)
             if crc16_ccitt(memoryview(buf)[2:total - 2]) != received_crc:
@@ -317,7 +392,12 @@ class FrameDecoder:
             out.append(Frame(buf[4], buf[5], bytes(buf[HEADER_SIZE:HEADER_SIZE + length])))
             del buf[:total]
             self.frames += 1
-        return out
+
+    def _expire(self) -> None:
+        """Reject the incomplete candidate at the front: drop its first sync byte and hunt on."""
+        self.timeouts += 1
+        self.resyncs += 1
+        self._discard(1)
 
 
 # ----------------------------------------------------------------------------
@@ -374,7 +454,7 @@ def encode_hello_reply(reply: HelloReply) -> bytes:
 def decode_hello_reply(payload: bytes) -> HelloReply:
     if len(payload) < _HELLO_REPLY.size:
         raise PayloadLengthError(f'HELLO_REPLY payload must be at least {_HELLO_REPLY.size} bytes, '
-                            f'got {len(payload)}')
+                                 f'got {len(payload)}')
     pmaj, pmin, fmaj, fmin, fpatch, n_axes, watchdog_ms = _HELLO_REPLY.unpack_from(payload)
     name = bytes(payload[_HELLO_REPLY.size:]).decode('utf-8', errors='replace')
     return HelloReply((pmaj, pmin), (fmaj, fmin, fpatch), n_axes, watchdog_ms, name)
@@ -413,7 +493,7 @@ def encode_set_target(target: SetTarget) -> bytes:
 def decode_set_target(payload: bytes) -> SetTarget:
     if len(payload) == 0 or len(payload) % _TARGET_AXIS.size:
         raise PayloadLengthError(f'SET_TARGET payload must be a positive multiple of '
-                            f'{_TARGET_AXIS.size} bytes, got {len(payload)}')
+                                 f'{_TARGET_AXIS.size} bytes, got {len(payload)}')
     fields = [_TARGET_AXIS.unpack_from(payload, off) for off in range(0, len(payload), _TARGET_AXIS.size)]
     return SetTarget(tuple(f[0] for f in fields), tuple(f[1] for f in fields), tuple(f[2] for f in fields))
 
@@ -469,6 +549,78 @@ def decode_nak(payload: bytes) -> Nak:
     return Nak(*_NAK.unpack(payload))
 
 
+# --- stream block (STATUS and STREAM_STATUS) -------------------------------------------
+
+_STREAM = struct.Struct('<HBBBIIHH')
+#: Stop-cause codes on the wire: the index into interface.STOP_CAUSES ('' = 0).
+STOP_CAUSE_CODES = STOP_CAUSES
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamInfo:
+    """The controller's trajectory buffer, in controller units (µs)."""
+
+    stream_id: int = 0           # u16, 0 = none yet
+    state: int = StreamState.NONE
+    stop_cause: int = 0          # index into STOP_CAUSE_CODES
+    inhibit_cause: int = 0       # INHIBIT_HOST | INHIBIT_TRIGGER
+    executed_us: int = 0         # stream time reached, µs
+    buffered_until_us: int = 0   # stream time of the last buffered point, µs
+    free_slots: int = 0
+    underruns: int = 0           # since power-on, wraps at 65536
+
+    @property
+    def stop_cause_name(self) -> str:
+        if 0 <= self.stop_cause < len(STOP_CAUSE_CODES):
+            return STOP_CAUSE_CODES[self.stop_cause]
+        return f'CAUSE_0x{self.stop_cause:02X}'
+
+    @property
+    def inhibit_cause_name(self) -> str:
+        names = [n for bit, n in ((INHIBIT_HOST, 'HOST'), (INHIBIT_TRIGGER, 'TRIGGER')) if self.inhibit_cause & bit]
+        return '+'.join(names)
+
+
+def stop_cause_code(name: str) -> int:
+    try:
+        return STOP_CAUSE_CODES.index(name)
+    except ValueError:
+        raise ProtocolError(f'unknown stop cause {name!r}; known: {", ".join(c for c in STOP_CAUSE_CODES if c)}') \
+            from None
+
+
+def inhibit_cause_bits(name: str) -> int:
+    parts = [p for p in name.split('+') if p]
+    bits = 0
+    for part in parts:
+        if part == 'HOST':
+            bits |= INHIBIT_HOST
+        elif part == 'TRIGGER':
+            bits |= INHIBIT_TRIGGER
+        else:
+            raise ProtocolError(f'unknown inhibit cause {part!r}')
+    return bits
+
+
+def _pack_stream(info: StreamInfo) -> bytes:
+    try:
+        return _STREAM.pack(info.stream_id, int(info.state), info.stop_cause, info.inhibit_cause,
+                            info.executed_us & 0xFFFFFFFF, info.buffered_until_us & 0xFFFFFFFF,
+                            info.free_slots, info.underruns & 0xFFFF)
+    except struct.error as exc:
+        raise ProtocolError(f'stream status value does not fit its field: {exc}') from None
+
+
+def encode_stream_status(info: StreamInfo) -> bytes:
+    """STREAM_STATUS payload (reply to BEGIN_STREAM and PUSH_POINTS)."""
+    return _pack_stream(info)
+
+
+def decode_stream_status(payload: bytes) -> StreamInfo:
+    _expect_length('STREAM_STATUS', payload, _STREAM.size)
+    return StreamInfo(*_STREAM.unpack(payload))
+
+
 # --- STATUS ---------------------------------------------------------------------------
 
 _STATUS_HEAD = struct.Struct('<IBBHBHHH')
@@ -488,6 +640,7 @@ class Status:
     trigger_edges: int         # rising edges of the scanner-trigger input, wraps at 65536
     positions: Tuple[int, ...]  # encoder counts
     velocities: Tuple[int, ...]  # counts/s
+    stream: StreamInfo = StreamInfo()   # protocol 2: trajectory buffer and inhibit cause
 
     def has(self, flag: StatusFlag) -> bool:
         return bool(self.flags & flag)
@@ -500,19 +653,113 @@ def encode_status(status: Status) -> bytes:
     out = bytearray(_STATUS_HEAD.pack(
         status.uptime_ms & 0xFFFFFFFF, status.flags, n, status.faults, status.fault_axes,
         status.rx_crc_errors & 0xFFFF, status.rx_seq_gaps & 0xFFFF, status.trigger_edges & 0xFFFF))
-    for p, v in zip(status.positions, status.velocities):
-        out += _STATUS_AXIS.pack(int(p), int(v))
+    out += _pack_stream(status.stream)
+    try:
+        for p, v in zip(status.positions, status.velocities):
+            out += _STATUS_AXIS.pack(int(p), int(v))
+    except struct.error as exc:
+        raise ProtocolError(f'STATUS axis value does not fit its field: {exc}') from None
     return bytes(out)
 
 
 def decode_status(payload: bytes) -> Status:
-    if len(payload) < _STATUS_HEAD.size:
-        raise PayloadLengthError(f'STATUS payload must be at least {_STATUS_HEAD.size} bytes, got {len(payload)}')
+    fixed = _STATUS_HEAD.size + _STREAM.size
+    if len(payload) < fixed:
+        raise PayloadLengthError(f'STATUS payload must be at least {fixed} bytes, got {len(payload)}')
     uptime, flags, n, faults, fault_axes, crc_err, gaps, edges = _STATUS_HEAD.unpack_from(payload)
-    _expect_length(f'STATUS ({n} axes)', payload, _STATUS_HEAD.size + n * _STATUS_AXIS.size)
-    axes = [_STATUS_AXIS.unpack_from(payload, _STATUS_HEAD.size + i * _STATUS_AXIS.size) for i in range(n)]
+    _expect_length(f'STATUS ({n} axes)', payload, fixed + n * _STATUS_AXIS.size)
+    stream = StreamInfo(*_STREAM.unpack_from(payload, _STATUS_HEAD.size))
+    axes = [_STATUS_AXIS.unpack_from(payload, fixed + i * _STATUS_AXIS.size) for i in range(n)]
     return Status(uptime, flags, faults, fault_axes, crc_err, gaps, edges,
-                  tuple(a[0] for a in axes), tuple(a[1] for a in axes))
+                  tuple(a[0] for a in axes), tuple(a[1] for a in axes), stream)
+
+
+# --- BEGIN_STREAM (host -> controller) ----------------------------------------------------
+
+_COUNT = struct.Struct('<i')
+
+
+def encode_begin_stream(start_positions: Sequence[int]) -> bytes:
+    """BEGIN_STREAM payload: the position (counts) the host planned the stream from, per axis."""
+    try:
+        return b''.join(_COUNT.pack(int(p)) for p in start_positions)
+    except struct.error as exc:
+        raise ProtocolError(f'BEGIN_STREAM position does not fit an i32: {exc}') from None
+
+
+def decode_begin_stream(payload: bytes) -> Tuple[int, ...]:
+    if len(payload) == 0 or len(payload) % _COUNT.size:
+        raise PayloadLengthError(f'BEGIN_STREAM payload must be a positive multiple of 4 bytes, got {len(payload)}')
+    return tuple(v[0] for v in _COUNT.iter_unpack(payload))
+
+
+# --- PUSH_POINTS (host -> controller) ------------------------------------------------------
+
+_PUSH_HEAD = struct.Struct('<HBB')
+_POINT_TIME = struct.Struct('<I')
+PUSH_FLAG_FINAL = 0x01         # the batch's last point is the stream's last
+
+
+@dataclasses.dataclass(frozen=True)
+class WirePoint:
+    """One PVT point in controller units: stream time (µs), positions (counts), velocities (counts/s)."""
+
+    time_us: int
+    positions: Tuple[int, ...]
+    velocities: Tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PushPoints:
+    stream_id: int
+    points: Tuple[WirePoint, ...]
+    final: bool = False
+
+
+def max_points_per_frame(n_axes: int) -> int:
+    """How many points of ``n_axes`` axes one PUSH_POINTS frame carries."""
+    return (MAX_PAYLOAD - _PUSH_HEAD.size) // (_POINT_TIME.size + n_axes * _STATUS_AXIS.size)
+
+
+def encode_push_points(push: PushPoints) -> bytes:
+    if not push.points:
+        raise ProtocolError('PUSH_POINTS needs at least one point')
+    n = len(push.points[0].positions)
+    if len(push.points) > max_points_per_frame(n):
+        raise ProtocolError(f'{len(push.points)} points of {n} axes exceed one frame '
+                            f'(at most {max_points_per_frame(n)})')
+    out = bytearray()
+    try:
+        out += _PUSH_HEAD.pack(push.stream_id, PUSH_FLAG_FINAL if push.final else 0, len(push.points))
+        for p in push.points:
+            if len(p.positions) != n or len(p.velocities) != n:
+                raise ProtocolError('every point needs one position and one velocity per axis')
+            out += _POINT_TIME.pack(int(p.time_us))
+            for pos, vel in zip(p.positions, p.velocities):
+                out += _STATUS_AXIS.pack(int(pos), int(vel))
+    except struct.error as exc:
+        raise ProtocolError(f'PUSH_POINTS value does not fit its field: {exc}') from None
+    return bytes(out)
+
+
+def decode_push_points(payload: bytes, n_axes: int) -> PushPoints:
+    if len(payload) < _PUSH_HEAD.size:
+        raise PayloadLengthError(f'PUSH_POINTS payload must be at least {_PUSH_HEAD.size} bytes')
+    stream_id, flags, count = _PUSH_HEAD.unpack_from(payload)
+    size = _POINT_TIME.size + n_axes * _STATUS_AXIS.size
+    _expect_length(f'PUSH_POINTS ({count} points of {n_axes} axes)', payload, _PUSH_HEAD.size + count * size)
+    if count == 0:
+        raise ProtocolError('PUSH_POINTS carries no point')
+    if flags & ~PUSH_FLAG_FINAL:
+        raise ProtocolError(f'PUSH_POINTS flags 0x{flags:02X} has unknown bits')
+    points = []
+    for k in range(count):
+        off = _PUSH_HEAD.size + k * size
+        (t,) = _POINT_TIME.unpack_from(payload, off)
+        axes = [_STATUS_AXIS.unpack_from(payload, off + _POINT_TIME.size + i * _STATUS_AXIS.size)
+                for i in range(n_axes)]
+        points.append(WirePoint(t, tuple(a[0] for a in axes), tuple(a[1] for a in axes)))
+    return PushPoints(stream_id, tuple(points), bool(flags & PUSH_FLAG_FINAL))
 
 
 # --- AXIS_CONFIG ----------------------------------------------------------------------

@@ -18,6 +18,12 @@ Link discipline:
 * A vanished port (unplugged USB adapter, closed pty) puts the driver into its
   safe state: every later call raises :class:`HardwareError` naming the cause
   until ``close()`` + ``connect()``. It never silently carries on.
+* The port is held exclusively: an ``flock`` (keeps out every cooperating
+  opener, e.g. a second driver) plus the kernel's TIOCEXCL (refuses any further
+  ``open()`` of the tty by an unprivileged process). A second opener fails
+  with a clear error instead of interleaving frames with ours.
+* Trajectory streaming (protocol 2): :meth:`begin_stream`, :meth:`push_points`
+  (split into PUSH_POINTS frames of up to 5 points), :meth:`stream_status`.
 
 Units: SI on the interface (m, rad, s); encoder counts only on the wire, with
 the conversion owned by :class:`.axis_model.AxisConfig`. Linux/POSIX only (the
@@ -26,8 +32,11 @@ reply wait uses ``select`` on the port's file descriptor).
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import math
 import select
+import termios
 import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -37,25 +46,29 @@ import serial
 
 from igt_robot.hardware import protocol
 from igt_robot.hardware.axis_model import JOINT_NAMES, AxisConfig
-from igt_robot.hardware.interface import (HardwareError, HardwareFault, HardwareInterface, HardwareState,
-                                          HardwareTimeout)
+from igt_robot.hardware import interface
+from igt_robot.hardware.interface import (HardwareError, HardwareInterface, HardwareState, HardwareTimeout,
+                                          PvtPoint, StreamStatus)
 from igt_robot.hardware.protocol import MsgType, NakReason
 
 #: Firmware major versions this driver has been validated against.
-SUPPORTED_FIRMWARE_MAJORS = (1,)
+SUPPORTED_FIRMWARE_MAJORS = (2,)
 
 _COUNTER_NAMES = ('transactions', 'timeouts', 'naks', 'retries', 'reconnects', 'stale_frames',
-                  'crc_errors', 'header_errors', 'resyncs', 'discarded_bytes')
+                  'crc_errors', 'header_errors', 'resyncs', 'discarded_bytes', 'rx_timeouts')
+
+_STREAM_STATES_ACTIVE = (protocol.StreamState.RUNNING, protocol.StreamState.RAMPING)
 
 
 class IncompatibleFirmware(HardwareError):
     """The controller's protocol or firmware major version is not supported."""
 
 
-class CommandRefused(HardwareFault):
+class CommandRefused(interface.CommandRefused):
     """The controller answered NAK. ``code`` is the reason (``'RANGE'``,
-    ``'NOT_ENABLED'``, ``'INHIBITED'``, ``'ESTOPPED'``, ...) or, for a latched
-    fault, the fault name (``'WATCHDOG'``, ...)."""
+    ``'NOT_ENABLED'``, ``'INHIBITED'``, ``'ESTOPPED'``, ``'TRIGGER_ACTIVE'``,
+    ``'REPLAY'``, ...) or, for a latched fault, the fault name (``'WATCHDOG'``, ...);
+    ``reason`` / ``detail`` are the raw NAK bytes."""
 
     def __init__(self, code: str, message: str, reason: int, detail: int):
         super().__init__(code, message)
@@ -115,7 +128,7 @@ class SerialHardware(HardwareInterface):
         self.watchdog_ms = 0
         self.fault_axes: Tuple[str, ...] = ()        # joints named by the last STATUS fault mask
         self._serial: Optional[serial.Serial] = None
-        self._decoder = protocol.FrameDecoder()
+        self._decoder = protocol.FrameDecoder(inter_byte_timeout=protocol.INTER_BYTE_TIMEOUT)
         self._lock = threading.RLock()
         self._seq = 0
         self._fault_reason: Optional[str] = None
@@ -144,7 +157,7 @@ class SerialHardware(HardwareInterface):
             out = dict(self._counters)
             d = self._decoder
             out.update(crc_errors=d.crc_errors, header_errors=d.header_errors, resyncs=d.resyncs,
-                       discarded_bytes=d.discarded_bytes)
+                       discarded_bytes=d.discarded_bytes, rx_timeouts=d.timeouts)
             return out
 
     # ------------------------------------------------------------------ connection
@@ -154,12 +167,7 @@ class SerialHardware(HardwareInterface):
             if self.connected:
                 return
             self._close_port()
-            try:
-                # exclusive: a second process on the same controller would interleave frames.
-                self._serial = serial.Serial(self.port, self.baudrate, timeout=self.timeout, exclusive=True)
-            except (serial.SerialException, OSError, ValueError) as exc:
-                self._serial = None
-                raise HardwareError(f'cannot open serial port {self.port!r}: {exc}') from exc
+            self._serial = self._open_exclusive()
             self._fault_reason = None
             if self._ever_connected:
                 self._counters['reconnects'] += 1
@@ -172,6 +180,31 @@ class SerialHardware(HardwareInterface):
                 self._close_port()
                 raise
             self._ever_connected = True
+
+    def _open_exclusive(self) -> serial.Serial:
+        """Open the port so that no second process can use it (a second opener would
+        interleave its frames with ours: issue "safety authority", serial)."""
+        try:
+            port = serial.Serial(self.port, self.baudrate, timeout=self.timeout, exclusive=False)
+        except (serial.SerialException, OSError, ValueError) as exc:
+            busy = getattr(exc, 'errno', None) == errno.EBUSY or 'busy' in str(exc).lower()
+            why = ('it is held exclusively by another process (TIOCEXCL)' if busy else str(exc))
+            raise HardwareError(f'cannot open serial port {self.port!r}: {why}') from exc
+        fd = port.fileno()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            port.close()
+            raise HardwareError(f'cannot open serial port {self.port!r}: it is in use by another process '
+                                f'(flock held); only one driver may own the controller link') from exc
+        try:
+            # The kernel then refuses any further open() of this tty (EBUSY), flock or not;
+            # processes with CAP_SYS_ADMIN are exempt (docs/serial_protocol.md §2.2).
+            fcntl.ioctl(fd, termios.TIOCEXCL)
+        except OSError as exc:
+            port.close()
+            raise HardwareError(f'cannot make serial port {self.port!r} exclusive (TIOCEXCL): {exc}') from exc
+        return port
 
     def _handshake(self) -> None:
         reply = self._transact_locked(MsgType.HELLO, protocol.encode_hello(protocol.PROTOCOL_VERSION))
@@ -235,6 +268,12 @@ class SerialHardware(HardwareInterface):
 
     def _close_port(self) -> None:
         if self._serial is not None:
+            try:
+                # A pty stays allocated while the controller side is open: clear the exclusive
+                # flag, or our own reconnect would be refused.
+                fcntl.ioctl(self._serial.fileno(), termios.TIOCNXCL)
+            except (OSError, ValueError, serial.SerialException):
+                pass
             try:
                 self._serial.close()
             except (serial.SerialException, OSError):
@@ -308,7 +347,7 @@ class SerialHardware(HardwareInterface):
         """Consume bytes that arrived unasked (late duplicate replies) before a new request."""
         data = self._read_available(0.0, name)
         while data:
-            self._counters['stale_frames'] += len(self._decoder.feed(data))
+            self._counters['stale_frames'] += len(self._decoder.feed(data, now=time.monotonic()))
             data = self._read_available(0.0, name)
 
     def _await_reply(self, seq: int, msg_type: int, expected: int, name: str):
@@ -325,7 +364,7 @@ class SerialHardware(HardwareInterface):
             if not data:
                 continue
             match = None
-            for frame in d.feed(data):
+            for frame in d.feed(data, now=time.monotonic()):
                 if match is None and frame.seq == seq and self._answers(frame, msg_type, expected):
                     match = frame
                 else:
@@ -379,6 +418,15 @@ class SerialHardware(HardwareInterface):
                 NakReason.UNKNOWN_TYPE: 'the controller does not know this command (firmware too old?)',
                 NakReason.BAD_LENGTH: 'payload length is wrong for this command (protocol mismatch?)',
                 NakReason.BAD_VALUE: 'a field has an invalid value' + (f' ({axis.name})' if axis else ''),
+                NakReason.TRIGGER_ACTIVE: 'the scanner-trigger input says imaging; the inhibit stays until it falls',
+                NakReason.STREAM_ACTIVE: 'a trajectory stream is executing (stop it or wait for its end)',
+                NakReason.STREAM_CLOSED: 'the stream has ended or is not the current one (stop cause in STATUS)',
+                NakReason.BUFFER_FULL: 'the trajectory buffer is full or the points lie beyond its look-ahead',
+                NakReason.TIME_ORDER: 'point times must increase strictly and lie after the executed time',
+                NakReason.START_MISMATCH: 'the stream does not start where the axes are'
+                                          + (f' ({axis.name})' if axis else ''),
+                NakReason.MOVING: 'the axes are moving; stop them before starting a stream',
+                NakReason.REPLAY: 'the sequence number is not ahead of the last accepted request (replay)',
             }.get(nak.reason, f'reason code 0x{nak.reason:02X}')
         return CommandRefused(code, f'controller on {self.port} refused {what}: {why}', nak.reason, nak.detail)
 
@@ -406,7 +454,8 @@ class SerialHardware(HardwareInterface):
         self.fault_axes = tuple(a.name for i, a in enumerate(self.axes) if st.fault_axes & (1 << i))
         counters = self.counters
         counters.update(fw_rx_crc_errors=st.rx_crc_errors, fw_rx_seq_gaps=st.rx_seq_gaps,
-                        scanner_trigger_edges=st.trigger_edges, fw_uptime_ms=st.uptime_ms)
+                        scanner_trigger_edges=st.trigger_edges, fw_uptime_ms=st.uptime_ms,
+                        underruns=st.stream.underruns)
         flag = protocol.StatusFlag
         return HardwareState(
             stamp=stamp,
@@ -415,7 +464,8 @@ class SerialHardware(HardwareInterface):
             enabled=st.has(flag.ENABLED), motion_inhibited=st.has(flag.INHIBITED), estopped=st.has(flag.ESTOP),
             moving=st.has(flag.MOVING), faults=protocol.fault_names(st.faults),
             scanner_trigger=st.has(flag.SCANNER_TRIGGER), firmware_version=self.firmware_version,
-            counters=counters)
+            counters=counters, inhibit_cause=st.stream.inhibit_cause_name,
+            stream=self._stream_status(st.stream))
 
     def write(self, positions: Sequence[float], velocities: Optional[Sequence[float]] = None,
               velocity_limits: Optional[Sequence[float]] = None) -> None:
@@ -431,18 +481,7 @@ class SerialHardware(HardwareInterface):
             inhibited, e-stopped, faulted, out of its range).
         """
         axes = self._require_axes()
-        pos = self._vector(positions, 'positions')
-        problems = []
-        counts = []
-        for axis, x in zip(axes, pos):
-            half_count = 0.5 / axis.counts_per_unit    # rounding slack, not a loosened limit
-            for side, excess, limit in (('lower', axis.lower - x, axis.lower), ('upper', x - axis.upper, axis.upper)):
-                if excess > half_count:
-                    problems.append(f'{axis.name} setpoint {x:.6g} {axis.unit} is {excess:.3g} {axis.unit} '
-                                    f'({axis.format(excess)}) beyond its {side} limit {limit:.6g} {axis.unit}')
-            counts.append(axis.to_counts(min(max(x, axis.lower), axis.upper)))
-        if problems:
-            raise SetpointRejected('; '.join(problems) + ' -- nothing was sent to the controller')
+        counts = self._counts(positions, 'setpoint')
         vff = [0] * len(axes)
         if velocities is not None:
             vel = self._vector(velocities, 'velocities')
@@ -476,6 +515,84 @@ class SerialHardware(HardwareInterface):
     def heartbeat(self) -> None:
         """Feed the controller's watchdog (any valid request does; this one costs least)."""
         self.transact(MsgType.HEARTBEAT)
+
+    # ------------------------------------------------------------------ trajectory streaming
+    @staticmethod
+    def _stream_status(info: protocol.StreamInfo) -> StreamStatus:
+        return StreamStatus(
+            stream_id=info.stream_id, active=info.state in _STREAM_STATES_ACTIVE,
+            done=info.state == protocol.StreamState.DONE, executed_time=info.executed_us * 1e-6,
+            buffered_until=info.buffered_until_us * 1e-6, free_slots=info.free_slots, underruns=info.underruns,
+            stop_cause=info.stop_cause_name)
+
+    def _counts(self, positions, what: str) -> List[int]:
+        """Positions (m / rad) -> counts, refusing (nothing sent) anything beyond the limits."""
+        axes = self._require_axes()
+        pos = self._vector(positions, what)
+        problems, counts = [], []
+        for axis, x in zip(axes, pos):
+            half_count = 0.5 / axis.counts_per_unit    # rounding slack, not a loosened limit
+            for side, excess, limit in (('lower', axis.lower - x, axis.lower), ('upper', x - axis.upper, axis.upper)):
+                if excess > half_count:
+                    problems.append(f'{axis.name} {what} {x:.6g} {axis.unit} is {excess:.3g} {axis.unit} '
+                                    f'({axis.format(excess)}) beyond its {side} limit {limit:.6g} {axis.unit}')
+            counts.append(axis.to_counts(min(max(x, axis.lower), axis.upper)))
+        if problems:
+            raise SetpointRejected('; '.join(problems) + ' -- nothing was sent to the controller')
+        return counts
+
+    def begin_stream(self, start_positions: Sequence[float]) -> int:
+        """BEGIN_STREAM from ``start_positions`` (m / rad); returns the controller's stream id."""
+        counts = self._counts(start_positions, 'stream start')
+        reply = self.transact(MsgType.BEGIN_STREAM, protocol.encode_begin_stream(counts))
+        return self._decode(protocol.decode_stream_status, reply, 'STREAM_STATUS').stream_id
+
+    def push_points(self, stream_id: int, points: Sequence[PvtPoint], final: bool = False) -> StreamStatus:
+        """Send ``points`` in PUSH_POINTS frames of up to 5 points (the last frame carries ``final``).
+
+        Checked before sending (SetpointRejected, nothing sent): positions within the limits,
+        velocities within the axis maxima, times strictly increasing once rounded to the wire's
+        microseconds. The controller checks the rest (CommandRefused). A batch longer than one
+        frame is not atomic: when a later frame is refused, the earlier ones stay buffered (the
+        error says how many points were accepted).
+        """
+        axes = self._require_axes()
+        if not points:
+            raise SetpointRejected('push_points needs at least one point')
+        wire = []
+        last_us = -1
+        for k, point in enumerate(points):
+            t_us = int(round(float(point.time) * 1e6))
+            if not (math.isfinite(point.time) and 0 < t_us <= 0xFFFFFFFF) or t_us <= last_us:
+                raise SetpointRejected(f'point {k} time {point.time!r} s is not after the previous point '
+                                       f'(microsecond resolution) -- nothing was sent')
+            last_us = t_us
+            counts = self._counts(point.positions, f'point {k} position')
+            vel = self._vector(point.velocities, f'point {k} velocities')
+            for axis, v in zip(axes, vel):
+                if abs(v) > axis.max_velocity * (1 + 1e-9):
+                    raise SetpointRejected(f'point {k}: {axis.name} velocity {v:.6g} {axis.unit}/s exceeds '
+                                           f'{axis.max_velocity:.6g} {axis.unit}/s -- nothing was sent')
+            wire.append(protocol.WirePoint(t_us, tuple(counts),
+                                           tuple(axis.velocity_to_counts(v) for axis, v in zip(axes, vel))))
+        per_frame = protocol.max_points_per_frame(len(axes))
+        status = None
+        for start in range(0, len(wire), per_frame):
+            chunk = tuple(wire[start:start + per_frame])
+            last = start + per_frame >= len(wire)
+            payload = protocol.encode_push_points(protocol.PushPoints(int(stream_id), chunk, bool(final) and last))
+            try:
+                reply = self.transact(MsgType.PUSH_POINTS, payload)
+            except CommandRefused as exc:
+                if start:
+                    exc.args = (f'{exc.args[0]} (the first {start} of {len(wire)} points were accepted)',)
+                raise
+            status = self._stream_status(self._decode(protocol.decode_stream_status, reply, 'STREAM_STATUS'))
+        return status
+
+    def stream_status(self) -> StreamStatus:
+        """The controller's trajectory buffer (one GET_STATUS)."""
+        return self.read().stream
 
     # ------------------------------------------------------------------ helpers
     def _require_axes(self) -> List[AxisConfig]:

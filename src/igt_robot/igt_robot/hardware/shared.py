@@ -2,14 +2,14 @@
 
 The hardware node owns the backend (creates, connects, closes it); the motion
 controller, hosted in the same process like ros2_control's controller manager,
-runs its 1 kHz loop on the same backend. Backends are not required to be
+streams trajectories to the same backend. Backends are not required to be
 thread-safe, and a serial link can only carry one transaction at a time, so
 :class:`SharedHardware` puts every call under one lock.
 
 The lock is *fair* (first come, first served): a safety command issued from a
 ROS callback (``set_motion_inhibit(True)``, ``stop()``, ``emergency_stop()``)
 waits behind at most the one transaction already on the line and the requests
-queued before it, never behind an unbounded run of control-loop cycles that
+queued before it, never behind an unbounded run of streaming cycles that
 happen to re-acquire a plain lock first.
 
 No rclpy here: this is core code.
@@ -22,7 +22,8 @@ import threading
 import time
 from typing import Dict, Iterator, List, Optional, Sequence
 
-from igt_robot.hardware.interface import HardwareError, HardwareInterface, HardwareState
+from igt_robot.hardware.interface import (HardwareError, HardwareInterface, HardwareState, PvtPoint,
+                                          StreamStatus)
 
 
 class FairLock:
@@ -80,7 +81,7 @@ class SharedHardware(HardwareInterface):
     ``last_state`` (the :class:`HardwareState`) and ``last_read_time`` (host
     ``time.monotonic()`` seconds when that read returned). A reader that does
     not need a fresh transaction (the hardware node publishing joint states
-    while the control loop reads at 1 kHz) uses the cache instead of adding
+    while the streaming loop reads at 50 Hz) uses the cache instead of adding
     load to the link.
 
     After :meth:`retire` (the owner released the hardware) every call raises
@@ -217,6 +218,15 @@ class SharedHardware(HardwareInterface):
 
     def heartbeat(self) -> None:
         self._call('heartbeat')
+
+    def begin_stream(self, start_positions: Sequence[float]) -> int:
+        return self._call('begin_stream', start_positions)
+
+    def push_points(self, stream_id: int, points: Sequence[PvtPoint], final: bool = False) -> StreamStatus:
+        return self._call('push_points', stream_id, points, final=final)
+
+    def stream_status(self) -> StreamStatus:
+        return self._call('stream_status')
 
     def __repr__(self) -> str:
         return f'SharedHardware({type(self.backend).__name__}{", retired" if self._retired else ""})'

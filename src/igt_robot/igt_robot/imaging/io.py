@@ -81,52 +81,89 @@ def _dicom_files(folder):
 def read_dicom_series(folder, series_instance_uid: Optional[str] = None) -> Volume:
     """Read one DICOM image series from a folder into a :class:`Volume`.
 
-    Checks (each failure raises :class:`ImageError` naming the problem): a
-    single SeriesInstanceUID (or the one requested), one orientation, one pixel
-    spacing and matrix size, no duplicate and no missing slice (uniform spacing
-    along the slice normal), non-zero spacing. Values are rescaled with
-    RescaleSlope/Intercept (CT -> HU).
+    Files that are not DICOM, or DICOM without patient geometry, are skipped; the
+    rest go through :func:`volume_from_datasets` (its checks apply).
     """
     import pydicom
     files = _dicom_files(folder)
-    headers = []
+    datasets = []
     for path in files:
         try:
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            ds = pydicom.dcmread(str(path), defer_size='1 KB')   # pixel data read on use
         except Exception:      # not a DICOM file (e.g. DICOMDIR companions, notes): skip
             continue
         if 'ImagePositionPatient' not in ds or 'ImageOrientationPatient' not in ds:
             continue
-        headers.append((path, ds))
-    if not headers:
+        datasets.append(ds)
+    if not datasets:
         raise ImageError(f'no DICOM images with patient geometry found in {folder}')
-    uids = sorted({str(ds.SeriesInstanceUID) for _, ds in headers})
+    return volume_from_datasets(datasets, series_instance_uid, source=str(folder))
+
+
+def _instance_name(ds) -> str:
+    """How an instance is named in a message: its file name, else its instance number and UID."""
+    filename = getattr(ds, 'filename', None)
+    if isinstance(filename, (str, Path)) and str(filename):
+        return Path(filename).name
+    return f'instance {getattr(ds, "InstanceNumber", "?")} ({getattr(ds, "SOPInstanceUID", "no UID")})'
+
+
+def decode_slice(ds) -> np.ndarray:
+    """One image's stored values -> float32 real-world values (RescaleSlope/Intercept; CT -> HU)."""
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise ImageError(f'cannot decode pixel data of {_instance_name(ds)}: {exc}') from exc
+    slope = float(getattr(ds, 'RescaleSlope', 1.0) or 1.0)
+    intercept = float(getattr(ds, 'RescaleIntercept', 0.0) or 0.0)
+    out = np.multiply(pixels, np.float32(slope), dtype=np.float32)
+    out += np.float32(intercept)
+    return out
+
+
+def volume_from_datasets(datasets, series_instance_uid: Optional[str] = None, source: str = 'memory',
+                         decoded: Optional[dict] = None) -> Volume:
+    """Assemble one DICOM image series held in memory (pydicom datasets) into a :class:`Volume`.
+
+    This is where a series received over the network becomes a volume without a
+    round trip through the disk. Checks (each failure raises :class:`ImageError`
+    naming the problem): a single SeriesInstanceUID (or the one requested), one
+    orientation, one pixel spacing and matrix size, no duplicate and no missing
+    slice (uniform spacing along the slice normal), non-zero spacing. Values are
+    rescaled with RescaleSlope/Intercept (CT -> HU). ``decoded`` (SOPInstanceUID ->
+    slice from :func:`decode_slice`) holds slices decoded as they arrived.
+    """
+    decoded = decoded or {}
+    headers = [ds for ds in datasets if 'ImagePositionPatient' in ds and 'ImageOrientationPatient' in ds]
+    if not headers:
+        raise ImageError(f'no DICOM images with patient geometry in {source}')
+    uids = sorted({str(ds.SeriesInstanceUID) for ds in headers})
     if series_instance_uid is None:
         if len(uids) > 1:
-            raise ImageError(f'folder {folder} holds {len(uids)} series ({", ".join(uids)}); '
+            raise ImageError(f'{source} holds {len(uids)} series ({", ".join(uids)}); '
                              'pass series_instance_uid to choose one')
         series_instance_uid = uids[0]
-    headers = [(p, ds) for p, ds in headers if str(ds.SeriesInstanceUID) == series_instance_uid]
+    headers = [ds for ds in headers if str(ds.SeriesInstanceUID) == series_instance_uid]
     if not headers:
-        raise ImageError(f'series {series_instance_uid} not found in {folder}')
+        raise ImageError(f'series {series_instance_uid} not found in {source}')
     if len(headers) < 2:
         raise ImageError(f'series {series_instance_uid} has a single slice; a volume needs at least 2')
 
-    first = headers[0][1]
+    first = headers[0]
     iop0 = np.array(first.ImageOrientationPatient, float)
     ps0 = np.array(first.PixelSpacing, float)
     rows0, cols0 = int(first.Rows), int(first.Columns)
-    for path, ds in headers:
+    for ds in headers:
         iop = np.array(ds.ImageOrientationPatient, float)
         if np.max(np.abs(iop - iop0)) > _ORIENTATION_TOL:
-            raise ImageError(f'inconsistent series: {path.name} has orientation {iop.round(4).tolist()}, '
+            raise ImageError(f'inconsistent series: {_instance_name(ds)} has orientation {iop.round(4).tolist()}, '
                              f'expected {iop0.round(4).tolist()}')
         ps = np.array(ds.PixelSpacing, float)
         if np.max(np.abs(ps - ps0)) > _PIXEL_SPACING_TOL_MM:
-            raise ImageError(f'inconsistent series: {path.name} has pixel spacing {ps.tolist()} mm, '
+            raise ImageError(f'inconsistent series: {_instance_name(ds)} has pixel spacing {ps.tolist()} mm, '
                              f'expected {ps0.tolist()} mm')
         if (int(ds.Rows), int(ds.Columns)) != (rows0, cols0):
-            raise ImageError(f'inconsistent series: {path.name} is {ds.Rows}x{ds.Columns}, '
+            raise ImageError(f'inconsistent series: {_instance_name(ds)} is {ds.Rows}x{ds.Columns}, '
                              f'expected {rows0}x{cols0}')
     if np.any(ps0 <= 0):
         raise ImageError(f'zero or negative pixel spacing {ps0.tolist()} mm')
@@ -134,7 +171,7 @@ def read_dicom_series(folder, series_instance_uid: Optional[str] = None) -> Volu
     normal = np.cross(row_cos, col_cos)
     if abs(np.linalg.norm(normal) - 1.0) > 1e-3 or abs(row_cos @ col_cos) > 1e-3:
         raise ImageError(f'ImageOrientationPatient {iop0.tolist()} is not a pair of orthonormal vectors')
-    positions = np.array([np.array(ds.ImagePositionPatient, float) for _, ds in headers])
+    positions = np.array([np.array(ds.ImagePositionPatient, float) for ds in headers])
     along = positions @ normal
     order = np.argsort(along)
     along = along[order]
@@ -143,38 +180,31 @@ def read_dicom_series(folder, series_instance_uid: Optional[str] = None) -> Volu
     gaps = np.diff(along)
     if np.any(gaps < 1e-3):
         n = int(np.argmin(gaps))
-        raise ImageError(f'duplicate slice: {headers[n][0].name} and {headers[n + 1][0].name} share position '
-                         f'{along[n]:.3f} mm along the slice normal')
+        raise ImageError(f'duplicate slice: {_instance_name(headers[n])} and {_instance_name(headers[n + 1])} '
+                         f'share position {along[n]:.3f} mm along the slice normal')
     step = float(np.median(gaps))
     if np.max(np.abs(gaps - step)) > _SPACING_REL_TOL * step + 1e-3:
         n = int(np.argmax(np.abs(gaps - step)))
         missing = int(round(gaps[n] / step)) - 1
         what = f'{missing} missing slice(s)' if missing >= 1 else 'non-uniform slice spacing'
-        raise ImageError(f'{what} between {headers[n][0].name} and {headers[n + 1][0].name}: gap '
-                         f'{gaps[n]:.3f} mm, expected {step:.3f} mm')
+        raise ImageError(f'{what} between {_instance_name(headers[n])} and {_instance_name(headers[n + 1])}: '
+                         f'gap {gaps[n]:.3f} mm, expected {step:.3f} mm')
     # in-plane offsets along the normal only: a sheared stack is not a regular grid
     inplane = positions - positions[0] - np.outer(along - along[0], normal)
     if np.max(np.abs(inplane)) > 0.01 * float(ps0.min()) + 1e-3:
         raise ImageError('slice positions are not stacked along the slice normal (sheared/tilted-gantry series)')
 
-    slices = []
-    for path, _ in headers:
-        ds = pydicom.dcmread(str(path))
-        try:
-            pixels = ds.pixel_array.astype(np.float32)
-        except Exception as exc:
-            raise ImageError(f'cannot decode pixel data of {path.name}: {exc}') from exc
-        slope = float(getattr(ds, 'RescaleSlope', 1.0) or 1.0)
-        intercept = float(getattr(ds, 'RescaleIntercept', 0.0) or 0.0)
-        slices.append(pixels * np.float32(slope) + np.float32(intercept))
-    data = np.stack(slices, axis=0)
+    data = np.empty((len(headers), rows0, cols0), dtype=np.float32)
+    for k, ds in enumerate(headers):
+        ready = decoded.get(str(getattr(ds, 'SOPInstanceUID', '')))
+        data[k] = ready if ready is not None else decode_slice(ds)
     # DICOM: PixelSpacing = [row spacing (between rows, along the column direction),
     # column spacing (between columns, along the row direction)]
     direction = np.stack([row_cos, col_cos, normal], axis=1)
     spacing_mm = np.array([ps0[1], ps0[0], step])
     affine = make_affine(direction, units.mm_to_m(spacing_mm), units.mm_to_m(positions[0]))
     modality = str(getattr(first, 'Modality', 'CT'))
-    metadata = {'SeriesInstanceUID': series_instance_uid, 'source': str(folder),
+    metadata = {'SeriesInstanceUID': series_instance_uid, 'source': str(source),
                 'SeriesDescription': str(getattr(first, 'SeriesDescription', '')),
                 'FrameOfReferenceUID': str(getattr(first, 'FrameOfReferenceUID', ''))}
     return Volume(data, affine, modality, metadata)
@@ -182,14 +212,17 @@ def read_dicom_series(folder, series_instance_uid: Optional[str] = None) -> Volu
 
 def write_dicom_series(volume: Volume, folder, *, modality: Optional[str] = None,
                        series_description: str = 'igt_robot', patient_id: str = 'PHANTOM',
-                       series_instance_uid: Optional[str] = None, study_instance_uid: Optional[str] = None):
+                       series_instance_uid: Optional[str] = None, study_instance_uid: Optional[str] = None,
+                       extra_attributes: Optional[dict] = None):
     """Write a :class:`Volume` as one DICOM file per slice (uncompressed, explicit VR LE).
 
     CT is stored as unsigned 16 bit with RescaleIntercept = -1024 and slope 1,
     so HU in [-1024, 64511] round-trip to the nearest integer. MR is stored as
     unsigned 16 bit scaled by a RescaleSlope chosen so the maximum maps to 65535
     (the usual trick to keep the dynamic range of float reconstructions).
-    Returns the list of written paths.
+    ``extra_attributes`` (pydicom keyword -> value) go into every slice, e.g. the dose
+    figures a CT writes into its headers (CTDIvol, KVP, Exposure). Returns the list of
+    written paths.
     """
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
@@ -263,6 +296,8 @@ def write_dicom_series(volume: Volume, folder, *, modality: Optional[str] = None
         if modality == 'CT':
             ds.RescaleType = 'HU'
         ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
+        for keyword, value in (extra_attributes or {}).items():
+            setattr(ds, keyword, value)
         ds.save_as(str(path), enforce_file_format=True)
         paths.append(path)
     return paths

@@ -27,15 +27,16 @@ from rclpy.signals import SignalHandlerOptions
 from rclpy.time import Time as RclpyTime
 from std_msgs.msg import Header
 
+from igt_robot.record import procedure_id
 from igt_robot.scanner.phases import ScannerPhase
 from igt_robot_msgs.msg import ProcedureEvent, SafetyFault, ScannerState
 
-from . import qos
+from . import qos, spinning, topics
 
-HEARTBEAT_TOPIC = '/heartbeat'
-FAULTS_TOPIC = '/safety/faults'
-EVENTS_TOPIC = '/procedure/events'
-DIAGNOSTICS_TOPIC = '/diagnostics'
+HEARTBEAT_TOPIC = topics.HEARTBEAT
+FAULTS_TOPIC = topics.SAFETY_FAULTS
+EVENTS_TOPIC = topics.PROCEDURE_EVENTS
+DIAGNOSTICS_TOPIC = topics.DIAGNOSTICS
 DIAGNOSTICS_QOS = 10          # RELIABLE depth 10 (contracts.md)
 
 # ------------------------------------------------------------------------- time
@@ -101,10 +102,12 @@ def make_event(node, kind: str, description: str, severity: int = ProcedureEvent
                values: Optional[Mapping[str, object]] = None, phase: str = '') -> ProcedureEvent:
     """A ``ProcedureEvent`` from ``node`` (source = node name, stamp = now).
 
-    Put units in the value keys (``depth_m``, ``duration_s``).
+    Put units in the value keys (``depth_m``, ``duration_s``). ``procedure_id`` is this process's
+    (igt_robot.record.procedure_id: the launcher's IGT_PROCEDURE_ID).
     """
     event = ProcedureEvent(phase=phase, severity=int(severity), source=node.get_name(), kind=kind,
-                           description=description, values=key_values(values))
+                           description=description, values=key_values(values),
+                           procedure_id=procedure_id.current())
     event.header.stamp = stamp_now(node)
     return event
 
@@ -231,7 +234,7 @@ def run_node(node_factory, args=None, threads: Optional[int] = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        executor.shutdown(timeout_sec=2.0)
+        spinning.shutdown_executor(executor, timeout_sec=2.0)   # callbacks finish before the nodes go
         for node in reversed(nodes):
             with contextlib.suppress(Exception):
                 node.destroy_node()

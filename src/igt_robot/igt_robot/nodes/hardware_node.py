@@ -57,7 +57,7 @@ from igt_robot.hardware import create_backend
 from igt_robot.hardware import shared as shared_hardware
 from igt_robot.hardware.interface import HardwareError, HardwareFault, HardwareState
 from igt_robot.kinematics import NeedleGuideKinematics
-from igt_robot.nodes import common, qos
+from igt_robot.nodes import common, qos, topics
 from igt_robot.nodes.params import Param, declare
 from igt_robot.robot_model import load_robot_model
 from igt_robot.scanner.phases import ScannerPhase
@@ -74,6 +74,8 @@ PARAMS = [
     Param('backend', 'mujoco', "hardware backend: 'mujoco' (simulation) or 'serial' (motor controller or "
                                'firmware emulator); checked at configure'),
     Param('serial_port', '/dev/ttyUSB0', 'serial device of the motor controller (backend serial)'),
+    Param('serial_connect_timeout', 0.0, 'retry opening serial_port for this long before configure fails, s '
+          '(the port may appear after the node starts: an emulator, a USB adapter)', 0.0, 120.0),
     Param('baudrate', 1000000, 'serial line rate, bit/s (ignored by pseudo-terminals)', 9600, 12000000),
     Param('serial_timeout', 0.05, 'reply timeout per attempt, s (backend serial)', 0.001, 1.0),
     Param('serial_retries', 2, 'retransmissions after a failed attempt (backend serial)', 0, 10),
@@ -193,8 +195,8 @@ class HardwareNode(LifecycleNode):
         # Own group: sharing one with the (blocking) state reads starved it under rclpy's executor.
         self._diagnostics_group = MutuallyExclusiveCallbackGroup()
 
-        self.joint_state_pub = self.create_publisher(JointState, '/joint_states', JOINT_STATE_QOS)
-        self.robot_state_pub = self.create_publisher(RobotState, '/robot/state', qos.STATE_STREAM)
+        self.joint_state_pub = self.create_publisher(JointState, topics.JOINT_STATES, JOINT_STATE_QOS)
+        self.robot_state_pub = self.create_publisher(RobotState, topics.ROBOT_STATE, qos.STATE_STREAM)
         self.diagnostics_pub = common.create_diagnostics_publisher(self)
         self.events_pub = common.create_event_publisher(self)
         self.faults = common.FaultReporter(self)
@@ -204,9 +206,9 @@ class HardwareNode(LifecycleNode):
                                                    callback_group=self._state_group)
         self.heartbeat.stop()
 
-        self.create_subscription(ScannerState, '/scanner/state', self._on_scanner, qos.SCANNER_STATE,
+        self.create_subscription(ScannerState, topics.SCANNER_STATE, self._on_scanner, qos.SCANNER_STATE,
                                  callback_group=self._interlock_group)
-        self.create_subscription(Bool, '/safety/motion_permitted', self._on_permitted, qos.SAFETY_LATCHED,
+        self.create_subscription(Bool, topics.SAFETY_MOTION_PERMITTED, self._on_permitted, qos.SAFETY_LATCHED,
                                  callback_group=self._interlock_group,
                                  event_callbacks=SubscriptionEventCallbacks(liveliness=self._on_supervisor_liveliness))
         self.create_timer(1.0 / self.p['diagnostics_rate'], self.publish_diagnostics,
@@ -300,10 +302,18 @@ class HardwareNode(LifecycleNode):
 
     def _connect(self, backend) -> None:
         where = f" on {self.p['serial_port']}" if self.backend_name == 'serial' else ''
-        try:
-            backend.connect()
-        except HardwareError as exc:
-            raise ConfigureError(f"cannot connect the '{self.backend_name}' backend{where}: {exc}") from None
+        patience = self.p['serial_connect_timeout'] if self.backend_name == 'serial' else 0.0
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                backend.connect()
+                return
+            except HardwareError as exc:
+                if time.monotonic() >= deadline:
+                    waited = f' (retried for {patience:g} s)' if patience > 0 else ''
+                    raise ConfigureError(f"cannot connect the '{self.backend_name}' backend{where}{waited}: "
+                                         f'{exc}') from None
+            time.sleep(0.2)   # retry interval while the port is not there yet, not a wait for an outcome
 
     def _check_watchdog(self, backend) -> None:
         watchdog_ms = getattr(backend, 'watchdog_ms', 0) or 0
@@ -573,6 +583,9 @@ class HardwareNode(LifecycleNode):
         if self._link_error is not None:
             # Last known values, flagged: nothing about this state is current.
             msg.enabled = msg.moving = False
+        if state.stream is not None:    # the controller's trajectory buffer (motion_controller streams into it)
+            msg.buffer_lookahead = float(state.stream.lookahead)
+            msg.buffer_underruns = int(state.stream.underruns) & 0xFFFFFFFF
         try:
             tip = self.kinematics.forward(state.positions)
         except ValueError as exc:

@@ -12,13 +12,25 @@ Slicer -> ROS
     /registration/register (RegisterImage) and the outcome returned as STATUS ``REGISTRATION``.
   * STRING ``CMD_<id>`` commands -> /procedure/command (OperatorCommand), EMERGENCY -> /safety/estop.
     The ACK is sent at once; the STATUS named after the command follows when the service answers
-    (OK, or NOT_READY/REFUSED with the service's reason; TIME_OUT when it does not answer).
+    (OK, or NOT_READY/REFUSED with the service's reason; TIME_OUT when it does not answer), to the
+    client that sent the command.
+  * Operator-only commands (RESUME -> /safety/resume, ACKNOWLEDGE -> /safety/acknowledge,
+    RELEASE_ESTOP -> /safety/estop false, CONFIRM_PLAN -> /procedure/command confirm_plan): Slicer is the
+    operator's console, so the bridge reads the operator session secret (``operator_session_file``,
+    issued by the safety supervisor at start-up) at each such command and sends it as
+    ``operator_token``; when the file cannot be read the command is refused with that reason
+    (STATUS ACCESS_DENIED) and nothing is called. EMERGENCY never needs it.
+  * GET_STATUS -> STATUS with the current /safety/status (code, state, text).
 
 ROS -> Slicer
   * /robot/state needle_tip (base_link) mapped into the scanner frame with the inverse of the accepted
     /registration/result (scanner -> base_link) -> TRANSFORM ``CURRENT_POSITION`` (RAS mm) at
     ``pose_rate``; nothing is sent without an accepted registration or with a stale robot state.
   * /planner/current_plan -> POINT ``PLAN`` (ENTRY, TARGET); /safety/status changes -> STATUS ``SAFETY``.
+
+Several clients may be connected at once (3D Slicer and a scanner bridge); their limits (timeouts,
+rate limit, allow-list, shared secret) are the core's (igt_robot.igtl.server). Refused messages are
+recorded as ONE ``igtl_refused`` event per client per ``refusal_report_interval_s``.
 
 The bridge's callbacks run on its TCP server thread: they only publish, start asynchronous service
 calls or queue work (image writing runs on a worker thread); they never wait for ROS.
@@ -42,16 +54,18 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.node import Node
 
 from igt_robot import frames, paths
-from igt_robot.igtl import BridgeConfig, BridgeCore, StatusCode
+from igt_robot.igtl import BRP_COMMANDS, BridgeConfig, BridgeCore, StatusCode
 from igt_robot.igtl.bridge import MIB
-from igt_robot.nodes import common, msg_convert, qos
+from igt_robot.nodes import common, msg_convert, qos, topics
 from igt_robot.nodes.params import Param, declare
+from igt_robot.safety.operator_session import OperatorSessionError, default_session_path, read_session
 from igt_robot_msgs.msg import NeedlePlan, ProcedureEvent, RegistrationResult, RobotState, SafetyStatus
-from igt_robot_msgs.srv import OperatorCommand, RegisterImage, SetEstop, ValidatePlan
+from igt_robot_msgs.srv import (AcknowledgeFaults, OperatorCommand, RegisterImage, ResumeMotion, SetEstop,
+                                ValidatePlan)
 
 NODE_NAME = 'igtl_bridge'
-TARGET_TOPIC = '/procedure/target'
-ENTRY_TOPIC = '/procedure/entry'
+TARGET_TOPIC = topics.PROCEDURE_TARGET
+ENTRY_TOPIC = topics.PROCEDURE_ENTRY
 
 # BRP command -> workflow command of /procedure/command (igt_robot.workflow; 'stop' is the procedure
 # node's own command: cancel any motion). EMERGENCY goes to /safety/estop instead.
@@ -64,6 +78,9 @@ COMMAND_MAP: Dict[str, str] = {
     'STOP': 'stop',
 }
 EMERGENCY = 'EMERGENCY'
+# Operator-only transitions Slicer may request as the operator's console; each carries the operator
+# session secret (issue 11: only the operator resumes, acknowledges, releases an e-stop, confirms a plan).
+OPERATOR_COMMANDS = ('RESUME', 'ACKNOWLEDGE', 'RELEASE_ESTOP', 'CONFIRM_PLAN')
 
 # /safety/status state -> STATUS code sent to Slicer as device SAFETY.
 SAFETY_CODES = {'READY': StatusCode.OK, 'INIT': StatusCode.NOT_READY, 'SCAN_HOLD': StatusCode.NOT_READY,
@@ -73,11 +90,12 @@ _SAFE_NAME_RE = re.compile(r'[^A-Za-z0-9_.-]+')
 
 PARAMS = [
     Param('host', '127.0.0.1', 'address the OpenIGTLink server binds; loopback unless a remote Slicer must '
-                               'connect (any other address is logged as a warning)', read_only=True),
+                               'connect (then allowed_clients and shared_secret_file are required)', read_only=True),
     Param('port', 18944, 'TCP port of the OpenIGTLink server (18944 = OpenIGTLink default; 0 = a free port, '
                          'logged)', 0, 65535, read_only=True),
     Param('pose_rate', 10.0, 'rate of TRANSFORM CURRENT_POSITION to Slicer, Hz', 0.5, 100.0, read_only=True),
-    Param('pose_max_age_s', 1.0, 'a /robot/state older than this is not sent as the needle pose, s', 0.05, 10.0),
+    Param('pose_max_age_s', 1.0, 'a /robot/state older than this is not sent as the needle pose, s', 0.05, 10.0,
+          read_only=True),
     Param('image_dir', '', 'folder for images received from Slicer (NIfTI); empty = <repo>/build/igtl_images',
           read_only=True),
     Param('image_modality', 'CT', 'modality of received images (CT: HU, MR: arbitrary units)',
@@ -92,6 +110,24 @@ PARAMS = [
                                      'STATUS TIME_OUT, s', 0.5, 600.0),
     Param('validate_plan', True, 'check TARGET + ENTRY with /planner/validate and reply STATUS PLAN'),
     Param('diagnostics_period_s', 1.0, 'period of /diagnostics, s', 0.1, 60.0),
+    Param('max_clients', 64, 'OpenIGTLink clients served at once (Slicer, scanner bridge, ...)', 1, 256,
+          read_only=True),
+    Param('message_timeout_s', 5.0, 'a message not complete this long after its first byte closes that '
+                                    'connection (slow or stalled client), s', 0.5, 120.0, read_only=True),
+    Param('idle_timeout_s', 60.0, 'a silent client may be closed for a new one when all slots are used, s',
+          1.0, 86400.0, read_only=True),
+    Param('rate_limit_hz', 500.0, 'messages per second accepted per client (burst: 2 s worth); EMERGENCY and '
+                                  'STOP are never limited', 1.0, 100000.0, read_only=True),
+    Param('refusal_report_interval_s', 5.0, 'refused messages of a client are recorded as one event per '
+                                            'interval, s', 0.5, 3600.0, read_only=True),
+    Param('allowed_clients', [''], 'client addresses or networks allowed to connect (e.g. 10.1.2.0/24); '
+                                   'empty = any; required for a non-loopback host', read_only=True),
+    Param('shared_secret_file', '', 'file (mode 0600) holding the shared secret a client must send first as '
+                                    'STRING AUTH; empty = none; required for a non-loopback host',
+          read_only=True),
+    Param('operator_session_file', '', 'operator session secret issued by the safety supervisor, sent with '
+                                       'operator-only commands; empty = the default per-user path',
+          read_only=True),
 ]
 
 
@@ -107,14 +143,14 @@ class AsyncCommandBridge(BridgeCore):
         super().__init__(config, **callbacks)
         self._dispatch = dispatch
 
-    def handle_message(self, message):
+    def handle_message(self, message, client=None):
         device = getattr(message, 'device_name', '') or ''
         if getattr(message, 'message_type', '') != 'STRING' or not device.upper().startswith('CMD_'):
-            return super().handle_message(message)
+            return super().handle_message(message, client)
         try:
             name, arg, query_id = self.parse_command(device, message.string)
         except Exception:
-            return super().handle_message(message)  # the core builds the refusal STATUS
+            return super().handle_message(message, client)  # the core builds the refusal STATUS
         text = message.string or ''
         ack = pyigtl_messages.StringMessage(text if text.strip() else name, device_name=f'ACK_{query_id}',
                                             timestamp=time.time())
@@ -122,7 +158,7 @@ class AsyncCommandBridge(BridgeCore):
             self.counters['received'] += 1
             self.counters['accepted'] += 1
         try:
-            self._dispatch(name, arg)
+            self._dispatch(name, arg, client)
         except Exception as exc:  # a bug must still be answered, and the link kept
             return [ack, self.status_message(name, StatusCode.UNKNOWN_ERROR, 'ERROR',
                                              f'internal error: {type(exc).__name__}: {exc}')]
@@ -130,10 +166,11 @@ class AsyncCommandBridge(BridgeCore):
 
 
 class _Pending:
-    __slots__ = ('deadline', 'device', 'what', 'client', 'future')
+    __slots__ = ('deadline', 'device', 'what', 'client', 'future', 'to')
 
-    def __init__(self, deadline, device, what, client, future):
+    def __init__(self, deadline, device, what, client, future, to):
         self.deadline, self.device, self.what, self.client, self.future = deadline, device, what, client, future
+        self.to = to
 
 
 class IgtlBridgeNode(Node):
@@ -165,32 +202,62 @@ class IgtlBridgeNode(Node):
         self.diagnostics = common.create_diagnostics_publisher(self)
         self.target_pub = self.create_publisher(PointStamped, TARGET_TOPIC, qos.LATCHED)
         self.entry_pub = self.create_publisher(PointStamped, ENTRY_TOPIC, qos.LATCHED)
-        self.command_client = self.create_client(OperatorCommand, '/procedure/command', callback_group=group)
-        self.estop_client = self.create_client(SetEstop, '/safety/estop', callback_group=group)
-        self.register_client = self.create_client(RegisterImage, '/registration/register', callback_group=group)
-        self.validate_client = self.create_client(ValidatePlan, '/planner/validate', callback_group=group)
-        self.create_subscription(RobotState, '/robot/state', self._on_robot_state, qos.STATE_STREAM,
+        self.command_client = self.create_client(OperatorCommand, topics.PROCEDURE_COMMAND, callback_group=group)
+        self.estop_client = self.create_client(SetEstop, topics.SAFETY_ESTOP, callback_group=group)
+        self.resume_client = self.create_client(ResumeMotion, topics.SAFETY_RESUME, callback_group=group)
+        self.acknowledge_client = self.create_client(AcknowledgeFaults, topics.SAFETY_ACKNOWLEDGE,
+                                                     callback_group=group)
+        self.register_client = self.create_client(RegisterImage, topics.REGISTRATION_REGISTER, callback_group=group)
+        self.validate_client = self.create_client(ValidatePlan, topics.PLANNER_VALIDATE, callback_group=group)
+        self.create_subscription(RobotState, topics.ROBOT_STATE, self._on_robot_state, qos.STATE_STREAM,
                                  callback_group=group)
-        self.create_subscription(RegistrationResult, '/registration/result', self._on_registration, qos.LATCHED,
+        self.create_subscription(RegistrationResult, topics.REGISTRATION_RESULT, self._on_registration, qos.LATCHED,
                                  callback_group=latched_in)
-        self.create_subscription(NeedlePlan, '/planner/current_plan', self._on_plan, qos.LATCHED,
+        self.create_subscription(NeedlePlan, topics.PLANNER_CURRENT_PLAN, self._on_plan, qos.LATCHED,
                                  callback_group=latched_in)
-        self.create_subscription(SafetyStatus, '/safety/status', self._on_safety, qos.SAFETY_LATCHED,
+        self.create_subscription(SafetyStatus, topics.SAFETY_STATUS, self._on_safety, qos.SAFETY_LATCHED,
                                  callback_group=latched_in)
 
+        self.operator_session_path = self.p['operator_session_file'] or str(default_session_path())
         self._image_worker = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                                    thread_name_prefix='igtl-image-writer')
         config = BridgeConfig(host=self.p['host'], port=self.p['port'],
-                              max_image_bytes=int(self.p['max_image_mib']) * MIB)
+                              max_image_bytes=int(self.p['max_image_mib']) * MIB,
+                              max_clients=int(self.p['max_clients']),
+                              message_timeout_s=float(self.p['message_timeout_s']),
+                              idle_timeout_s=float(self.p['idle_timeout_s']),
+                              rate_limit_hz=float(self.p['rate_limit_hz']),
+                              rate_burst=max(1, int(2.0 * self.p['rate_limit_hz'])),
+                              refusal_report_interval_s=float(self.p['refusal_report_interval_s']),
+                              allowed_clients=tuple(a for a in self.p['allowed_clients'] if a.strip()),
+                              shared_secret=self._shared_secret(),
+                              commands=BRP_COMMANDS + OPERATOR_COMMANDS)
         self.bridge = AsyncCommandBridge(
             config, self._dispatch_command, on_target=self._on_target, on_entry=self._on_entry,
             on_calibration=self._on_calibration_transform, on_image=self._on_image,
-            on_status=self._on_slicer_status, on_event=self._on_bridge_event)
+            on_status=self._on_slicer_status, on_event=self._on_bridge_event, status_provider=self._link_status)
         self.port = self.bridge.start()
         self.get_logger().info(f'OpenIGTLink server listening on {self.p["host"]}:{self.port}')
         self.create_timer(1.0 / self.p['pose_rate'], self._send_pose, callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(0.1, self._expire_pending, callback_group=group)
         self.create_timer(self.p['diagnostics_period_s'], self._publish_diagnostics, callback_group=group)
+
+    def _shared_secret(self) -> str:
+        path = self.p['shared_secret_file']
+        if not path:
+            return ''
+        try:
+            return read_session(path)  # same rules as the operator secret: a private file, not a parameter
+        except OperatorSessionError as exc:
+            raise ValueError(f'shared_secret_file: {exc}') from None
+
+    def _link_status(self):
+        """GET_STATUS answer: the safety state as last sent to Slicer as STATUS SAFETY."""
+        status = self._safety_status
+        if status is None:
+            return StatusCode.NOT_READY, 'NO_SAFETY_STATUS', f'no {topics.SAFETY_STATUS} received yet'
+        code, state, text = status
+        return code, state, text
 
     # ================================================================ Slicer -> ROS
     def _point_msg(self, p_lps_m: np.ndarray) -> PointStamped:
@@ -308,49 +375,102 @@ class IgtlBridgeNode(Node):
             return  # announced as image_received once the file exists
         severity = ProcedureEvent.WARN if kind == 'refused' else ProcedureEvent.INFO
         if kind == 'connection':
-            text = f"Slicer {'connected' if details.get('connected') else 'disconnected'} ({details.get('peer')})"
-        elif kind == 'refused':
-            text = f"refused {details.get('type')} {details.get('device')!r}: {details.get('reason')}"
+            text = (f"OpenIGTLink client {details.get('peer')} "
+                    f"{'connected' if details.get('connected') else 'disconnected'}: {details.get('reason')}")
+        elif kind == 'refused':  # one digest per client per interval, never one event per message
+            example = (details.get('examples') or [{}])[0]
+            text = (f"{details.get('count')} OpenIGTLink message(s) from {details.get('peer')} refused in "
+                    f"{details.get('interval_s')} s {details.get('codes')}; first: {example.get('type')} "
+                    f"{example.get('device')!r}: {example.get('reason')}")
         else:
             text = f'{kind} from Slicer'
         self._event(f'igtl_{kind}', text, severity, **details)
         if kind == 'connection' and details.get('connected'):
-            self._resend_state()
+            self._resend_state(details.get('client'))
 
     # ---------------------------------------------------------------- commands
-    def _dispatch_command(self, name: str, arg: str) -> None:
-        """Server thread: start the service call for a BRP command; STATUS <name> follows from ROS."""
-        if name == EMERGENCY:
+    def operator_token(self):
+        """(token, '') from the operator session file, or ('', why it cannot be used)."""
+        try:
+            return read_session(self.operator_session_path), ''
+        except OperatorSessionError as exc:
+            return '', str(exc)
+
+    def _dispatch_command(self, name: str, arg: str, client=None) -> None:
+        """Server thread: start the service call for a command; STATUS <name> follows from ROS to ``client``."""
+        if name == EMERGENCY:  # pressing never needs the operator's secret
             request = SetEstop.Request(active=True, source=f'{NODE_NAME}: Slicer EMERGENCY')
 
             def estop_done(response):
                 if response.success:
-                    self.bridge.send_status(name, StatusCode.OK, '', response.message or 'e-stop engaged')
+                    self.bridge.send_status(name, StatusCode.OK, '', response.message or 'e-stop engaged', to=client)
                 else:
-                    self.bridge.send_status(name, StatusCode.NOT_READY, 'REFUSED', response.message)
-                self._event('igtl_command', f'EMERGENCY -> /safety/estop: success={response.success} '
+                    self.bridge.send_status(name, StatusCode.NOT_READY, 'REFUSED', response.message, to=client)
+                self._event('igtl_command', f'EMERGENCY -> {topics.SAFETY_ESTOP}: success={response.success} '
                             f'{response.message}', ProcedureEvent.WARN, command=name, success=response.success)
-            self._call(self.estop_client, request, name, 'e-stop (use the hardware e-stop!)', estop_done)
+            self._call(self.estop_client, request, name, 'e-stop (use the hardware e-stop!)', estop_done, client)
+            return
+        token, why = self.operator_token()
+        if name in OPERATOR_COMMANDS:
+            if not token:
+                reason = f'{name} needs the operator session and it cannot be used: {why}'
+                self.bridge.send_status(name, StatusCode.ACCESS_DENIED, 'NO_OPERATOR_SESSION', reason, to=client)
+                self._event('igtl_command', f'{name} refused: {reason}', ProcedureEvent.WARN, command=name,
+                            accepted=False, reason=reason)
+                return
+            self._dispatch_operator_command(name, arg, token, client)
             return
         command = COMMAND_MAP.get(name)
         if command is None:
             self.bridge.send_status(name, StatusCode.ILLEGAL_INSTRUCTION, 'UNMAPPED',
-                                    f'{name} has no workflow command')
+                                    f'{name} has no workflow command', to=client)
             return
-        argument = arg or self._default_argument(name)
-        request = OperatorCommand.Request(command=command, argument=argument, operator_id=self.p['operator_id'])
+        self._workflow_command(name, command, arg or self._default_argument(name), token, client)
+
+    def _workflow_command(self, name: str, command: str, argument: str, token: str, client) -> None:
+        request = OperatorCommand.Request(command=command, argument=argument, operator_id=self.p['operator_id'],
+                                          operator_token=token)
 
         def done(response):
             where = f' [{response.phase}/{response.step}]' if response.phase or response.step else ''
             if response.accepted:
-                self.bridge.send_status(name, StatusCode.OK, '', (response.message or 'accepted') + where)
+                self.bridge.send_status(name, StatusCode.OK, '', (response.message or 'accepted') + where, to=client)
             else:
-                self.bridge.send_status(name, StatusCode.NOT_READY, 'REFUSED', response.message or 'refused')
+                self.bridge.send_status(name, StatusCode.NOT_READY, 'REFUSED', response.message or 'refused',
+                                        to=client)
             self._event('igtl_command', f'{name} -> {command}({argument}): '
                         f"{'accepted' if response.accepted else 'refused'}: {response.message}",
                         ProcedureEvent.INFO if response.accepted else ProcedureEvent.WARN, command=name,
                         workflow_command=command, argument=argument, accepted=response.accepted)
-        self._call(self.command_client, request, name, f'{name} ({command})', done)
+        self._call(self.command_client, request, name, f'{name} ({command})', done, client)
+
+    def _dispatch_operator_command(self, name: str, arg: str, token: str, client) -> None:
+        operator_id = self.p['operator_id']
+        if name == 'CONFIRM_PLAN':
+            self._workflow_command(name, 'confirm_plan', arg or self._default_argument('TARGETING'), token, client)
+            return
+        if name == 'RESUME':
+            client_, request = self.resume_client, ResumeMotion.Request(operator_id=operator_id, operator_token=token)
+        elif name == 'ACKNOWLEDGE':
+            codes = [c.strip() for c in arg.split(',') if c.strip()]
+            client_ = self.acknowledge_client
+            request = AcknowledgeFaults.Request(operator_id=operator_id, operator_token=token, codes=codes)
+        else:  # RELEASE_ESTOP
+            client_ = self.estop_client
+            request = SetEstop.Request(active=False, source=f'{NODE_NAME}: Slicer ({operator_id})',
+                                       operator_token=token)
+
+        def done(response):
+            if response.success:
+                self.bridge.send_status(name, StatusCode.OK, '', response.message or 'done', to=client)
+            else:
+                self.bridge.send_status(name, StatusCode.NOT_READY, 'REFUSED', response.message or 'refused',
+                                        to=client)
+            self._event('igtl_command', f'{name} -> {client_.srv_name}: '
+                        f"{'accepted' if response.success else 'refused'}: {response.message}",
+                        ProcedureEvent.INFO if response.success else ProcedureEvent.WARN, command=name,
+                        accepted=response.success)
+        self._call(client_, request, name, name, done, client)
 
     def _default_argument(self, name: str) -> str:
         with self._lock:
@@ -362,18 +482,19 @@ class IgtlBridgeNode(Node):
                 return self.plan.plan_id if self.plan is not None else ''
         return ''
 
-    def _call(self, client, request, device: str, what: str, on_response) -> None:
-        """Start ``client.call_async``; ``on_response(response)`` runs in the executor; STATUS on failure."""
+    def _call(self, client, request, device: str, what: str, on_response, to=None) -> None:
+        """Start ``client.call_async``; ``on_response(response)`` runs in the executor; STATUS on failure
+        (to the OpenIGTLink client ``to``; None: every client)."""
         if not client.service_is_ready():
             self.bridge.send_status(device, StatusCode.NOT_READY, 'UNAVAILABLE',
-                                    f'{what}: service {client.srv_name} is not available')
+                                    f'{what}: service {client.srv_name} is not available', to=to)
             return
         future = client.call_async(request)
         with self._lock:
             token = self._next_token
             self._next_token += 1
             self._pending[token] = _Pending(time.monotonic() + self.p['service_timeout_s'], device, what, client,
-                                            future)
+                                            future, to)
 
         def finished(f):
             with self._lock:
@@ -382,10 +503,10 @@ class IgtlBridgeNode(Node):
             try:
                 response = f.result()
             except Exception as exc:
-                self.bridge.send_status(device, StatusCode.UNKNOWN_ERROR, 'ERROR', f'{what}: {exc}')
+                self.bridge.send_status(device, StatusCode.UNKNOWN_ERROR, 'ERROR', f'{what}: {exc}', to=to)
                 return
             if response is None:
-                self.bridge.send_status(device, StatusCode.UNKNOWN_ERROR, 'ERROR', f'{what}: no response')
+                self.bridge.send_status(device, StatusCode.UNKNOWN_ERROR, 'ERROR', f'{what}: no response', to=to)
                 return
             on_response(response)
         future.add_done_callback(finished)
@@ -400,7 +521,7 @@ class IgtlBridgeNode(Node):
             pending.client.remove_pending_request(pending.future)
             self.bridge.send_status(pending.device, StatusCode.TIME_OUT, 'TIME_OUT',
                                     f'{pending.what}: {pending.client.srv_name} did not answer within '
-                                    f'{self.p["service_timeout_s"]:g} s')
+                                    f'{self.p["service_timeout_s"]:g} s', to=pending.to)
 
     # ================================================================ ROS -> Slicer
     def _on_robot_state(self, msg: RobotState) -> None:
@@ -438,14 +559,14 @@ class IgtlBridgeNode(Node):
             self.plan = msg
         self._send_plan(msg)
 
-    def _send_plan(self, msg: Optional[NeedlePlan]) -> None:
+    def _send_plan(self, msg: Optional[NeedlePlan], to=None) -> None:
         if msg is None:
             return
         entry, target = msg_convert.point_list(msg.entry), msg_convert.point_list(msg.target)
         if not all(math.isfinite(v) for v in entry + target):
             self.get_logger().warning(f'plan {msg.plan_id!r} has non-finite points; not sent to Slicer')
             return
-        self.bridge.send_plan(entry, target)
+        self.bridge.send_plan(entry, target, to=to)
 
     def _on_safety(self, msg: SafetyStatus) -> None:
         key = (msg.state, msg.motion_permitted, msg.reason)
@@ -460,14 +581,14 @@ class IgtlBridgeNode(Node):
         self._safety_status = (code, msg.state, text)
         self.bridge.send_status('SAFETY', code, msg.state, text)
 
-    def _resend_state(self) -> None:
-        """A (re)connected Slicer gets the current plan and safety state at once."""
+    def _resend_state(self, client=None) -> None:
+        """A (re)connected client gets the current plan and safety state at once (nobody else again)."""
         with self._lock:
             plan = self.plan
-        self._send_plan(plan)
+        self._send_plan(plan, to=client)
         if self._safety_status is not None:
             code, state, text = self._safety_status
-            self.bridge.send_status('SAFETY', code, state, text)
+            self.bridge.send_status('SAFETY', code, state, text, to=client)
 
     # ================================================================ reporting
     def _event(self, kind: str, description: str, severity: int = ProcedureEvent.INFO, **values) -> None:
@@ -478,9 +599,9 @@ class IgtlBridgeNode(Node):
         stats = self.bridge.stats()
         level = DiagnosticStatus.OK if stats['connected'] else DiagnosticStatus.WARN
         message = 'Slicer connected' if stats['connected'] else 'waiting for Slicer'
-        values = {'port': self.port, 'received': stats['received'], 'refused': stats['refused'],
-                  'sent': stats['sent'], 'registration': self.T_scanner_base is not None,
-                  'poses_sent': self.poses_sent}
+        values = {'port': self.port, 'clients': len(self.bridge.clients()), 'received': stats['received'],
+                  'refused': stats['refused'], 'sent': stats['sent'],
+                  'registration': self.T_scanner_base is not None, 'poses_sent': self.poses_sent}
         self.diagnostics.publish(common.diagnostic_array(
             self, [common.diagnostic_status(self, 'OpenIGTLink link', level, message, values)]))
 

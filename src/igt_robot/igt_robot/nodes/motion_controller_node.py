@@ -1,19 +1,24 @@
-"""Motion controller node: MoveGuide / InsertNeedle action servers over a fixed-rate control loop.
+"""Motion controller node: MoveGuide / InsertNeedle action servers over trajectory streaming.
 
 Like ros2_control's controller manager, the controller runs in the process that
-owns the hardware: it finds the hardware node's :class:`SharedHardware` by name
-and runs :class:`~igt_robot.control.loop.FixedRateLoop` (default 1 kHz) whose
-every cycle is one :meth:`MotionExecutor.step` (read -> check -> write). The node
-itself only translates: action goals -> joint waypoints (through the kinematics
-and the accepted registration), executor results -> action results, tracking and
-hardware faults -> /safety/faults.
+owns the hardware: it finds the hardware node's :class:`SharedHardware` by name.
+The motor controller interpolates and servos at its own rate and stops itself;
+this node only keeps its PVT buffer ahead: a :class:`FixedRateLoop` at
+``stream_rate`` (50 Hz by default, steady clock) runs one
+:meth:`StreamingExecutor.step` per cycle, which tops the buffer up to
+``lookahead`` seconds ahead of the controller's executed time. A host stall
+shorter than the look-ahead changes nothing; a longer one is a controlled stop
+by the controller (UNDERRUN). The node itself only translates: action goals ->
+joint waypoints (through the kinematics and the accepted registration), executor
+results -> action results, tracking and hardware faults -> /safety/faults,
+stream status -> action feedback and /diagnostics.
 
-Motion permission is the conjunction of /safety/motion_permitted (the
-supervisor's latched gate) and the scanner not imaging (/scanner/state, read
-directly so the stop begins one DDS hop after the scan starts). When it drops,
-the executor plays a controlled stop at each joint's deceleration limit and the
-goal ends with INTERLOCK. One goal at a time: a second goal is rejected while one
-is active (``goal_policy: reject``) or preempts it (``preempt``), explicitly.
+Motion permission (one method, :meth:`_create_permission_inputs`): the
+supervisor's latched gate, the scanner not imaging, and the drive's own inhibit
+released. When it drops, the executor sends STOP (the controller ramps each axis
+down at its own deceleration limit) and the goal ends with INTERLOCK. One goal
+at a time: a second goal is rejected while one is active (``goal_policy:
+reject``) or preempts it (``preempt``), explicitly.
 
 The ``motion_controller`` console script hosts this node together with the
 hardware node in one process (the serial port has one owner).
@@ -28,7 +33,6 @@ import time
 from typing import Optional
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticStatus
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
@@ -36,13 +40,14 @@ from rclpy.node import Node
 from std_msgs.msg import Bool
 
 from igt_robot import frames
-from igt_robot.control.executor import ExecutorMode, MotionExecutor
+from igt_robot.control.executor import ExecutorMode, StreamingExecutor
 from igt_robot.control.goal_manager import GoalState, ResultCode
 from igt_robot.control.loop import FixedRateLoop
 from igt_robot.control.tracking import TrackingMonitor
 from igt_robot.hardware import shared as shared_hardware
+from igt_robot.hardware.interface import HardwareError
 from igt_robot.kinematics import NeedleGuideKinematics
-from igt_robot.nodes import common, qos
+from igt_robot.nodes import common, qos, topics
 from igt_robot.nodes.params import Param, declare
 from igt_robot.robot_model import load_robot_model
 from igt_robot.trajectory import JointLimits
@@ -50,33 +55,49 @@ from igt_robot_msgs.action import InsertNeedle, MoveGuide
 from igt_robot_msgs.msg import ProcedureEvent, RegistrationResult, SafetyStatus, ScannerState
 
 NODE_NAME = 'motion_controller'
+GIL_SWITCH_INTERVAL = 0.001     # s, see _attach_hardware_locked
 IMAGING_PHASES = (ScannerState.PHASE_UNKNOWN, ScannerState.PHASE_PREPARING, ScannerState.PHASE_ACQUIRING)
 
+# Read at start-up only, hence read-only: a parameter never reports a value that is not in force.
 PARAMS = [
-    Param('hardware_node', 'hardware_node', 'name of the hardware node whose SharedHardware this controller drives'),
-    Param('control_rate', 1000.0, 'control loop rate, Hz', 500.0, 2000.0),
-    Param('realtime_priority', 0, 'SCHED_FIFO priority of the loop thread (0 = normal scheduling)', 0, 99),
+    Param('hardware_node', 'hardware_node', 'name of the hardware node whose SharedHardware this controller drives',
+          read_only=True),
+    Param('stream_rate', 50.0, 'rate of the host streaming cycle that keeps the controller\'s buffer filled, Hz '
+          '(the controller servos at its own rate)', 20.0, 100.0, read_only=True),
+    Param('lookahead', 0.5, 'trajectory time kept buffered in the controller ahead of its executed time, s: a host '
+          'stall shorter than this changes nothing; it bounds how long the axes go on after the host dies (a '
+          'cancel or an interlock flushes the buffer at once); the controller refuses points more than 1 s ahead',
+          0.1, 0.9, read_only=True),
+    Param('point_spacing', 0.02, 'trajectory time between streamed PVT points, s (the controller interpolates '
+          'between them with cubic Hermite segments)', 0.005, 0.05, read_only=True),
+    Param('stop_timeout', 5.0, 'time the controller\'s stop ramp may take before it counts as unresponsive, s',
+          0.5, 30.0, read_only=True),
     Param('acceleration_limits', [0.02, 0.02, 0.5, 0.5, 0.01],
-          'per-joint acceleration limits (m/s^2 prismatic, rad/s^2 revolute), joint order of the URDF'),
-    Param('limit_headroom', 0.8, 'trajectories use this fraction of the drive velocity/acceleration limits, so a drive '
-          'that fell behind after a late control cycle can catch up', 0.1, 1.0),
-    Param('jerk_limits', [0.0], 'per-joint jerk limits for the S-curve profile; [0.0] = none (trapezoidal only)'),
-    Param('profile', 'trapezoidal', 'velocity profile of every move', choices=('trapezoidal', 'scurve')),
+          'per-joint acceleration limits (m/s^2 prismatic, rad/s^2 revolute), joint order of the URDF',
+          read_only=True),
+    Param('limit_headroom', 0.8, 'trajectories use this fraction of the drive velocity/acceleration limits, so the '
+          'drive keeps some authority to correct its following error', 0.1, 1.0, read_only=True),
+    Param('jerk_limits', [0.0], 'per-joint jerk limits for the S-curve profile; [0.0] = none (trapezoidal only)',
+          read_only=True),
+    Param('profile', 'trapezoidal', 'velocity profile of every move', choices=('trapezoidal', 'scurve'),
+          read_only=True),
     Param('tracking_tolerance', [0.0015, 0.0015, 0.02, 0.02, 0.001],
-          'per-joint tracking error that, held for tracking_cycles cycles, aborts the motion (m / rad)'),
+          'per-joint tracking error (measured vs. the trajectory at the controller\'s executed time) that, held '
+          'for tracking_cycles stream cycles, aborts the motion (m / rad)', read_only=True),
     Param('tracking_hard_limit', [0.004, 0.004, 0.06, 0.06, 0.003],
-          'per-joint tracking error that aborts the motion at once (m / rad)'),
-    Param('tracking_cycles', 100, 'consecutive cycles over tracking_tolerance before a tracking fault', 1, 10000),
+          'per-joint tracking error that aborts the motion at once (m / rad)', read_only=True),
+    Param('tracking_cycles', 5, 'consecutive stream cycles over tracking_tolerance before a tracking fault',
+          1, 1000, read_only=True),
     Param('goal_tolerance', [0.0002, 0.0002, 0.002, 0.002, 0.0002],
-          'per-joint distance to the goal that counts as arrived (m / rad)'),
+          'per-joint distance to the goal that counts as arrived (m / rad)', read_only=True),
     Param('settle_timeout', 2.0, 'time allowed after the trajectory ends to settle within goal_tolerance, s',
-          0.05, 30.0),
+          0.05, 30.0, read_only=True),
     Param('goal_policy', 'reject', 'a second goal while one is active: reject it, or preempt the active one',
-          choices=('reject', 'preempt')),
+          choices=('reject', 'preempt'), read_only=True),
     Param('max_guide_move_insertion', 0.001,
-          'the guide may only move while the needle is inserted less than this, m', 0.0, 0.01),
-    Param('feedback_rate', 20.0, 'action feedback rate, Hz', 1.0, 100.0),
-    Param('heartbeat_period', 0.1, 'period of /heartbeat, s', 0.01, 1.0),
+          'the guide may only move while the needle is inserted less than this, m', 0.0, 0.01, read_only=True),
+    Param('feedback_rate', 20.0, 'action feedback rate, Hz', 1.0, 100.0, read_only=True),
+    Param('heartbeat_period', 0.1, 'period of /heartbeat, s', 0.01, 1.0, read_only=True),
 ]
 
 
@@ -146,14 +167,19 @@ class MotionControllerNode(Node):
             acceleration=np.asarray(self.p['acceleration_limits'], dtype=float) * headroom,
             jerk=np.asarray(jerk, dtype=float) if len(jerk) == n and all(j > 0 for j in jerk) else None,
             lower=self.model.lower, upper=self.model.upper, joint_names=self.joint_names)
+        if self.p['lookahead'] < 2.0 / self.p['stream_rate']:
+            raise ValueError(f"lookahead {self.p['lookahead']:g} s must cover at least two stream cycles "
+                             f"(2 / stream_rate = {2.0 / self.p['stream_rate']:g} s)")
         self.permission = Permission()
         self.motion_lock = threading.Lock()
-        self.motion = MotionExecutor(
+        self.motion = StreamingExecutor(
             hardware=_NoHardware(), permission=lambda: self.permission, limits=self.limits,
             tracking=TrackingMonitor(self.p['tracking_tolerance'], self.p['tracking_hard_limit'],
                                      self.p['tracking_cycles'], self.joint_names),
             goal_policy=self.p['goal_policy'], goal_tolerance=self.p['goal_tolerance'],
-            settle_timeout=self.p['settle_timeout'], default_profile=self.p['profile'])
+            settle_timeout=self.p['settle_timeout'], default_profile=self.p['profile'],
+            lookahead=self.p['lookahead'], point_spacing=self.p['point_spacing'],
+            stop_timeout=self.p['stop_timeout'])
         self.hardware: Optional[shared_hardware.SharedHardware] = None
         self.loop: Optional[FixedRateLoop] = None
         self.T_base_scanner: Optional[np.ndarray] = None
@@ -166,16 +192,8 @@ class MotionControllerNode(Node):
         self._last_hardware_error = None
 
         group = ReentrantCallbackGroup()
-        # Permission inputs in one mutually exclusive group: processed one at a time, in arrival order,
-        # so a stale True can never overwrite a newer False.
-        permission_group = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(Bool, '/safety/motion_permitted', self._on_permitted, qos.SAFETY_LATCHED,
-                                 callback_group=permission_group)
-        self.create_subscription(SafetyStatus, '/safety/status', self._on_status, qos.SAFETY_LATCHED,
-                                 callback_group=permission_group)
-        self.create_subscription(ScannerState, '/scanner/state', self._on_scanner, qos.SCANNER_STATE,
-                                 callback_group=permission_group)
-        self.create_subscription(RegistrationResult, '/registration/result', self._on_registration, qos.LATCHED,
+        self._create_permission_inputs()
+        self.create_subscription(RegistrationResult, topics.REGISTRATION_RESULT, self._on_registration, qos.LATCHED,
                                  callback_group=group)
         self.events = common.create_event_publisher(self)
         self.diagnostics = common.create_diagnostics_publisher(self)
@@ -184,13 +202,25 @@ class MotionControllerNode(Node):
         self.create_timer(0.5, self._attach_hardware, callback_group=group)  # cheap: looks up a dict
         self.create_timer(1.0, self._publish_diagnostics, callback_group=group)
         self._move_server = ActionServer(
-            self, MoveGuide, '/motion/move_guide', execute_callback=self._execute_move,
+            self, MoveGuide, topics.MOVE_GUIDE, execute_callback=self._execute_move,
             goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT, callback_group=group)
         self._insert_server = ActionServer(
-            self, InsertNeedle, '/motion/insert_needle', execute_callback=self._execute_insert,
+            self, InsertNeedle, topics.INSERT_NEEDLE, execute_callback=self._execute_insert,
             goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT, callback_group=group)
 
     # ------------------------------------------------------------ inputs
+    def _create_permission_inputs(self):
+        """Subscribe to what decides motion permission (the only place that does)."""
+        # One mutually exclusive group: processed one at a time, in arrival order,
+        # so a stale True can never overwrite a newer False.
+        permission_group = MutuallyExclusiveCallbackGroup()
+        self.create_subscription(Bool, topics.SAFETY_MOTION_PERMITTED, self._on_permitted, qos.SAFETY_LATCHED,
+                                 callback_group=permission_group)
+        self.create_subscription(SafetyStatus, topics.SAFETY_STATUS, self._on_status, qos.SAFETY_LATCHED,
+                                 callback_group=permission_group)
+        self.create_subscription(ScannerState, topics.SCANNER_STATE, self._on_scanner, qos.SCANNER_STATE,
+                                 callback_group=permission_group)
+
     def _on_permitted(self, msg: Bool):
         self.permission.supervisor_permitted = bool(msg.data)
 
@@ -213,7 +243,7 @@ class MotionControllerNode(Node):
         rotation = frames.rotation_from_quaternion_xyzw([t.rotation.x, t.rotation.y, t.rotation.z, t.rotation.w])
         self.T_base_scanner = frames.make_transform(rotation, [t.translation.x, t.translation.y, t.translation.z])
 
-    # ------------------------------------------------------------ control loop
+    # ------------------------------------------------------------ streaming loop
     def _attach_hardware(self):
         with self._attach_lock:  # the timer and a goal thread may both try
             self._attach_hardware_locked()
@@ -238,18 +268,17 @@ class MotionControllerNode(Node):
         self.permission.hardware = hardware
         with self.motion_lock:
             self.motion.hw = hardware
-        # CPython hands the GIL between threads every sys.getswitchinterval() (5 ms by default):
-        # a loop thread waiting for it would miss whole periods while executor threads run.
-        # A quarter period bounds that wait (costs a little throughput in the other threads).
-        sys.setswitchinterval(min(sys.getswitchinterval(), 0.25 / self.p['control_rate']))
-        # A short busy-spin before each deadline: the OS sleep overshoots by ~50-100 us, but a long spin
-        # burns the CPU the other nodes of this process (heartbeats, interlock) need.
-        self.loop = FixedRateLoop(self._cycle, rate_hz=self.p['control_rate'], spin_s=5e-5,
-                                  name='motion_control_loop',
-                                  realtime_priority=self.p['realtime_priority'] or None)
+        # The controller servos; this loop only keeps its buffer ahead, so an ordinary thread on the
+        # steady clock is enough (no busy spin, no real-time priority). But CPython hands the GIL between
+        # threads only every sys.getswitchinterval() (5 ms by default), and with the executor's threads
+        # all wanting it a waiting thread can queue for many intervals: measured in-process with the safety
+        # stack on a shared 2-core machine, the streaming cycle's period error p99 was 86 ms at 5 ms and
+        # 8 ms at 1 ms (the hardware node's callbacks in this process wait the same way).
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
+        self.loop = FixedRateLoop(self._cycle, rate_hz=self.p['stream_rate'], name='motion_stream_loop')
         self.loop.start()
-        self.get_logger().info(f"control loop running at {self.p['control_rate']:g} Hz on "
-                               f"'{self.p['hardware_node']}'")
+        self.get_logger().info(f"trajectory streaming at {self.p['stream_rate']:g} Hz, look-ahead "
+                               f"{self.p['lookahead']:g} s, on '{self.p['hardware_node']}'")
 
     def _cycle(self, now: float):
         with self.motion_lock:
@@ -260,6 +289,14 @@ class MotionControllerNode(Node):
         if report.hardware_error and report.hardware_error != self._last_hardware_error and not self._inhibited():
             self.faults.report('HARDWARE_FAULT', report.hardware_error)   # once per distinct failure
         self._last_hardware_error = report.hardware_error
+        for goal in report.finished:
+            if goal.state is not GoalState.SUCCEEDED:
+                stream = report.stream
+                self.get_logger().warning(
+                    f'{goal.goal_id} {goal.state.value}: {goal.message}' + (
+                        f' [stream {stream.stream_id}: executed {stream.executed_time:.3f} s, buffered to '
+                        f'{stream.buffered_until:.3f} s, underruns {stream.underruns}; host look-ahead min '
+                        f'{self.motion.stats.lookahead_min:.3f} s]' if stream is not None else ''))
         if report.finished:
             with self._finished_event:
                 for goal in report.finished:
@@ -268,8 +305,8 @@ class MotionControllerNode(Node):
         return True
 
     def _inhibited(self) -> bool:
-        """Is the hardware motion-inhibit asserted now? A fresh read: a refused setpoint and the
-        inhibit that caused it can both be newer than the cached state."""
+        """Is the hardware motion-inhibit asserted now? (Then the supervisor already knows why the
+        motion stopped, and a hardware error is not reported again as a fault.) A fresh read."""
         if self.hardware is None:
             return False
         try:
@@ -278,7 +315,7 @@ class MotionControllerNode(Node):
             return False
 
     def _loop_alive(self) -> bool:
-        """Heartbeat only while the control loop is really cycling."""
+        """Heartbeat only while the streaming loop is really cycling."""
         if self.loop is None:
             return self.hardware is None  # not attached yet: alive, nothing to control
         cycles = self.loop.cycles
@@ -383,9 +420,6 @@ class MotionControllerNode(Node):
         result.error_code = _RESULT_CODES.get(finished.result_code, -6)
         result.message = finished.message
         measured = self._measured()
-        if finished.result_code is ResultCode.ABORTED_HARDWARE and self._inhibited():
-            result.error_code = action.Result.INTERLOCK
-            result.message = f'stopped by the hardware motion-inhibit ({self.permission.reason or "interlock"})'
         self._fill_result(result, action, measured, waypoint)
         if finished.state is GoalState.SUCCEEDED:
             goal_handle.succeed()
@@ -419,13 +453,18 @@ class MotionControllerNode(Node):
                     self.motion.cancel(goal_id, time.monotonic())
                 cancel_sent = True
             if self.loop is not None and not self.loop.running:
-                # The loop died: the goal can never finish; the drive holds its last setpoint.
+                # The loop died: the goal can never finish. Stop the controller now rather than
+                # letting it run its buffer dry (it would stop on the underrun by itself).
                 with self.motion_lock:
                     goal = self.motion.goals.get(goal_id)
                     if goal is not None and not goal.done:
+                        try:
+                            self.motion.hw.stop()
+                        except HardwareError as exc:
+                            self.get_logger().error(f'stop after the streaming loop died failed: {exc}')
                         goal = self.motion.goals.finish(goal_id, GoalState.ABORTED, ResultCode.ABORTED_HARDWARE,
-                                                          f'control loop stopped: {self.loop.error}',
-                                                          time.monotonic())
+                                                        f'streaming loop stopped: {self.loop.error}',
+                                                        time.monotonic())
                 return goal
             self._publish_feedback(goal_handle, action, waypoint)
 
@@ -434,9 +473,10 @@ class MotionControllerNode(Node):
         if report is None or report.measured is None:
             return
         feedback = action.Feedback()
-        feedback.progress = float(report.progress)
+        feedback.progress = float(report.progress)     # of the trajectory, on the controller's stream time
         if action is MoveGuide:
             feedback.positions = report.measured.tolist()
+            feedback.time_remaining = float(report.time_remaining)
             feedback.state = {ExecutorMode.STOPPING: 'stopping', ExecutorMode.IDLE: 'holding'}.get(report.mode,
                                                                                                    'moving')
         else:
@@ -459,19 +499,35 @@ class MotionControllerNode(Node):
                                               phase='CONTROL'))
 
     def _publish_diagnostics(self):
-        name = 'control loop'
+        # The name ends in 'control loop' (keys rate_hz, cycles, overruns, period_error_*) for the
+        # existing readers (bench/interlock.py); the figures are those of the streaming cycle.
+        name = 'trajectory stream control loop'
         if self.loop is None:
             status = common.diagnostic_status(self, name, DiagnosticStatus.WARN, 'waiting for the hardware node', {})
         else:
-            stats = self.loop.stats()
             running = self.loop.running
             status = common.diagnostic_status(
                 self, name, DiagnosticStatus.OK if running else DiagnosticStatus.ERROR,
-                'running' if running else f'stopped: {self.loop.error}',
-                {'rate_hz': stats.rate_hz, 'cycles': stats.cycles, 'overruns': stats.overruns,
-                 'period_error_p99_s': stats.period_error_p99, 'period_error_max_s': stats.period_error_max,
-                 'max_step_duration_s': stats.max_step_duration, 'realtime': self.loop.realtime})
+                'running' if running else f'stopped: {self.loop.error}', self.stream_figures())
         self.diagnostics.publish(common.diagnostic_array(self, [status]))
+
+    def stream_figures(self) -> dict:
+        """Host streaming cycle and controller buffer figures (diagnostics, bench/streaming.py)."""
+        figures = {}
+        if self.loop is not None:
+            stats = self.loop.stats()
+            figures.update({'rate_hz': stats.rate_hz, 'cycles': stats.cycles, 'overruns': stats.overruns,
+                            'period_error_p99_s': stats.period_error_p99,
+                            'period_error_max_s': stats.period_error_max,
+                            'max_step_duration_s': stats.max_step_duration})
+        with self.motion_lock:
+            s = self.motion.stats
+            figures.update({'moves': s.moves, 'points': s.points, 'underruns': s.underruns,
+                            'controller_stops': s.controller_stops,
+                            'lookahead_min_s': s.lookahead_min if s.moves else 0.0})
+        report = self.last_report
+        figures['lookahead_s'] = report.stream.lookahead if report is not None and report.stream else 0.0
+        return figures
 
     def loop_stats(self):
         return self.loop.stats() if self.loop is not None else None
@@ -479,8 +535,8 @@ class MotionControllerNode(Node):
     def describe_state(self) -> str:
         mode = self.last_report.mode.value if self.last_report is not None else 'no hardware'
         stats = self.loop_stats()
-        loop = (f'{stats.cycles} cycles, period error p99 {stats.period_error_p99 * 1e3:.3f} ms'
-                if stats else 'loop not started')
+        loop = (f'{stats.cycles} stream cycles, period error p99 {stats.period_error_p99 * 1e3:.3f} ms'
+                if stats else 'streaming not started')
         return f'{mode}; {loop}; permitted={self.permission.motion_permitted}'
 
     def on_bringup_shutdown(self):
@@ -495,11 +551,10 @@ class MotionControllerNode(Node):
 class _NoHardware:
     """Placeholder until the hardware node is found: every access fails with a clear reason."""
 
-    def read(self):
-        from igt_robot.hardware.interface import HardwareError
+    def read(self, *args, **kwargs):
         raise HardwareError('no hardware attached to the motion controller yet')
 
-    write = stop = read
+    stop = begin_stream = push_points = stream_status = read
 
 
 def main(args=None) -> int:
@@ -510,7 +565,7 @@ def main(args=None) -> int:
         hardware = HardwareNode()
         autostart_when_spinning(hardware)
         return [hardware, MotionControllerNode()]
-    # Threads: each blocked action goal holds one, the control loop has its own; keep callbacks flowing.
+    # Threads: each blocked action goal holds one, the streaming loop has its own; keep callbacks flowing.
     return common.run_node(build, threads=6)
 
 

@@ -11,7 +11,8 @@ result has exactly the field names of the ``.msg`` file, so it can be passed to
 refused, naming the field, rather than silently dropped).
 
 Small helpers used by several nodes: :func:`stamp_ns`, :func:`key_values_dict`,
-:func:`point_list`, :func:`transform_matrix`, :func:`pose_matrix`.
+:func:`point_list`, :func:`transform_matrix` (and its inverse :func:`transform_from_matrix`),
+:func:`pose_matrix`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import array
 from typing import Any, Dict, Mapping
 
 import numpy as np
+from geometry_msgs.msg import Quaternion, Transform, Vector3
 
 from igt_robot import frames
 
@@ -111,6 +113,14 @@ def transform_matrix(transform) -> np.ndarray:
     q = transform.rotation
     t = transform.translation
     return frames.make_transform(frames.rotation_from_quaternion_xyzw([q.x, q.y, q.z, q.w]), [t.x, t.y, t.z])
+
+
+def transform_from_matrix(matrix):
+    """4x4 -> geometry_msgs/Transform (the inverse of :func:`transform_matrix`)."""
+    m = np.asarray(matrix, dtype=float)
+    x, y, z, w = frames.quaternion_xyzw(m[:3, :3])
+    return Transform(translation=Vector3(x=float(m[0, 3]), y=float(m[1, 3]), z=float(m[2, 3])),
+                     rotation=Quaternion(x=float(x), y=float(y), z=float(z), w=float(w)))
 
 
 def pose_matrix(pose) -> np.ndarray:

@@ -7,13 +7,24 @@ motion controller) and reports back. Commands beyond the workflow's own:
 
   status                 phase, step and the allowed commands; changes nothing
   stop                   cancel the motion goal under way (the robot stops under control)
-  load_planning_scan     acquire the planning scan (simulation) or load ARG (a DICOM folder)
+  load_planning_scan     acquire the planning scan (simulation), wait for it (scanner/PACS) or load ARG
+                         (a DICOM folder)
   register               register the robot from the planning scan's Z-frame
   plan                   plan the path to the target (the simulated lesion, or /procedure/target)
   align / insert_step    move (after the supervisor permits motion)
   control_scan           acquire a control scan, find the needle tip, compare with the target
   confirmation_scan      the final scan, tip found and tip-to-target error reported
   report                 write the HTML report (record + pictures)
+  enter_dose             ARG = "scan_id ctdi_vol_mgy dlp_mgy_cm kv mas": dose figures typed in by the operator
+                         when the scanner sent none (recorded as MANUAL, a flagged fallback)
+
+Images come from the configured ``acquisition`` source (igt_robot.acquisition):
+``simulated`` renders the scans the stack triggers (``make demo``); ``dicom`` (a
+Storage SCP the scanner or PACS pushes to), ``igtl`` (OpenIGTLink IMAGE) and
+``folder`` (a watched export folder) receive scans the stack does not trigger: the
+node asks the operator to acquire ("acquire the control scan now"), matches the
+arriving series to the request and proceeds when it is complete. Dose records come
+from the images (Radiation Dose SR, else the image headers) and name their source.
 
 With ``demo: true`` the node runs the whole needle placement by itself with the
 operator's confirmations given automatically (and says so in the record), one
@@ -26,6 +37,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import threading
 import time
 from typing import Optional
@@ -36,23 +48,30 @@ from geometry_msgs.msg import Point, PointStamped
 from rclpy.action import ActionClient
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
+from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
+from igt_robot import acquisition as acq
 from igt_robot import frames, paths, workflow
+from igt_robot.acquisition import memory as image_memory
+from igt_robot.acquisition.dose import series_dose
 from igt_robot.imaging.io import read_dicom_series
 from igt_robot.imaging.needle import find_needle
 from igt_robot.imaging.reformat import oblique_slice, plane_axes, project
 from igt_robot.kinematics import NeedleGuideKinematics
-from igt_robot.nodes import common, qos
+from igt_robot.nodes import common, qos, topics
 from igt_robot.nodes.params import Param, declare
 from igt_robot.procedure.steps import TipCheck, insertion_schedule
-from igt_robot.record.report import SliceView, write_report
-from igt_robot.record.store import read_entries
+from igt_robot.procedure.peer_watch import HeartbeatWatch
+from igt_robot.record import procedure_id
+from igt_robot.record.dose import SOURCE_MANUAL, DoseFactors, DoseLedger, DoseValueError, ct_scan
+from igt_robot.record.report import SliceView, slice_png
+from igt_robot.record.store import check_free_space
 from igt_robot.robot_model import load_robot_model
-from igt_robot.simulation.scanner import SimulatedScanner
+from igt_robot.simulation.scanner import PROTOCOLS, SimulatedScanner
 from igt_robot.simulation.scenario import make_scenario
 from igt_robot_msgs.action import InsertNeedle, MoveGuide
-from igt_robot_msgs.msg import ProcedureEvent, RegistrationResult, RobotState, SafetyStatus, ScannerState
+from igt_robot_msgs.msg import DoseRecord, ProcedureEvent, RegistrationResult, RobotState, SafetyStatus, ScannerState
 from igt_robot_msgs.srv import OperatorCommand, PlanPath, RegisterImage, ResumeMotion, SetScannerState
 
 NODE_NAME = 'procedure_node'
@@ -72,6 +91,24 @@ PARAMS = [
     Param('tissue_model', False, 'simulate the needle in tissue (deflection, push, breathing, MR distortion); '
           'the control scans then re-plan the rest of the insertion (closed loop)'),
     Param('service_timeout', 60.0, 'time allowed for a service or action of another node, s', 1.0, 600.0),
+    Param('acquisition', 'simulated', 'image source: simulated (the stack triggers rendered scans), dicom '
+          '(Storage SCP), igtl (OpenIGTLink IMAGE) or folder (watched export folder)', choices=acq.KINDS),
+    Param('dicom_ae_title', 'IGT_ROBOT', "the receiver's AE title (1-16 characters)"),
+    Param('dicom_host', '127.0.0.1', 'address the DICOM receiver (and the OpenIGTLink image source) binds'),
+    Param('dicom_port', 11112, 'DICOM receiver port (0 = any free port, logged)', 0, 65535),
+    Param('dicom_allowed_calling_aets', '', 'comma-separated calling AE titles allowed to send (empty = any; '
+          'set it at a site)'),
+    Param('series_quiet_period_s', 5.0, 'a series without an announced instance count is complete after this '
+          'long without a new instance, s', 0.2, 120.0),
+    Param('max_instance_mib', 16.0, 'largest DICOM instance accepted, MiB', 0.1, 1024.0),
+    Param('igtl_image_port', 18945, 'OpenIGTLink IMAGE source port (acquisition igtl)', 0, 65535),
+    Param('watch_dir', '', 'folder the scanner exports DICOM files into (acquisition folder)'),
+    Param('scan_wait_timeout', 900.0, 'how long a requested scan may take to arrive, s', 1.0, 7200.0),
+    Param('dose_report_wait_s', 5.0, 'after a CT series, wait this long for its Radiation Dose SR before '
+          'using the image headers, s', 0.0, 120.0),
+    Param('demo_dicom_peer', '', 'demo only: REST URL of the DICOM node (Orthanc) the simulated scanner stores '
+          'its series in; it forwards them to this receiver by C-STORE'),
+    Param('demo_dicom_receiver', 'stack', "demo only: the receiver's modality name in that DICOM node"),
 ]
 
 
@@ -83,7 +120,7 @@ class StepFailed(Exception):
 class ProcedureState:
     """What the procedure has learnt so far (scanner LPS, m)."""
 
-    planning_scan: Optional[object] = None        # Acquisition (simulated) or a path
+    planning_scan: Optional[object] = None        # acquisition.Series or a path
     planning_volume: Optional[object] = None
     registration: Optional[RegistrationResult] = None
     plan: Optional[object] = None                 # igt_robot_msgs/NeedlePlan
@@ -105,11 +142,27 @@ class ProcedureNode(Node):
         self.procedure_id = self.p['procedure_id'] or time.strftime('%Y%m%d-%H%M%S')
         self.record_dir = paths.record_dir(self.procedure_id, self.p['record_dir'])
         self.scan_dir = pathlib.Path(self.p['scan_dir'] or self.record_dir / 'scans')
-        self.scenario = make_scenario(self.p['scenario_seed'], self.p['target_depth'] or None, self.p['modality'],
-                                      T_base_zframe=self.model.T_base_zframe, tissue=self.p['tissue_model'])
+        # The simulation exists only where it is asked for: the simulated source, or the demo's stand-in scanner.
+        self.scenario = self.scanner = self.stand_in = None
+        self.target = None                            # the lesion the radiologist marks (/procedure/target)
+        if self.p['acquisition'] == 'simulated' or self.p['demo_dicom_peer']:
+            self.scenario = make_scenario(self.p['scenario_seed'], self.p['target_depth'] or None,
+                                          self.p['modality'], T_base_zframe=self.model.T_base_zframe,
+                                          tissue=self.p['tissue_model'])
+            self.scanner = SimulatedScanner(self.scenario, self.scan_dir, self.model.T_base_zframe, self.kinematics)
+            self.target = self.scenario.target.copy()   # Slicer may override
+        self.source = acq.make_source(
+            self.p['acquisition'], storage_dir=self.record_dir / 'received', simulated_scanner=self.scanner,
+            modality=self.p['modality'], dicom_ae_title=self.p['dicom_ae_title'], dicom_host=self.p['dicom_host'],
+            dicom_port=self.p['dicom_port'],
+            allowed_calling_aets=[a for a in self.p['dicom_allowed_calling_aets'].split(',') if a.strip()],
+            quiet_period_s=self.p['series_quiet_period_s'],
+            max_instance_bytes=int(self.p['max_instance_mib'] * 1024 * 1024), igtl_port=self.p['igtl_image_port'],
+            watch_dir=self.p['watch_dir'], on_event=self._source_event)
+        self.dose_ledger = DoseLedger()               # dose records this node published (image-derived)
+        self._scan_wait = threading.Event()           # set while a requested scan is awaited; 'stop' clears it
+        self._scan_counter = 0                        # scans received from a source the stack does not trigger
         self.error_budget = None                      # from the closed loop's last control scan
-        self.scanner = SimulatedScanner(self.scenario, self.scan_dir, self.model.T_base_zframe, self.kinematics)
-        self.target = self.scenario.target.copy()     # the lesion the radiologist marks (Slicer may override)
         self.safety: Optional[SafetyStatus] = None
         self.robot: Optional[RobotState] = None
         self.lock = threading.RLock()                 # one operator command at a time
@@ -121,21 +174,32 @@ class ProcedureNode(Node):
 
         group = ReentrantCallbackGroup()
         self.events = common.create_event_publisher(self)
-        self.create_subscription(SafetyStatus, '/safety/status', self._on_safety, qos.SAFETY_LATCHED,
+        self.create_subscription(SafetyStatus, topics.SAFETY_STATUS, self._on_safety, qos.SAFETY_LATCHED,
                                  callback_group=group)
-        self.create_subscription(RobotState, '/robot/state', self._on_robot, qos.STATE_STREAM, callback_group=group)
-        self.create_subscription(RegistrationResult, '/registration/result', self._on_registration, qos.LATCHED,
+        self.create_subscription(RobotState, topics.ROBOT_STATE, self._on_robot, qos.STATE_STREAM, callback_group=group)
+        self.create_subscription(RegistrationResult, topics.REGISTRATION_RESULT, self._on_registration, qos.LATCHED,
                                  callback_group=group)
-        self.create_subscription(PointStamped, '/procedure/target', self._on_target, qos.LATCHED,
+        self.create_subscription(PointStamped, topics.PROCEDURE_TARGET, self._on_target, qos.LATCHED,
                                  callback_group=group)
-        self.scanner_client = self.create_client(SetScannerState, '/scanner/set_state', callback_group=group)
-        self.register_client = self.create_client(RegisterImage, '/registration/register', callback_group=group)
-        self.plan_client = self.create_client(PlanPath, '/planner/plan', callback_group=group)
-        self.resume_client = self.create_client(ResumeMotion, '/safety/resume', callback_group=group)
+        self.scanner_client = self.create_client(SetScannerState, topics.SCANNER_SET_STATE, callback_group=group)
+        self.register_client = self.create_client(RegisterImage, topics.REGISTRATION_REGISTER, callback_group=group)
+        self.plan_client = self.create_client(PlanPath, topics.PLANNER_PLAN, callback_group=group)
+        self.resume_client = self.create_client(ResumeMotion, topics.SAFETY_RESUME, callback_group=group)
         self.recorder_report_client = self.create_client(Trigger, '/recorder_node/write_report', callback_group=group)
-        self.move_client = ActionClient(self, MoveGuide, '/motion/move_guide', callback_group=group)
-        self.insert_client = ActionClient(self, InsertNeedle, '/motion/insert_needle', callback_group=group)
-        self.create_service(OperatorCommand, '/procedure/command', self._on_command, callback_group=group)
+        self.move_client = ActionClient(self, MoveGuide, topics.MOVE_GUIDE, callback_group=group)
+        self.insert_client = ActionClient(self, InsertNeedle, topics.INSERT_NEEDLE, callback_group=group)
+        self.create_service(OperatorCommand, topics.PROCEDURE_COMMAND, self._on_command, callback_group=group)
+        self._watch_control_process(group)
+        self.dose_pub = self.create_publisher(DoseRecord, topics.SCANNER_DOSE, qos.EVENTS)
+        self.source.start()
+        if self.p['demo_dicom_peer']:
+            from igt_robot.procedure.scanner_stand_in import ScannerStandIn
+            self.stand_in = ScannerStandIn(
+                self.scanner, self.p['demo_dicom_peer'], self.p['demo_dicom_receiver'], self._stand_in_phase,
+                lambda: np.array(self.robot.position) if self.robot is not None else None,
+                self.p['scan_duration'], on_error=lambda text: self._event('scan_failed', text,
+                                                                           severity=ProcedureEvent.ERROR))
+        self.get_logger().info(f'image source: {self.source.describe()}')
         if self.p['demo']:
             self._demo_timer = self.create_timer(0.5, self._start_demo, callback_group=group)
 
@@ -170,7 +234,11 @@ class ProcedureNode(Node):
             allowed = ', '.join(self.workflow.allowed_commands())
             return self._result(True, f'{self._safety_text()}; allowed: {allowed}')
         if name == 'stop':
-            return self._result(True, self._cancel_motion())
+            withdrawn = self._scan_wait.is_set()
+            self._scan_wait.clear()     # a scan being waited for is no longer awaited (the step fails)
+            return self._result(True, self._cancel_motion() + ('; scan request withdrawn' if withdrawn else ''))
+        if self.control_lost:
+            return self._result(False, f'{name} refused: {self.control_lost}')
         if not self.lock.acquire(timeout=1.0):
             return self._result(False, f'{name} refused: another command is being carried out')
         try:
@@ -218,10 +286,20 @@ class ProcedureNode(Node):
 
     def _planning_path(self) -> str:
         scan = self.state.planning_scan
-        return str(scan.dicom_dir if hasattr(scan, 'dicom_dir') else scan)
+        return str(scan.dicom_dir if isinstance(scan, acq.Series) else scan)
+
+    def _need_target(self):
+        if self.target is None:
+            raise StepFailed('no target: mark it in Slicer (/procedure/target, scanner LPS)')
+        return self.target
 
     def _cmd_register(self, arg, operator_id):
         self._check_allowed('register')
+        self._need_target()
+        volume = self.state.planning_volume
+        if volume is not None:
+            # The image travels once: the registration node (same process) takes the volume from memory.
+            image_memory.put(self._planning_path(), volume)
         method = arg if arg in ('zframe', 'fiducials') else 'zframe'   # Slicer may pass its image source
         request = RegisterImage.Request(image_path=self._planning_path(), method=method, has_target=True,
                                         target_scanner=Point(x=float(self.target[0]), y=float(self.target[1]),
@@ -236,6 +314,7 @@ class ProcedureNode(Node):
 
     def _cmd_plan(self, arg, operator_id):
         self._check_allowed('plan')
+        self._need_target()
         scan = self.state.planning_scan
         labels = getattr(scan, 'labelmap_path', None)
         if labels is None:
@@ -312,7 +391,11 @@ class ProcedureNode(Node):
             outcome = self._wf('tip_checked', '', operator_id)
             return outcome._replace(message=f'{not_found}; {outcome.message}')
         outcome = self._wf('tip_checked', f'{check.error:.5f}', operator_id)
-        return outcome._replace(message=f'{outcome.message}; next: {self._closed_loop_step(acquisition, check)}')
+        try:
+            advice = self._closed_loop_step(acquisition, check)
+        except Exception as exc:  # noqa: BLE001 -- the closed loop advises; it never fails the scan
+            advice = f'closed loop unavailable ({exc}); plan unchanged'
+        return outcome._replace(message=f'{outcome.message}; next: {advice}')
 
     def _closed_loop_step(self, acquisition, check) -> str:
         """Closed loop (igt_robot.procedure.closed_loop): the target is found again, the rest of the insertion
@@ -324,7 +407,8 @@ class ProcedureNode(Node):
         if tip_expected is None:
             return 'no registration: plan unchanged'
         try:
-            target_now = find_target(acquisition.volume, self.target, self.scenario.target_radius)
+            radius = self.scenario.target_radius if self.scenario is not None else 0.008
+            target_now = find_target(acquisition.volume, self.target, radius)
         except Exception as exc:  # noqa: BLE001 -- an image that does not show the target leaves the plan as is
             return f'target not found again ({exc}); plan unchanged'
         plan = self.state.plan
@@ -335,7 +419,10 @@ class ProcedureNode(Node):
             tips=[c.tip for _, c in self.state.tips], target=target_now, push_rate=0.0,
             next_scheduled=self._next_depth(), max_insertion=float(self.model.upper[-1]), prior_kappa=0.6,
             uncertainty_kappa=0.3, allow_realign=False, last_step=self._next_depth() >= self.state.schedule[-1])
-        if decision.action in ('continue', 'rotate') and abs(decision.final_insertion - self.state.schedule[-1]) > 5e-4:
+        # the final depth follows the target (pushed, breathing) when the tissue is simulated; with a rigid
+        # world the plan stands (the decision is still shown)
+        if (self.p['tissue_model'] and decision.action in ('continue', 'rotate')
+                and abs(decision.final_insertion - self.state.schedule[-1]) > 5e-4):
             self.state.schedule[-1] = min(decision.final_insertion, plan.insertion_depth + 0.01)
         registration = self.state.registration
         self.error_budget = closed_loop.procedure_budget(
@@ -344,6 +431,8 @@ class ProcedureNode(Node):
             target_planned=self.target, target_now=target_now, expected_m=decision.expected_error_m)
         self._event('closed_loop', decision.describe(), scan_id=acquisition.scan_id, action=decision.action,
                     expected_error_m=f'{decision.expected_error_m:.6f}')
+        self._event('error_budget', 'error budget at the last control scan (mm)',
+                    **{k: f'{v:.3f}' for k, v in self.error_budget.items()})
         return decision.describe()
 
     def _cmd_confirmation_scan(self, arg, operator_id):
@@ -352,42 +441,144 @@ class ProcedureNode(Node):
         check = self._check_tip(acquisition)
         return self._wf('confirmation_scan_done', f'{acquisition.scan_id}: {check.describe()}', operator_id)
 
+    def _cmd_start(self, arg, operator_id):
+        """Preflight: no procedure without the free space its record needs (docs/record.md, "Disk space")."""
+        self._check_allowed('start')
+        problem = check_free_space(self.record_dir)
+        if problem:
+            raise StepFailed(f'start refused: {problem}')
+        return self._wf('start', arg, operator_id)
+
     def _cmd_report(self, arg, operator_id):
         self._check_allowed('report')
-        path = arg or str(self.record_dir / 'report.html')
-        self._write_report(path)
+        path = self._write_report()
         return self._wf('report', path, operator_id)
 
     # ----------------------------------------------------------------- scans and tips
-    def _acquire(self, protocol: str, with_labels: bool = False):
-        """A scan: the scanner goes ACQUIRING (motion halts), the image is formed, then IDLE."""
-        acquisition_dose = self.scanner.scenario.modality == 'CT'
-        from igt_robot.simulation.scanner import PROTOCOLS
-        dose = PROTOCOLS[protocol]
-        length = self.scanner.scenario.fov_size[2]
+    def _acquire(self, protocol: str, with_labels: bool = False) -> acq.Series:
+        """One scan from the configured source; its volume stays in memory for what follows."""
+        if self.source.triggers_scans:
+            series = self._acquire_simulated(protocol, with_labels)
+        else:
+            series = self._await_scan(protocol, with_labels)
+        self.state.scans += 1
+        self.state.last_volume = series.volume
+        self._event('scan_acquired', f'{protocol} scan {series.scan_id}: {series.describe()}, kept in '
+                    f'{series.dicom_dir}', scan_id=series.scan_id, path=str(series.dicom_dir),
+                    series_instance_uid=series.series_instance_uid, image_source=series.source)
+        return series
+
+    def _acquire_simulated(self, protocol: str, with_labels: bool) -> acq.Series:
+        """A scan the stack triggers: the scanner goes ACQUIRING (motion halts), the image is formed, then IDLE."""
+        ionising = self.scanner.scenario.modality == 'CT'
+        # The simulated scanner reports its protocol's dose figures with its state (the scanner interface records
+        # them); a real scanner's come from its images.
+        dose = PROTOCOLS[protocol].with_dlp(self.scanner.scenario.fov_size[2]) if ionising else DoseFactors()
         request = SetScannerState.Request(phase=ScannerState.PHASE_ACQUIRING, protocol_name=f'{protocol} scan',
-                                          is_ionising=acquisition_dose,
-                                          ctdi_vol_mgy=dose.ctdi_vol_mgy if acquisition_dose else 0.0,
-                                          dlp_mgy_cm=dose.dlp(length) if acquisition_dose else 0.0,
-                                          kv=dose.kv if acquisition_dose else 0.0,
-                                          mas=dose.mas if acquisition_dose else 0.0)
+                                          is_ionising=ionising, ctdi_vol_mgy=dose.ctdi_vol_mgy,
+                                          dlp_mgy_cm=dose.dlp_mgy_cm, kv=dose.kv, mas=dose.mas)
         self._set_scanner(request)
-        if acquisition_dose:
-            self.dose_log.append(request.dlp_mgy_cm)
+        if ionising:
+            self.dose_log.append(dose.dlp_mgy_cm)
         started = time.monotonic()
         try:
             joints = np.array(self.robot.position) if self.robot is not None else None
-            acquisition = self.scanner.acquire(protocol, joints, with_labels=with_labels)
+            series = self.source.acquire(protocol, joints, with_labels=with_labels)
             remaining = self.p['scan_duration'] - (time.monotonic() - started)
             if remaining > 0:
                 time.sleep(remaining)   # the scanner is still acquiring (simulated duration)
         finally:
             self._set_scanner(SetScannerState.Request(phase=ScannerState.PHASE_IDLE))
-        self.state.scans += 1
-        self.state.last_volume = acquisition.volume
-        self._event('scan_acquired', f'{protocol} scan {acquisition.scan_id} written to {acquisition.dicom_dir}',
-                    scan_id=acquisition.scan_id, path=str(acquisition.dicom_dir))
-        return acquisition
+        return series
+
+    def _await_scan(self, protocol: str, with_labels: bool) -> acq.Series:
+        """A scan the stack does not trigger: ask the operator, then take the matching series as it arrives."""
+        request = acq.ScanRequest(protocol=protocol, modality=self.p['modality'], requested_at=time.monotonic(),
+                                  keywords=(protocol,))
+        self._event('scan_requested', f'{request.prompt}: the stack waits for the series from '
+                    f'{self.source.describe()}', severity=ProcedureEvent.WARN, protocol=protocol)
+        self.get_logger().warning(f'operator: {request.prompt}')
+        if self.stand_in is not None:
+            self.stand_in.request(protocol, with_labels)
+        self._scan_wait.set()
+        try:
+            series = self.source.wait_for_series(
+                request, self.p['scan_wait_timeout'],
+                on_mismatch=lambda text: self._event('series_not_used', text, severity=ProcedureEvent.WARN),
+                cancelled=lambda: not self._scan_wait.is_set())
+        except acq.AcquisitionError as exc:
+            raise StepFailed(str(exc)) from exc
+        finally:
+            self._scan_wait.clear()
+        self._scan_counter += 1
+        series.scan_id = f'scan{self._scan_counter:02d}_{protocol}'
+        labels = self.stand_in.labels.get(series.series_instance_uid) if self.stand_in is not None else None
+        labels = labels or self.scan_dir / f'{series.series_instance_uid}_labels.nii.gz'
+        if pathlib.Path(labels).exists():
+            series.labelmap_path = pathlib.Path(labels)   # the segmentation of this series (Slicer, or the demo)
+        if series.modality == 'CT':
+            self._dose_from_images(series)
+        return series
+
+    def _dose_from_images(self, series: acq.Series) -> None:
+        """The dose record of a received CT series: its Radiation Dose SR event, else its headers."""
+        deadline = time.monotonic() + self.p['dose_report_wait_s']
+        wanted = set(series.irradiation_event_uids)
+        while wanted and time.monotonic() < deadline:
+            if wanted & {e.irradiation_event_uid for e in self.source.rdsr_events()}:
+                break
+            time.sleep(0.05)   # poll: the SR follows the series on the same or another association
+        factors, source, note = series_dose(series, self.source.rdsr_events())
+        if factors is None:
+            self._event('dose_missing', f'{series.scan_id}: {note}; enter the figures with enter_dose (flagged as '
+                        'manual)', severity=ProcedureEvent.WARN, scan_id=series.scan_id)
+            return
+        self._publish_dose(series, factors, source, note)
+
+    def _publish_dose(self, series, factors, source: str, note: str) -> None:
+        try:
+            scan = ct_scan(series.scan_id, ctdi_vol_mgy=factors.ctdi_vol_mgy, dlp_mgy_cm=factors.dlp_mgy_cm,
+                           kv=factors.kv, mas=factors.mas, scan_length_m=series.scan_length_m or 0.1,
+                           protocol_name=series.protocol_name or series.series_description, stamp=time.time(),
+                           source=source, series_instance_uid=series.series_instance_uid)
+            self.dose_ledger.add(scan)
+        except DoseValueError as exc:
+            self._event('dose_refused', f'{series.scan_id}: dose figures from {source} refused: {exc}',
+                        severity=ProcedureEvent.WARN, scan_id=series.scan_id)
+            return
+        self.dose_log.append(scan.dlp_mgy_cm)
+        record = DoseRecord(procedure_id=self.procedure_id, **self.dose_ledger.dose_record_fields(scan))
+        record.header.stamp = common.stamp_now(self)
+        self.dose_pub.publish(record)
+        self._event('dose_recorded', f'{series.scan_id}: CTDIvol {scan.ctdi_vol_mgy:.2f} mGy, DLP '
+                    f'{scan.dlp_mgy_cm:.1f} mGy·cm from {source} ({note})', scan_id=series.scan_id,
+                    dose_source=source)
+
+    def _cmd_enter_dose(self, arg, operator_id):
+        """The manual fallback: figures the operator reads off the scanner console (flagged MANUAL)."""
+        fields = arg.split()
+        if len(fields) != 5 or not operator_id:
+            raise StepFailed('enter_dose needs an operator id and "scan_id ctdi_vol_mgy dlp_mgy_cm kv mas"')
+        try:
+            ctdi, dlp, kv, mas = (float(v) for v in fields[1:])
+            factors = DoseFactors(ctdi, dlp, kv, mas)
+        except (ValueError, DoseValueError) as exc:
+            raise StepFailed(f'enter_dose refused: {exc}') from exc
+        length = dlp / (ctdi * 100.0) if ctdi > 0 else 0.1
+        series = acq.Series(scan_id=fields[0], series_instance_uid='', modality='CT', scan_length_m=length,
+                            protocol_name=f'entered by {operator_id}')
+        self._publish_dose(series, factors, SOURCE_MANUAL, f'typed in by {operator_id}')
+        return self._result(True, f'dose of {fields[0]} recorded as MANUAL (flagged)')
+
+    def _stand_in_phase(self, acquiring: bool, protocol: str, ionising: bool) -> None:
+        """The demo's scanner reports its state through the scanner state source, as a real one would."""
+        phase = ScannerState.PHASE_ACQUIRING if acquiring else ScannerState.PHASE_IDLE
+        self._set_scanner(SetScannerState.Request(phase=phase, protocol_name=protocol, is_ionising=ionising))
+
+    def _source_event(self, kind: str, description: str, values: dict) -> None:
+        severity = ProcedureEvent.WARN if ('refused' in kind or 'incomplete' in kind or 'aborted' in kind) \
+            else ProcedureEvent.INFO
+        self._event(kind, description, severity=severity, **values)
 
     def _set_scanner(self, request):
         reply = self._call(self.scanner_client, request)
@@ -423,7 +614,9 @@ class ProcedureNode(Node):
         return check
 
     # ----------------------------------------------------------------- report
-    def _write_report(self, path: str):
+    def _write_report(self) -> str:
+        """Render the slice figures into <record_dir>/figures; the recorder (the only report writer) writes
+        the report from the record and those figures. Returns the report's path."""
         images = []
         plan = self.state.plan
         if plan is not None:
@@ -447,18 +640,33 @@ class ProcedureNode(Node):
                     else None,
                     tip=project(shown_tip, center, u, v) if shown_tip is not None else None,
                     axis_labels=('along the path (mm)', 'across (mm)')))
-        entries = read_entries(str(self.record_dir)) if (self.record_dir / 'events.jsonl').exists() else []
-        write_report(path, entries, images, title=f'Needle placement {self.procedure_id}',
-                     error_budget=self.error_budget)
-        self._event('report_written', f'report written to {path}', path=path)
+        figures = self.record_dir / 'figures'
+        figures.mkdir(parents=True, exist_ok=True)
+        for index, view in enumerate(images):
+            target = figures / f'{index:02d}_slice.png'
+            with open(target, 'wb') as f:
+                f.write(slice_png(view))
+                f.flush()
+                os.fsync(f.fileno())
+        reply = self._call(self.recorder_report_client, Trigger.Request())
+        if not reply.success:
+            raise StepFailed(f'report not written: {reply.message}')
+        self._event('report_written', f'report written to {reply.message}', path=reply.message)
+        return reply.message
 
     # ----------------------------------------------------------------- plumbing
     def _wait_future(self, future, timeout: float, what: str):
         """Block this (worker) thread until ``future`` is done; the executor's other threads complete it."""
         done = threading.Event()
         future.add_done_callback(lambda _: done.set())
-        if not done.wait(timeout):
-            raise StepFailed(f'{what} did not answer within {timeout:g} s')
+        self._waiting.add(done)
+        try:
+            if not done.wait(timeout):
+                raise StepFailed(f'{what} did not answer within {timeout:g} s')
+        finally:
+            self._waiting.discard(done)
+        if not future.done():   # ended by _check_control_process
+            raise StepFailed(f'{what}: {self._loss_reason}')
         return future.result()
 
     def _call(self, client, request):
@@ -527,7 +735,8 @@ class ProcedureNode(Node):
             fields = event.procedure_event_fields()
             message = ProcedureEvent(phase=fields['phase'], severity=int(fields['severity']), source=self.get_name(),
                                      kind=fields['kind'], description=fields['description'],
-                                     values=common.key_values({kv['key']: kv['value'] for kv in fields['values']}))
+                                     values=common.key_values({kv['key']: kv['value'] for kv in fields['values']}),
+                                     procedure_id=procedure_id.current())
             message.header.stamp = common.stamp_now(self)
             self.events.publish(message)
 
@@ -551,11 +760,65 @@ class ProcedureNode(Node):
     def describe_state(self) -> str:
         return f'{self.workflow.phase.value}/{self.workflow.step.value}; {self._safety_text()}'
 
+    # ----------------------------------------------------------------- control-process liveness
+    def _watch_control_process(self, group) -> None:
+        """Loss of the control process is seen here within one heartbeat timeout: an event, a console line,
+        waiting goals end, steps are refused with the reason (until the heartbeats are back)."""
+        self.control_lost: Optional[str] = None
+        self.control_lost_since = 0.0                      # monotonic time of the loss
+        self._loss_reason = ''
+        self._waiting = set()
+        self._control_watch = HeartbeatWatch(timeout=1.0)   # the supervisor's heartbeat_timeout_s
+        self.heartbeat = common.HeartbeatPublisher(self, 0.1, callback_group=group)   # the supervisor needs it
+        self.create_subscription(Header, common.HEARTBEAT_TOPIC,
+                                 lambda msg: self._control_watch.beat(msg.frame_id, time.monotonic()),
+                                 qos.COMMANDS, callback_group=group)
+        self.create_timer(0.1, self._check_control_process, callback_group=group)
+
+    def _check_control_process(self) -> None:
+        change = self._control_watch.tick(time.monotonic())
+        if change is None:
+            return
+        self.control_lost = change.reason if change.lost else None
+        self.control_lost_since = time.monotonic()
+        if change.lost:
+            self._loss_reason = change.reason
+            print(f'[procedure] !! {change.reason}: waiting steps end, no step is accepted', flush=True)
+            self.get_logger().error(change.reason)
+            for done in list(self._waiting):
+                done.set()
+            self._event('control_lost', change.reason, severity=ProcedureEvent.ERROR)
+        else:
+            print(f'[procedure] {change.reason}', flush=True)
+            self._event('control_restored', change.reason, severity=ProcedureEvent.WARN)
+
+    def destroy_node(self):
+        self.source.stop()      # closes the DICOM port / folder watch; what arrived stays on disk
+        return super().destroy_node()
+
+
+def exit_code(node: Optional['ProcedureNode']) -> int:
+    """The process's exit code: non-zero when the demo procedure failed or did not finish."""
+    if node is None or not node.p['demo']:
+        return 0 if node is not None else 1
+    return 0 if node.demo_done.is_set() and not node.demo_error else 1
+
 
 def main(args=None) -> int:
-    return common.run_node(ProcedureNode, args)
+    built = []
+
+    def make_node():
+        built.append(ProcedureNode())
+        return built[-1]
+
+    common.run_node(make_node, args)
+    code = exit_code(built[0] if built else None)
+    if code:
+        node = built[0] if built else None
+        why = 'the node could not start' if node is None else (node.demo_error or 'the procedure did not finish')
+        print(f'procedure_node: FAILED: {why}', file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == '__main__':
-    import sys
     sys.exit(main())

@@ -30,18 +30,37 @@ Thin adapter over :mod:`igt_robot.record` (docs/record.md):
   The MCAP is a convenience log: it is chunked (up to ``mcap_chunk_kib`` of messages are buffered
   in memory) and finalised at shutdown; the JSONL record is the durable one.
 
-* ``~/write_report`` (std_srvs/Trigger) writes ``<record_dir>/report.html`` from the record; it is
-  also written at shutdown when ``write_report_on_shutdown`` is set.
+* ``~/write_report`` (std_srvs/Trigger) writes ``<record_dir>/report.html`` from the record and the
+  figures in ``<record_dir>/figures/*.png`` (the procedure node renders them); it is also written at
+  shutdown when ``write_report_on_shutdown`` is set. The recorder is the only writer of the report.
+
+The record is required (docs/record.md, "A required participant"):
+
+* A failed durable write (ENOSPC, EIO, read-only, ...) or less free space than a procedure needs
+  (``min_free_mib``, checked at start and every ``diagnostics_period_s``) is reported to the safety
+  supervisor as the active fault RECORD_FAILED naming the cause (motion halts, latched). While it lasts a
+  ``record_gap`` entry is tried every period; once one is committed (it says how many entries were lost)
+  the cause is cleared and the operator can acknowledge.
+* /heartbeat (required by the supervisor while the stack runs): stops when a write hangs longer than
+  ``write_hang_s``.
+* Only this procedure's events and doses enter the record (``procedure_id`` of the message; an empty id
+  is accepted as unlabelled); another procedure's are counted and reported as one ``foreign_procedure``
+  entry per ``foreign_report_period_s``.
+* At start, unfinished records of earlier sessions (this folder and its siblings) are closed with an
+  ``ended_abnormally`` entry and their report is written (igt_robot.record.recovery). A normal shutdown
+  ends the session with ``record_closed``. The MCAP is flushed every ``mcap_flush_period_s``.
 """
 from __future__ import annotations
 
+import collections
+import glob
 import json
 import math
 import os
 import re
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from diagnostic_msgs.msg import DiagnosticStatus
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -50,12 +69,16 @@ from sensor_msgs.msg import JointState
 from std_srvs.srv import Trigger
 
 from igt_robot import paths
-from igt_robot.nodes import common, msg_convert, qos
+from igt_robot.nodes import common, msg_convert, qos, topics
 from igt_robot.nodes.params import Param, declare
 from igt_robot.record import (KIND_CONFIRMATION, KIND_DOSE, KIND_EVENT, KIND_INTERLOCK, KIND_MOTION, KIND_PLAN,
                               KIND_REGISTRATION, KIND_SCANNER, KIND_TIP, KIND_WORKFLOW, DoseLedger, DoseValueError,
                               ProcedureRecord, RecordError, ct_scan)
+from igt_robot.record import procedure_id as procedure_identity
 from igt_robot.record.dose import CM_PER_M
+from igt_robot.record.recovery import close_all_unfinished, close_session
+from igt_robot.record.store import (KIND_CLOSED, KIND_POSITION, KIND_RECORD_GAP, PROCEDURE_SPACE_BYTES,
+                                    check_free_space, describe_os_error, session_open)
 from igt_robot.workflow import CONFIRMATIONS
 from igt_robot_msgs.msg import (DoseRecord, NeedlePlan, ProcedureEvent, RegistrationResult, RobotState, SafetyStatus,
                                 ScannerState)
@@ -63,13 +86,16 @@ from igt_robot_msgs.msg import (DoseRecord, NeedlePlan, ProcedureEvent, Registra
 NODE_NAME = 'recorder_node'
 KIND_DOSE_UNVERIFIED = 'dose_unverified'
 KIND_RECORDER = 'recorder'
+KIND_FOREIGN = 'foreign_procedure'
+RECORD_FAILED = 'RECORD_FAILED'
+FIGURES_FOLDER = 'figures'
 # Safety states entered by a transition that stops or prevents motion (an "interlock activation").
 INTERLOCK_STATES = frozenset({'SCAN_HOLD', 'HOLD', 'FAULT', 'ESTOP'})
 _ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$')
 
 PARAMS = [
-    Param('procedure_id', '', 'procedure identifier (1-64 of [A-Za-z0-9_.-]); empty = start time '
-                              'YYYYmmdd-HHMMSS', read_only=True),
+    Param('procedure_id', '', 'procedure identifier (1-64 of [A-Za-z0-9_.-]); empty = $IGT_PROCEDURE_ID, '
+                              'else the start time YYYYmmdd-HHMMSS', read_only=True),
     Param('record_dir', '', 'folder of the procedure record; empty = <repo>/build/records/<procedure_id>. '
                             'An existing record is continued (sequence numbers go on)', read_only=True),
     Param('mcap_enabled', True, 'also log the key topics to a rosbag2-compatible MCAP file', read_only=True),
@@ -88,7 +114,23 @@ PARAMS = [
                                 'DLP / CTDIvol (the check is then void)', 0.0, 2.5),
     Param('write_report_on_shutdown', True, 'write report.html from the record when the node shuts down'),
     Param('report_file', 'report.html', 'report file name inside record_dir'),
-    Param('diagnostics_period_s', 1.0, 'period of /diagnostics, s', 0.1, 60.0),
+    Param('diagnostics_period_s', 1.0, 'period of /diagnostics and of the free-space / write-retry checks, s',
+          0.1, 60.0),
+    Param('min_free_mib', PROCEDURE_SPACE_BYTES // 2**20, 'free space the record folder needs at start (preflight), '
+          'MiB; less is the fault RECORD_FAILED (docs/record.md, "Disk space")', 0, 1_000_000, read_only=True),
+    Param('reserve_free_mib', 8, 'once the preflight passed: less free space than this is RECORD_FAILED (the disk '
+          'is about to fill; checked before every entry), MiB', 0, 1_000_000, read_only=True),
+    Param('mcap_flush_period_s', 2.0, 'the MCAP chunk in progress is written out this often, s (a kill loses '
+                                      'at most this much of the MCAP)', 0.2, 60.0, read_only=True),
+    Param('position_sample_period_s', 0.2, 'while the robot moves, a position entry this often, s (the last '
+                                           'known needle depth after an abnormal end)', 0.05, 10.0, read_only=True),
+    Param('foreign_report_period_s', 5.0, "another procedure's messages are reported as one entry per "
+                                          'period, s', 0.5, 600.0, read_only=True),
+    Param('close_unfinished_records', True, 'at start, close unfinished records in the record folder and its '
+                                            'siblings with an ended_abnormally entry and write their report',
+          read_only=True),
+    Param('heartbeat_period_s', 0.1, 'own /heartbeat period, s', 0.01, 1.0, read_only=True),
+    Param('write_hang_s', 2.0, 'a record write taking longer stops the heartbeat, s', 0.1, 60.0, read_only=True),
 ]
 
 
@@ -139,7 +181,7 @@ class RecorderNode(Node):
     def __init__(self, context=None, cli_args=None, **kwargs):
         super().__init__(NODE_NAME, context=context, cli_args=cli_args, **kwargs)
         self.p = declare(self, PARAMS)
-        procedure_id = self.p['procedure_id'] or time.strftime('%Y%m%d-%H%M%S')
+        procedure_id = self.p['procedure_id'] or procedure_identity.current() or time.strftime('%Y%m%d-%H%M%S')
         if not _ID_RE.match(procedure_id):
             raise ValueError(f"parameter 'procedure_id' = {procedure_id!r}: use 1-64 characters of [A-Za-z0-9_.-]")
         self.procedure_id = procedure_id
@@ -149,16 +191,39 @@ class RecorderNode(Node):
         self.report_path = os.path.join(self.record_dir, self.p['report_file'])
 
         self._lock = threading.Lock()          # dedup state, counters
+        self.fault_reporter = common.FaultReporter(self)
+        self.closed_abnormal: List[Dict[str, Any]] = []
+        if self.p['close_unfinished_records']:
+            self._close_unfinished_siblings()
         self.record = ProcedureRecord(self.record_dir)
         self.ledger = DoseLedger()
         self._event_keys, self._plan_keys, self._registration_keys = set(), set(), set()
         self._unverified_scans = set()
-        self._load_existing()
+        existing = self._load_existing()
         self.failures = 0
         self.last_failure = ''
+        self.lost_entries = 0
+        self._write_failure: Optional[str] = None    # cause of the last failed write, until a write succeeds
+        self._space_problem: Optional[str] = None
+        self._preflight_ok = False
+        self._space_checked = -math.inf
+        self._fault_active = False
+        self._write_started: Optional[float] = None
+        self._foreign = collections.Counter()        # (what, source, procedure_id) -> messages ignored
+        self.foreign_total = 0
         self._scanner_phase: Optional[str] = None
         self._moving: Optional[bool] = None
+        self._last_position_sample = -math.inf
         self._finalized = False
+        if existing and session_open(existing):
+            # This record's previous session never closed (its recorder was killed): say so before going on.
+            try:
+                payload = close_session(self.record, f'{NODE_NAME} pid {os.getpid()}', self.p['mcap_flush_period_s'])
+                self.closed_abnormal.append(dict(payload, folder=self.record_dir))
+                self.get_logger().warning(f'the previous session of {self.record_dir} ended abnormally; '
+                                          f'closed at seq {payload["last_seq"]}')
+            except (RecordError, OSError) as exc:
+                self._on_write_failure('ended_abnormally', exc)
 
         self.mcap = None
         self.mcap_path = ''
@@ -167,42 +232,74 @@ class RecorderNode(Node):
             self.mcap_path = self._next_mcap_path()
             self.mcap = McapLog(self.mcap_path, compression=self.p['mcap_compression'],
                                 chunk_size=int(self.p['mcap_chunk_kib']) * 1024)
-        self._decimators = {'/robot/state': _Decimator(self.p['robot_state_rate_hz']),
-                            '/joint_states': _Decimator(self.p['joint_states_rate_hz']),
-                            '/scanner/state': _Decimator(self.p['scanner_state_rate_hz'])}
+        self._decimators = {topics.ROBOT_STATE: _Decimator(self.p['robot_state_rate_hz']),
+                            topics.JOINT_STATES: _Decimator(self.p['joint_states_rate_hz']),
+                            topics.SCANNER_STATE: _Decimator(self.p['scanner_state_rate_hz'])}
         self._append(KIND_RECORDER, {'procedure_id': procedure_id, 'record_dir': self.record_dir,
                                      'mcap': self.mcap_path, 'pid': os.getpid(),
-                                     'resumed_at_seq': self.record.last_seq})
+                                     'resumed_at_seq': self.record.last_seq,
+                                     'closed_abnormal': [c.get('folder', '') for c in self.closed_abnormal]})
 
         # Record writers in one exclusive group: entries keep their arrival order.
         record_group = MutuallyExclusiveCallbackGroup()
         stream_group = MutuallyExclusiveCallbackGroup()
         report_group = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(ProcedureEvent, '/procedure/events', self._on_event, qos.EVENTS,
+        self.create_subscription(ProcedureEvent, topics.PROCEDURE_EVENTS, self._on_event, qos.EVENTS,
                                  callback_group=record_group)
-        self.create_subscription(DoseRecord, '/scanner/dose', self._on_dose, qos.EVENTS, callback_group=record_group)
-        self.create_subscription(RegistrationResult, '/registration/result', self._on_registration, qos.LATCHED,
+        self.create_subscription(DoseRecord, topics.SCANNER_DOSE, self._on_dose, qos.EVENTS,
                                  callback_group=record_group)
-        self.create_subscription(NeedlePlan, '/planner/current_plan', self._on_plan, qos.LATCHED,
+        self.create_subscription(RegistrationResult, topics.REGISTRATION_RESULT, self._on_registration, qos.LATCHED,
                                  callback_group=record_group)
-        self.create_subscription(SafetyStatus, '/safety/status', self._on_safety, qos.SAFETY_LATCHED,
+        self.create_subscription(NeedlePlan, topics.PLANNER_CURRENT_PLAN, self._on_plan, qos.LATCHED,
+                                 callback_group=record_group)
+        self.create_subscription(SafetyStatus, topics.SAFETY_STATUS, self._on_safety, qos.SAFETY_LATCHED,
                                  callback_group=stream_group)
-        self.create_subscription(ScannerState, '/scanner/state', self._on_scanner, qos.SCANNER_STATE,
+        self.create_subscription(ScannerState, topics.SCANNER_STATE, self._on_scanner, qos.SCANNER_STATE,
                                  callback_group=stream_group)
-        self.create_subscription(RobotState, '/robot/state', self._on_robot, qos.STATE_STREAM,
+        self.create_subscription(RobotState, topics.ROBOT_STATE, self._on_robot, qos.STATE_STREAM,
                                  callback_group=stream_group)
-        self.create_subscription(JointState, '/joint_states', self._on_joints, qos.STATE_STREAM,
+        self.create_subscription(JointState, topics.JOINT_STATES, self._on_joints, qos.STATE_STREAM,
                                  callback_group=stream_group)
         self.create_service(Trigger, '~/write_report', self._on_write_report, callback_group=report_group)
         self.diagnostics = common.create_diagnostics_publisher(self)
         self.create_timer(self.p['diagnostics_period_s'], self._publish_diagnostics, callback_group=stream_group)
+        self.create_timer(self.p['diagnostics_period_s'], self._check_record, callback_group=record_group)
+        self.create_timer(self.p['foreign_report_period_s'], self._report_foreign, callback_group=record_group)
+        self.create_timer(0.1, self._watch_space, callback_group=MutuallyExclusiveCallbackGroup())
+        if self.mcap is not None:
+            self.create_timer(self.p['mcap_flush_period_s'], self._flush_mcap, callback_group=stream_group)
+        self.heartbeat = common.HeartbeatPublisher(self, self.p['heartbeat_period_s'],
+                                                   callback_group=MutuallyExclusiveCallbackGroup(),
+                                                   alive=self._writer_alive)
+        self._check_space()
+        self._update_fault()
         self.get_logger().info(f'recording procedure {procedure_id} to {self.record_dir} (seq '
                                f'{self.record.last_seq}); MCAP: {self.mcap_path or "off"}')
 
     # ------------------------------------------------------------ setup
-    def _load_existing(self) -> None:
+    def _close_unfinished_siblings(self) -> None:
+        """Close earlier records (siblings of this one) whose recorder was killed; write their reports."""
+        root = os.path.dirname(self.record_dir)
+        try:
+            closed = close_all_unfinished(root, exclude=[self.record_dir], detected_by=f'{NODE_NAME} pid {os.getpid()}',
+                                          report_file=self.p['report_file'],
+                                          flush_period_s=self.p['mcap_flush_period_s'], figures=figure_pngs)
+        except OSError as exc:
+            self.get_logger().error(f'unfinished records under {root} not checked: {exc}')
+            return
+        for payload in closed:
+            if 'error' in payload:
+                self.get_logger().error(f"unfinished record {payload['folder']} not closed: {payload['error']}")
+            else:
+                self.get_logger().warning(
+                    f"record {payload['folder']} had ended abnormally (last entry {payload['last_entry_wall']}, "
+                    f"needle depth {payload['last_insertion_depth_m']} m): closed, report {payload['report']}")
+        self.closed_abnormal.extend(closed)
+
+    def _load_existing(self):
         """Rebuild dedup keys and the dose ledger from a record that already has entries (restart)."""
-        for entry in self.record.read_all():
+        entries = self.record.read_all()
+        for entry in entries:
             p = entry.payload
             if entry.kind == KIND_EVENT:
                 self._event_keys.add(self._event_key_of(p))
@@ -220,6 +317,7 @@ class RecorderNode(Node):
                     self.get_logger().error(f'dose entry {entry.seq} of the existing record is unusable: {exc}')
             elif entry.kind == KIND_DOSE_UNVERIFIED:
                 self._unverified_scans.add(p.get('scan_id'))
+        return entries
 
     def _next_mcap_path(self) -> str:
         folder = os.path.join(self.record_dir, 'mcap')
@@ -234,14 +332,127 @@ class RecorderNode(Node):
         """Commit one entry; a failure is logged and counted (diagnostics ERROR), never raised into rclpy."""
         if self._finalized:
             return None  # shutting down: callbacks still queued in the executor find the record closed
+        self._write_started = now = time.monotonic()
+        if now - self._space_checked >= 0.1:   # statvfs is cheap; slack in the file's last block hides a full disk
+            self._watch_space()
         try:
             return self.record.append(kind, _json_safe(payload))
         except (RecordError, OSError) as exc:
-            with self._lock:
-                self.failures += 1
-                self.last_failure = f'{kind}: {exc}'
-            self.get_logger().error(f'could not record a {kind} entry: {exc}', throttle_duration_sec=1.0)
+            self._on_write_failure(kind, exc)
             return None
+        finally:
+            self._write_started = None
+
+    def _on_write_failure(self, kind: str, exc: BaseException) -> None:
+        """A lost entry: counted; a disk error halts motion (RECORD_FAILED) until a write succeeds again."""
+        with self._lock:
+            self.failures += 1
+            self.last_failure = f'{kind}: {exc}'
+        self.get_logger().error(f'could not record a {kind} entry: {exc}', throttle_duration_sec=1.0)
+        if isinstance(exc, OSError):
+            with self._lock:
+                self.lost_entries += 1
+                first = self._write_failure is None
+                self._write_failure = f'record write failed: {describe_os_error(exc)} on {self.record.path}'
+            if first:
+                self._update_fault()
+
+    def _writer_alive(self) -> bool:
+        started = self._write_started
+        return started is None or time.monotonic() - started < self.p['write_hang_s']
+
+    def _watch_space(self) -> None:
+        """Free space now (also every 0.1 s from its own timer): a filling disk halts motion at once."""
+        if self._finalized:
+            return
+        had = self._space_problem
+        self._check_space()
+        if self._space_problem != had:
+            self._update_fault()
+
+    def _check_space(self) -> None:
+        """Free space: the preflight amount until it was once available, then the reserve."""
+        self._space_checked = time.monotonic()
+        needed = self.p['reserve_free_mib'] if self._preflight_ok else self.p['min_free_mib']
+        problem = check_free_space(self.record_dir, int(needed) * 2**20)
+        with self._lock:
+            self._space_problem = problem
+            self._preflight_ok = self._preflight_ok or problem is None
+
+    def _check_record(self) -> None:
+        """Periodic: free space; after a failed write, try a record_gap entry; keep the fault up to date."""
+        if self._finalized:
+            return
+        self._check_space()
+        if self._write_failure is not None:
+            with self._lock:
+                lost, cause = self.lost_entries, self._write_failure
+            self._write_started = time.monotonic()
+            try:
+                self.record.append(KIND_RECORD_GAP, {'lost_entries': lost, 'cause': cause})
+            except (RecordError, OSError) as exc:
+                with self._lock:
+                    self._write_failure = f'record write failed: {describe_os_error(exc)} on {self.record.path}'
+            else:
+                with self._lock:
+                    self._write_failure = None
+                    self.lost_entries = 0
+                self.get_logger().warning(f'record writable again; {lost} entries were lost ({cause})')
+            finally:
+                self._write_started = None
+        self._update_fault()
+
+    def _update_fault(self) -> None:
+        """RECORD_FAILED active while a cause lasts (re-sent each period: the supervisor may start later)."""
+        with self._lock:
+            causes = [c for c in (self._write_failure, self._space_problem) if c]
+        if causes:
+            detail = '; '.join(causes)
+            if not self._fault_active:
+                self.get_logger().error(f'{RECORD_FAILED}: {detail} -- motion halts until the record is writable '
+                                        'and the operator acknowledges')
+            self._fault_active = True
+            self.fault_reporter.report(RECORD_FAILED, detail, active=True)
+        elif self._fault_active:
+            self._fault_active = False
+            self.fault_reporter.clear(RECORD_FAILED, 'the record is writable again')
+
+    @property
+    def record_failed(self) -> Optional[str]:
+        """The cause of RECORD_FAILED, or None."""
+        with self._lock:
+            causes = [c for c in (self._write_failure, self._space_problem) if c]
+        return '; '.join(causes) or None
+
+    def _flush_mcap(self) -> None:
+        if self.mcap is None or self._finalized:
+            return
+        try:
+            self.mcap.flush()
+        except Exception as exc:  # noqa: BLE001 -- the MCAP is secondary; the JSONL record is the durable one
+            self.get_logger().error(f'MCAP flush failed: {exc}', throttle_duration_sec=5.0)
+
+    # ------------------------------------------------------------ other procedures
+    def _is_foreign(self, what: str, source: str, their_id: str) -> bool:
+        """True (and counted) if a message belongs to another procedure on this domain."""
+        if not their_id or their_id == self.procedure_id:
+            return False
+        with self._lock:
+            self._foreign[(what, source, their_id)] += 1
+            self.foreign_total += 1
+        return True
+
+    def _report_foreign(self) -> None:
+        with self._lock:
+            counts, self._foreign = self._foreign, collections.Counter()
+        if not counts:
+            return
+        items = [{'what': w, 'source': src, 'procedure_id': pid, 'messages': n}
+                 for (w, src, pid), n in sorted(counts.items())]
+        summary = ', '.join(f"{i['messages']} {i['what']}(s) of {i['procedure_id']} from {i['source']}"
+                            for i in items)
+        self.get_logger().warning(f'ignored messages of another procedure on this ROS domain: {summary}')
+        self._append(KIND_FOREIGN, {'ignored': items, 'period_s': self.p['foreign_report_period_s']})
 
     def _log(self, topic: str, type_name: str, msg, force: bool = False) -> None:
         if self.mcap is None or self._finalized:
@@ -260,11 +471,13 @@ class RecorderNode(Node):
         return (payload.get('source'), payload.get('kind'), payload.get('stamp_ns'), payload.get('description'))
 
     def _on_event(self, msg: ProcedureEvent) -> None:
-        self._log('/procedure/events', 'igt_robot_msgs/msg/ProcedureEvent', msg)
+        if self._is_foreign('event', msg.source, msg.procedure_id):
+            return
+        self._log(topics.PROCEDURE_EVENTS, 'igt_robot_msgs/msg/ProcedureEvent', msg)
         values = msg_convert.key_values_dict(msg.values)
         payload = {'phase': msg.phase, 'severity': int(msg.severity), 'source': msg.source, 'kind': msg.kind,
                    'description': msg.description, 'values': values,
-                   'stamp_ns': msg_convert.stamp_ns(msg.header.stamp)}
+                   'stamp_ns': msg_convert.stamp_ns(msg.header.stamp), 'procedure_id': msg.procedure_id}
         key = self._event_key_of(payload)
         if key in self._event_keys:
             return  # re-delivered by TRANSIENT_LOCAL after a restart: already committed
@@ -312,7 +525,9 @@ class RecorderNode(Node):
 
     # ------------------------------------------------------------ dose, registration, plan
     def _on_dose(self, msg: DoseRecord) -> None:
-        self._log('/scanner/dose', 'igt_robot_msgs/msg/DoseRecord', msg)
+        if self._is_foreign('dose', msg.scan_id, msg.procedure_id):
+            return   # another procedure's dose never enters this record
+        self._log(topics.SCANNER_DOSE, 'igt_robot_msgs/msg/DoseRecord', msg)
         scan_id = msg.scan_id
         known = {s.scan_id for s in self.ledger.scans}
         if scan_id in known or scan_id in self._unverified_scans:
@@ -327,7 +542,8 @@ class RecorderNode(Node):
         try:
             scan = ct_scan(scan_id, ctdi_vol_mgy=msg.ctdi_vol_mgy, dlp_mgy_cm=msg.dlp_mgy_cm, kv=msg.kv, mas=msg.mas,
                            scan_length_m=length, protocol_name=msg.protocol_name,
-                           body_region=self.p['body_region'], stamp=stamp)
+                           body_region=self.p['body_region'], stamp=stamp, source=msg.source,
+                           series_instance_uid=msg.series_instance_uid)
         except DoseValueError as exc:
             # Kept in the record (the scan happened) but not totalled: the figures are missing or implausible.
             self.get_logger().warning(f'dose of scan {scan_id!r} not totalled: {exc}')
@@ -349,7 +565,7 @@ class RecorderNode(Node):
             self.ledger = DoseLedger(s for s in self.ledger.scans if s.scan_id != scan_id)
 
     def _on_registration(self, msg: RegistrationResult) -> None:
-        self._log('/registration/result', 'igt_robot_msgs/msg/RegistrationResult', msg)
+        self._log(topics.REGISTRATION_RESULT, 'igt_robot_msgs/msg/RegistrationResult', msg)
         stamp = msg_convert.stamp_ns(msg.header.stamp)
         key = (stamp, msg.method, msg.image_source)
         if key in self._registration_keys:
@@ -366,7 +582,7 @@ class RecorderNode(Node):
             self._registration_keys.add(key)
 
     def _on_plan(self, msg: NeedlePlan) -> None:
-        self._log('/planner/current_plan', 'igt_robot_msgs/msg/NeedlePlan', msg)
+        self._log(topics.PLANNER_CURRENT_PLAN, 'igt_robot_msgs/msg/NeedlePlan', msg)
         stamp = msg_convert.stamp_ns(msg.header.stamp)
         key = (msg.plan_id, stamp)
         if key in self._plan_keys:
@@ -385,12 +601,12 @@ class RecorderNode(Node):
 
     # ------------------------------------------------------------ streams
     def _on_safety(self, msg: SafetyStatus) -> None:
-        self._log('/safety/status', 'igt_robot_msgs/msg/SafetyStatus', msg)
+        self._log(topics.SAFETY_STATUS, 'igt_robot_msgs/msg/SafetyStatus', msg)
 
     def _on_scanner(self, msg: ScannerState) -> None:
         phase = common.phase_from_msg(msg.phase).value
         changed = phase != self._scanner_phase
-        self._log('/scanner/state', 'igt_robot_msgs/msg/ScannerState', msg, force=changed)
+        self._log(topics.SCANNER_STATE, 'igt_robot_msgs/msg/ScannerState', msg, force=changed)
         if changed:
             self._scanner_phase = phase
             self._append(KIND_SCANNER, {'phase': phase, 'protocol_name': msg.protocol_name, 'source': msg.source,
@@ -399,21 +615,27 @@ class RecorderNode(Node):
     def _on_robot(self, msg: RobotState) -> None:
         moving = bool(msg.moving)
         changed = moving != self._moving
-        self._log('/robot/state', 'igt_robot_msgs/msg/RobotState', msg, force=changed)
+        self._log(topics.ROBOT_STATE, 'igt_robot_msgs/msg/RobotState', msg, force=changed)
+        now = time.monotonic()
         if changed:
             self._moving = moving
+            self._last_position_sample = now
             self._append(KIND_MOTION, {'moving': moving, 'joint_names': list(msg.joint_names),
                                        'position': list(msg.position), 'insertion_depth_m': msg.insertion_depth})
+        elif moving and now - self._last_position_sample >= self.p['position_sample_period_s']:
+            self._last_position_sample = now
+            self._append(KIND_POSITION, {'position': list(msg.position), 'insertion_depth_m': msg.insertion_depth})
 
     def _on_joints(self, msg: JointState) -> None:
-        self._log('/joint_states', 'sensor_msgs/msg/JointState', msg)
+        self._log(topics.JOINT_STATES, 'sensor_msgs/msg/JointState', msg)
 
     # ------------------------------------------------------------ report and lifetime
     def write_report(self) -> str:
         """Write the HTML report from the committed record; returns its path."""
         from igt_robot.record.report import write_report
         entries = self.record.read_all()
-        return write_report(self.report_path, entries, title=f'Procedure {self.procedure_id}')
+        return write_report(self.report_path, entries, figure_pngs(self.record_dir),
+                            title=f'Procedure {self.procedure_id}')
 
     def _on_write_report(self, request, response):
         try:
@@ -430,8 +652,12 @@ class RecorderNode(Node):
         level = DiagnosticStatus.ERROR if self.failures else DiagnosticStatus.OK
         message = f'{self.failures} entries could not be recorded ({self.last_failure})' if self.failures \
             else 'recording'
+        failed = self.record_failed
+        if failed:
+            level, message = DiagnosticStatus.ERROR, f'{RECORD_FAILED}: {failed}'
         values = {'record_dir': self.record_dir, 'entries': summary['entries'], 'last_seq': summary['last_seq'],
-                  'mcap_messages': self.mcap.message_count if self.mcap else 0}
+                  'mcap_messages': self.mcap.message_count if self.mcap else 0,
+                  'foreign_messages_ignored': self.foreign_total}
         self.diagnostics.publish(common.diagnostic_array(
             self, [common.diagnostic_status(self, 'procedure record', level, message, values)]))
 
@@ -447,7 +673,18 @@ class RecorderNode(Node):
         with self._lock:
             if self._finalized:
                 return
+        self._report_foreign()
+        try:
+            self.record.append(KIND_CLOSED, {'reason': 'recorder shut down', 'failures': self.failures,
+                                             'lost_entries': self.lost_entries})
+        except (RecordError, OSError) as exc:
+            self.get_logger().error(f'record not closed cleanly ({exc}): the next start reports it as ended '
+                                    'abnormally')
+        with self._lock:
             self._finalized = True
+        heartbeat = getattr(self, 'heartbeat', None)
+        if heartbeat is not None:
+            heartbeat.stop()
         if self.p['write_report_on_shutdown']:
             try:
                 path = self.write_report()
@@ -467,6 +704,18 @@ class RecorderNode(Node):
     def destroy_node(self):
         self.finalize()
         return super().destroy_node()
+
+
+def figure_pngs(record_dir: str) -> List[bytes]:
+    """The report figures the procedure node left in ``<record_dir>/figures`` (PNG files, name order)."""
+    pngs = []
+    for path in sorted(glob.glob(os.path.join(record_dir, FIGURES_FOLDER, '*.png'))):
+        try:
+            with open(path, 'rb') as f:
+                pngs.append(f.read())
+        except OSError:
+            continue
+    return pngs
 
 
 def main(args=None) -> int:

@@ -35,12 +35,14 @@ from igt_robot.safety import CommandResult, EventKind, SafetyConfig, SafetyState
 from igt_robot_msgs import msg as igt_msg
 from igt_robot_msgs.srv import AcknowledgeFaults, ResumeMotion, SetEstop
 
-from . import common, qos
+from . import common, qos, topics
 from .params import Param, declare
 
 PARAMS = [
     Param('required_heartbeats', ['scanner_interface', 'hardware_node', 'motion_controller'],
           'nodes whose /heartbeat (frame_id = node name) is required; silence latches HEARTBEAT_LOST'),
+    Param('motion_heartbeats', [''], 'nodes whose /heartbeat is required only for motion (READY needs them, '
+          'their silence holds motion until the operator resumes; e.g. recorder_node, procedure_node)'),
     Param('heartbeat_timeout_s', 1.0, 'heartbeat timeout of every required node (s)', 0.05, 10.0),
     Param('heartbeat_timeouts_s', Parameter.Type.DOUBLE_ARRAY,
           'per-node heartbeat timeouts (s) in required_heartbeats order; unset = heartbeat_timeout_s'),
@@ -89,9 +91,13 @@ class SafetySupervisorNode(Node):
         if len(timeouts) != len(required):
             raise ValueError(f"parameter 'heartbeat_timeouts_s' needs {len(required)} values "
                              f"(one per required_heartbeats entry), got {len(timeouts)}")
+        motion_only = [str(n) for n in p['motion_heartbeats'] if str(n) and str(n) not in required]
+        required += motion_only
+        timeouts += [p['heartbeat_timeout_s']] * len(motion_only)
         workspace = (p['workspace_lower'] or None, p['workspace_upper'] or None)
         config = SafetyConfig(
-            heartbeat_timeouts=dict(zip(required, timeouts)), scanner_required=p['scanner_required'],
+            heartbeat_timeouts=dict(zip(required, timeouts)), motion_heartbeats=tuple(motion_only),
+            scanner_required=p['scanner_required'],
             scanner_timeout=p['scanner_timeout_s'], scanner_max_age=p['scanner_max_age_s'] or None,
             auto_resume_after_scan=p['auto_resume_after_scan'], require_estop_input=p['require_robot_state'],
             require_joint_state=p['require_joint_state'], joint_names=model.joint_names,
@@ -108,21 +114,21 @@ class SafetySupervisorNode(Node):
         self._last_key = None
         self._last_state = None
 
-        self._status_pub = self.create_publisher(igt_msg.SafetyStatus, '/safety/status', qos.SAFETY_LATCHED)
-        self._permitted_pub = self.create_publisher(Bool, '/safety/motion_permitted', qos.SAFETY_LATCHED)
+        self._status_pub = self.create_publisher(igt_msg.SafetyStatus, topics.SAFETY_STATUS, qos.SAFETY_LATCHED)
+        self._permitted_pub = self.create_publisher(Bool, topics.SAFETY_MOTION_PERMITTED, qos.SAFETY_LATCHED)
         self._event_pub = common.create_event_publisher(self)
         self._diag_pub = common.create_diagnostics_publisher(self)
 
         group = ReentrantCallbackGroup()   # callbacks may overlap; the lock serialises the core
         sub = self.create_subscription
-        sub(igt_msg.ScannerState, '/scanner/state', self._on_scanner, qos.SCANNER_STATE, callback_group=group)
+        sub(igt_msg.ScannerState, topics.SCANNER_STATE, self._on_scanner, qos.SCANNER_STATE, callback_group=group)
         sub(Header, common.HEARTBEAT_TOPIC, self._on_heartbeat, qos.COMMANDS, callback_group=group)
         sub(igt_msg.SafetyFault, common.FAULTS_TOPIC, self._on_fault, qos.COMMANDS, callback_group=group)
-        sub(JointState, '/joint_states', self._on_joint_states, 10, callback_group=group)
-        sub(igt_msg.RobotState, '/robot/state', self._on_robot_state, qos.STATE_STREAM, callback_group=group)
-        self.create_service(SetEstop, '/safety/estop', self._on_estop, callback_group=group)
-        self.create_service(AcknowledgeFaults, '/safety/acknowledge', self._on_acknowledge, callback_group=group)
-        self.create_service(ResumeMotion, '/safety/resume', self._on_resume, callback_group=group)
+        sub(JointState, topics.JOINT_STATES, self._on_joint_states, 10, callback_group=group)
+        sub(igt_msg.RobotState, topics.ROBOT_STATE, self._on_robot_state, qos.STATE_STREAM, callback_group=group)
+        self.create_service(SetEstop, topics.SAFETY_ESTOP, self._on_estop, callback_group=group)
+        self.create_service(AcknowledgeFaults, topics.SAFETY_ACKNOWLEDGE, self._on_acknowledge, callback_group=group)
+        self.create_service(ResumeMotion, topics.SAFETY_RESUME, self._on_resume, callback_group=group)
         self.create_timer(1.0 / p['tick_rate_hz'], lambda: self._apply(self._sup.tick), callback_group=group)
         self.create_timer(1.0 / p['publish_rate_hz'], self._publish_periodic, callback_group=group)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=group)

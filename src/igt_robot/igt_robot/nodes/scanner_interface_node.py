@@ -23,7 +23,6 @@ from ``record.dose.DoseLedger``), and ProcedureEvents ``scan_started`` /
 from __future__ import annotations
 
 import dataclasses
-import math
 import select
 import socket
 import threading
@@ -35,15 +34,15 @@ from diagnostic_msgs.msg import DiagnosticStatus
 from pyigtl import messages as pyigtl_messages
 from rclpy.node import Node
 
-from igt_robot.igtl.server import FramingError, IgtlServer, StreamReader
-from igt_robot.record.dose import (KV_RANGE, MAX_CTDI_VOL_MGY, MAX_DLP_MGY_CM, MAX_MAS, MODALITY_CT,
-                                   DoseLedger, ScanDose)
+from igt_robot.igtl.server import FramingError, IgtlServer, ServerSettings, StreamReader
+from igt_robot.record import procedure_id
+from igt_robot.record.dose import MODALITY_CT, DoseFactors, DoseLedger, DoseValueError, ScanDose
 from igt_robot.scanner import (MODEM_LINES, ModemTriggerInterpreter, ScannerPhase, SimulatedScannerSchedule,
                                StalenessGuard, phase_from_igtl_status, phase_from_igtl_text)
 from igt_robot_msgs.msg import DoseRecord, ProcedureEvent, ScannerState
 from igt_robot_msgs.srv import SetScannerState
 
-from . import common, qos
+from . import common, qos, topics
 from .params import Param, declare
 
 SOURCES = ('service', 'igtl', 'trigger', 'simulated')
@@ -110,16 +109,11 @@ def request_problem(req: SetScannerState.Request) -> Optional[str]:
     if not common.is_valid_phase_number(req.phase):
         return (f'unknown phase {req.phase}; expected 0 (UNKNOWN), 1 (IDLE), 2 (PREPARING) '
                 f'or 3 (ACQUIRING)')
-    limits = {'ctdi_vol_mgy': MAX_CTDI_VOL_MGY, 'dlp_mgy_cm': MAX_DLP_MGY_CM, 'kv': KV_RANGE[1], 'mas': MAX_MAS}
-    for name, high in limits.items():
-        value = getattr(req, name)
-        if not math.isfinite(value) or value < 0.0:
-            return f'{name} must be finite and >= 0, got {value}'
-        if value > high:
-            return f'{name} = {value:g} is implausibly large (limit {high:g}); check the unit'
-    if 0.0 < req.kv < KV_RANGE[0]:
-        return f'kv = {req.kv:g} outside {KV_RANGE[0]:g}..{KV_RANGE[1]:g} kV'
-    if not req.is_ionising and any(getattr(req, n) for n in limits):
+    try:
+        factors = DoseFactors(req.ctdi_vol_mgy, req.dlp_mgy_cm, req.kv, req.mas)   # the one dose validator
+    except DoseValueError as exc:
+        return str(exc)
+    if not req.is_ionising and factors.reported:
         return 'dose figures given for a non-ionising scan (set is_ionising for CT)'
     return None
 
@@ -230,15 +224,15 @@ class ScannerInterfaceNode(Node):
         self.igtl_connected = False
         self.igtl_port = None
 
-        self._state_pub = self.create_publisher(ScannerState, '/scanner/state', qos.SCANNER_STATE)
-        self._dose_pub = self.create_publisher(DoseRecord, '/scanner/dose', qos.EVENTS)
+        self._state_pub = self.create_publisher(ScannerState, topics.SCANNER_STATE, qos.SCANNER_STATE)
+        self._dose_pub = self.create_publisher(DoseRecord, topics.SCANNER_DOSE, qos.EVENTS)
         self._event_pub = common.create_event_publisher(self)
         self._diag_pub = common.create_diagnostics_publisher(self)
 
         if 'service' in sources:
             self._readings['service'] = Reading(phase=ScannerPhase(self.p['service_initial_phase']),
                                                 note='initial phase')
-            self.create_service(SetScannerState, '/scanner/set_state', self._on_set_state)
+            self.create_service(SetScannerState, topics.SCANNER_SET_STATE, self._on_set_state)
         if 'simulated' in sources:
             self._schedule = SimulatedScannerSchedule(self._parse_schedule(self.p['simulated_schedule']))
             self._sim_t0 = time.monotonic()
@@ -336,6 +330,7 @@ class ScannerInterfaceNode(Node):
                                  kv=reading.kv, mas=reading.mas, stamp=time.time())
             self._ledger.add(scan_dose)
             record = DoseRecord(**self._ledger.dose_record_fields(scan_dose))
+            record.procedure_id = procedure_id.current()   # the recorder keeps only its own procedure's doses
             record.header.stamp = common.stamp_now(self)
             self._dose_pub.publish(record)
 
@@ -380,9 +375,12 @@ class ScannerInterfaceNode(Node):
         limit_for = lambda mtype: IGTL_MAX_TEXT_BODY if mtype in IGTL_TEXT_TYPES else 0  # noqa: E731
         host, port = self.p['igtl_host'], self.p['igtl_port']
         if self.p['igtl_mode'] == 'server':
+            # One peer: the scanner. Others are told BUSY and closed without touching its reading; a silent
+            # scanner keeps its connection however long it is quiet.
             self._igtl = IgtlServer(host, port, on_message=lambda m: self._on_igtl(m) or (),
                                     on_refused=lambda dev, mtype, code, why: self._on_igtl(None, dev, mtype) or (),
-                                    limit_for=limit_for, on_connection=self._on_igtl_connection)
+                                    limit_for=limit_for, on_connection=self._on_igtl_connection,
+                                    settings=ServerSettings(max_clients=1, idle_timeout_s=0.0))
             self._igtl.start()
             self.igtl_port = self._igtl.port
         else:

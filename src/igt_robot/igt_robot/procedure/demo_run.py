@@ -42,18 +42,18 @@ def run_demo(node) -> dict:
 
     def resume():
         """The operator's explicit step after a scan or an acknowledged stop."""
-        status = _wait(lambda: node.safety is not None and node.safety.state in ('HOLD', 'READY') and node.safety,
-                       60, 'the safety supervisor to leave INIT/SCAN_HOLD')
+        status = _wait(lambda: _settled(node.safety), 60, 'the safety supervisor to reach HOLD or READY')
         if status.state == 'HOLD':
             reply = node._call(node.resume_client, ResumeMotion.Request(operator_id=operator))
             if not reply.success:
                 raise DemoFailed(f'resume refused: {reply.message}')
             _say(f'resume               ok  (operator resumes motion: {reply.message})')
-        _wait(lambda: node.safety.motion_permitted, 30, 'motion permission')
+        _wait(lambda: _settled(node.safety) and node.safety.motion_permitted, 30, 'motion permission')
 
     _say(f'simulated {node.p["modality"]} procedure {node.procedure_id}: target '
          f'{np.round(node.target * 1e3, 1).tolist()} mm (scanner LPS), record in {node.record_dir}')
-    _wait(lambda: node.safety is not None and node.robot is not None, 60, 'the safety supervisor and the robot')
+    _wait(lambda: node.robot is not None and _settled(node.safety), 60,
+          'the robot state and the safety supervisor in HOLD or READY')
     step('start')
     step('load_planning_scan')
     step('register')
@@ -110,6 +110,20 @@ def run_demo(node) -> dict:
     }
     _say('summary: ' + ', '.join(f'{k}={v}' for k, v in summary.items()))
     return summary
+
+
+def _settled(safety):
+    """``safety`` once it is HOLD or READY; None while INIT or SCAN_HOLD; DemoFailed at once on FAULT/ESTOP.
+
+    A fault or an e-stop needs the operator (remove the cause, acknowledge): the demo gives no such
+    acknowledgement, so it stops there with the supervisor's reason instead of waiting for nothing.
+    """
+    if safety is None:
+        return None
+    if safety.state in ('FAULT', 'ESTOP'):
+        faults = '; '.join(f'{f.code}: {f.detail}' for f in safety.faults)
+        raise DemoFailed(f'safety supervisor in {safety.state}: {safety.reason}' + (f' ({faults})' if faults else ''))
+    return safety if safety.state in ('HOLD', 'READY') else None
 
 
 class _UnexpectedScan(threading.Thread):

@@ -76,12 +76,75 @@ def k_factor(body_region: str) -> float:
     return K_FACTORS_MSV_PER_MGY_CM[key]
 
 
+# Where a scan's dose figures came from (DoseRecord.msg SOURCE_* values).
+SOURCE_RDSR = 'RDSR'                    # an X-Ray Radiation Dose SR sent by the scanner (per irradiation event)
+SOURCE_IMAGE_HEADER = 'IMAGE_HEADER'    # CTDIvol (0018,9345), KVP (0018,0060), Exposure (0018,1152) of the images
+SOURCE_MANUAL = 'MANUAL'                # typed in by the operator: a flagged fallback
+SOURCE_SIMULATED = 'SIMULATED'          # the simulated scanner
+SOURCES = (SOURCE_RDSR, SOURCE_IMAGE_HEADER, SOURCE_MANUAL, SOURCE_SIMULATED)
+
+
+@dataclasses.dataclass(frozen=True)
+class DoseFactors:
+    """The CT dose factors of one scan or protocol: the one type (and the one validator) for them.
+
+    CTDIvol in mGy, DLP in mGy·cm, tube voltage in kV, tube current-time product in mAs.
+    0 means "not reported" (e.g. a scanner state source that does not know the figures); a
+    reported figure must be finite, non-negative and plausible (:meth:`problem`). A complete set
+    (what the ledger totals) is required by :meth:`require_complete`.
+    """
+
+    ctdi_vol_mgy: float = 0.0
+    dlp_mgy_cm: float = 0.0
+    kv: float = 0.0
+    mas: float = 0.0
+
+    def __post_init__(self):
+        problem = self.problem()
+        if problem:
+            raise DoseValueError(problem)
+
+    def problem(self) -> str:
+        """Why these figures are impossible ('' when each is 0 = not reported, or plausible)."""
+        limits = {'ctdi_vol_mgy': MAX_CTDI_VOL_MGY, 'dlp_mgy_cm': MAX_DLP_MGY_CM, 'kv': KV_RANGE[1], 'mas': MAX_MAS}
+        for name, high in limits.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f'{name} must be a number, got {value!r}'
+            if not math.isfinite(value) or value < 0.0:
+                return f'{name} must be finite and >= 0, got {value}'
+            if value > high:
+                return f'{name} = {value:g} is implausibly large (limit {high:g}); check the unit'
+        if 0.0 < self.kv < KV_RANGE[0]:
+            return f'kv = {self.kv:g} outside {KV_RANGE[0]:g}..{KV_RANGE[1]:g} kV'
+        return ''
+
+    @property
+    def reported(self) -> bool:
+        """Any figure reported at all."""
+        return any((self.ctdi_vol_mgy, self.dlp_mgy_cm, self.kv, self.mas))
+
+    def require_complete(self) -> 'DoseFactors':
+        """The figures a CT scan needs to be totalled (kV in range, mAs > 0); DoseValueError otherwise."""
+        _finite('kv', self.kv, KV_RANGE[0], KV_RANGE[1])
+        _finite('mas', self.mas, 0.0, MAX_MAS, allow_zero=False)
+        return self
+
+    def dlp_for_length(self, scan_length_m: float) -> float:
+        """DLP (mGy·cm) = CTDIvol × scan length (cm): the figure a scanner reports for a helical range."""
+        return self.ctdi_vol_mgy * float(scan_length_m) * CM_PER_M
+
+    def with_dlp(self, scan_length_m: float) -> 'DoseFactors':
+        return dataclasses.replace(self, dlp_mgy_cm=self.dlp_for_length(scan_length_m))
+
+
 @dataclasses.dataclass(frozen=True)
 class ScanDose:
     """One scan of the procedure. CT: dose figures required; MR: all dose figures 0.
 
     ``stamp`` is the time of the scan (s, any consistent clock, e.g. monotonic or epoch).
     ``warnings`` carries non-fatal plausibility findings (e.g. DLP inconsistent with length).
+    ``source`` says where the figures came from (SOURCE_*; MANUAL is flagged in ``warnings``).
     """
 
     scan_id: str
@@ -95,10 +158,16 @@ class ScanDose:
     scan_length_m: float = 0.0
     stamp: float = 0.0
     warnings: tuple = ()
+    source: str = ''
+    series_instance_uid: str = ''
 
     @property
     def is_ionising(self) -> bool:
         return self.modality == MODALITY_CT
+
+    @property
+    def factors(self) -> DoseFactors:
+        return DoseFactors(self.ctdi_vol_mgy, self.dlp_mgy_cm, self.kv, self.mas)
 
     @property
     def effective_dose_msv(self) -> float:
@@ -112,21 +181,26 @@ class ScanDose:
 
 
 def ct_scan(scan_id: str, *, ctdi_vol_mgy, dlp_mgy_cm, kv, mas, scan_length_m,
-            protocol_name: str = '', body_region: str = 'abdomen', stamp: float = 0.0) -> ScanDose:
+            protocol_name: str = '', body_region: str = 'abdomen', stamp: float = 0.0,
+            source: str = '', series_instance_uid: str = '') -> ScanDose:
     """Validate one CT scan's dose figures and return a :class:`ScanDose`.
 
     Raises DoseValueError for a missing/NaN/negative/implausible value or unknown region.
     """
     scan_id = _scan_id(scan_id)
     k_factor(body_region)  # validates the region
-    ctdi = _finite('ctdi_vol_mgy', ctdi_vol_mgy, 0.0, MAX_CTDI_VOL_MGY)
-    dlp = _finite('dlp_mgy_cm', dlp_mgy_cm, 0.0, MAX_DLP_MGY_CM)
-    kv_f = _finite('kv', kv, KV_RANGE[0], KV_RANGE[1])
-    mas_f = _finite('mas', mas, 0.0, MAX_MAS, allow_zero=False)
+    for name, value in (('ctdi_vol_mgy', ctdi_vol_mgy), ('dlp_mgy_cm', dlp_mgy_cm), ('mas', mas)):
+        _finite(name, value)   # a number at all (the message names the field), then the one validator
+    _finite('kv', kv, KV_RANGE[0])
+    factors = DoseFactors(float(ctdi_vol_mgy), float(dlp_mgy_cm), float(kv), float(mas)).require_complete()
     length = _finite('scan_length_m', scan_length_m, 0.0, MAX_SCAN_LENGTH_M, allow_zero=False)
     stamp_f = _finite('stamp', stamp, -math.inf)
+    source = _source(source)
     warnings: List[str] = []
-    expected_dlp = ctdi * length * CM_PER_M
+    if source == SOURCE_MANUAL:
+        warnings.append('dose figures entered manually (not from the scanner)')
+    ctdi, dlp = factors.ctdi_vol_mgy, factors.dlp_mgy_cm
+    expected_dlp = factors.dlp_for_length(length)
     if expected_dlp > 0.0:
         ratio = dlp / expected_dlp
         if not (DLP_CONSISTENCY_RATIO[0] <= ratio <= DLP_CONSISTENCY_RATIO[1]):
@@ -136,7 +210,15 @@ def ct_scan(scan_id: str, *, ctdi_vol_mgy, dlp_mgy_cm, kv, mas, scan_length_m,
         warnings.append('DLP > 0 with CTDIvol 0')
     return ScanDose(scan_id=scan_id, modality=MODALITY_CT, protocol_name=str(protocol_name),
                     body_region=str(body_region).strip().lower(), ctdi_vol_mgy=ctdi, dlp_mgy_cm=dlp,
-                    kv=kv_f, mas=mas_f, scan_length_m=length, stamp=stamp_f, warnings=tuple(warnings))
+                    kv=factors.kv, mas=factors.mas, scan_length_m=length, stamp=stamp_f, warnings=tuple(warnings),
+                    source=source, series_instance_uid=str(series_instance_uid or ''))
+
+
+def _source(source) -> str:
+    text = str(source or '').strip().upper()
+    if text and text not in SOURCES:
+        raise DoseValueError(f'unknown dose source {source!r}; expected one of {", ".join(SOURCES)}')
+    return text
 
 
 def mr_scan(scan_id: str, *, protocol_name: str = '', body_region: str = 'abdomen', stamp: float = 0.0) -> ScanDose:
@@ -166,7 +248,8 @@ def scan_from_dict(d: Mapping[str, Any]) -> ScanDose:
         raise DoseValueError(f'CT scan {d.get("scan_id")!r} lacks {", ".join(missing)}')
     return ct_scan(d.get('scan_id'), ctdi_vol_mgy=d['ctdi_vol_mgy'], dlp_mgy_cm=d['dlp_mgy_cm'], kv=d['kv'],
                    mas=d['mas'], scan_length_m=d['scan_length_m'], protocol_name=d.get('protocol_name', ''),
-                   body_region=d.get('body_region', 'abdomen'), stamp=d.get('stamp', 0.0))
+                   body_region=d.get('body_region', 'abdomen'), stamp=d.get('stamp', 0.0),
+                   source=d.get('source', ''), series_instance_uid=d.get('series_instance_uid', ''))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +331,8 @@ class DoseLedger:
         ct = [s for s in upto if s.is_ionising]
         return {'scan_id': scan.scan_id, 'protocol_name': scan.protocol_name,
                 'ctdi_vol_mgy': scan.ctdi_vol_mgy, 'dlp_mgy_cm': scan.dlp_mgy_cm, 'kv': scan.kv,
-                'mas': scan.mas, 'scan_count': len(ct),
+                'mas': scan.mas, 'scan_count': len(ct), 'source': scan.source,
+                'series_instance_uid': scan.series_instance_uid,
                 'total_dlp_mgy_cm': math.fsum(s.dlp_mgy_cm for s in ct)}
 
     @classmethod

@@ -212,6 +212,7 @@ class McapLog:
         self._topic_types: Dict[str, str] = {}
         self._sequence: Dict[str, int] = {}
         self.message_count = 0
+        self.flushed_count = 0
 
     def _schema(self, type_name: str):
         if type_name not in self._schemas:
@@ -248,6 +249,16 @@ class McapLog:
             self._sequence[topic] = seq + 1
             self.message_count += 1
 
+    def flush(self, fsync: bool = True) -> None:
+        """Close the chunk in progress and write it out (and fsync): a crash after this loses nothing before it."""
+        with self._lock:
+            if self._file is None:
+                return
+            self._writer._writer.flush()
+            if fsync:
+                os.fsync(self._file.fileno())
+            self.flushed_count = self.message_count
+
     def close(self) -> None:
         """Finish the MCAP (summary, footer) and close the file; idempotent."""
         with self._lock:
@@ -264,3 +275,37 @@ class McapLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+MCAP_MAGIC = b'\x89MCAP0\r\n'
+
+
+def mcap_file_status(path) -> Dict[str, Any]:
+    """What an MCAP file holds: finalised (footer written) or not, readable messages, last log time.
+
+    For a file not finalised (its writer was killed) every complete chunk is read; what was still
+    buffered in the writer's open chunk is lost and counted nowhere (the report says so).
+    """
+    from mcap.records import Message
+    from mcap.stream_reader import StreamReader
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        if size >= len(MCAP_MAGIC):
+            f.seek(size - len(MCAP_MAGIC))
+            finalised = f.read() == MCAP_MAGIC and size > 2 * len(MCAP_MAGIC)
+        else:
+            finalised = False
+        f.seek(0)
+        messages, last_ns, error = 0, None, ''
+        try:
+            # Read forward record by record: an unfinished file has no summary to seek to.
+            for message in StreamReader(f, skip_magic=False).records:
+                if not isinstance(message, Message):
+                    continue
+                messages += 1
+                last_ns = message.log_time if last_ns is None else max(last_ns, message.log_time)
+        except Exception as exc:  # noqa: BLE001 -- a truncated file ends the readable part
+            error = f'{type(exc).__name__}: {exc}'
+    return {'path': path, 'bytes': size, 'finalised': finalised, 'messages': messages,
+            'last_log_time_ns': last_ns, 'read_error': error}

@@ -82,6 +82,9 @@ class ProcedureSummary:
     scan_intervals: List[Tuple[float, float, str]] = dataclasses.field(default_factory=list)
     recoveries: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     workflow_final: str = ''
+    abnormal_ends: List[Dict[str, Any]] = dataclasses.field(default_factory=list)   # ended_abnormally payloads
+    record_gaps: List[Dict[str, Any]] = dataclasses.field(default_factory=list)     # record_gap payloads
+    foreign: List[Dict[str, Any]] = dataclasses.field(default_factory=list)         # ignored other procedures
 
 
 def _vec3(value, what: str) -> Optional[np.ndarray]:
@@ -154,6 +157,12 @@ def summarise(entries: Sequence[RecordEntry]) -> ProcedureSummary:
             scan_changes.append((t, phase in IMAGING_PHASES, str(p.get('protocol_name', ''))))
         elif e.kind == 'record_recovery':
             s.recoveries.append(p)
+        elif e.kind == 'ended_abnormally':
+            s.abnormal_ends.append(p)
+        elif e.kind == 'record_gap':
+            s.record_gaps.append(p)
+        elif e.kind == 'foreign_procedure':
+            s.foreign.extend(p.get('ignored', []))
     s.motion_intervals = [(a, b) for a, b, _ in _intervals(motion_changes, s.duration_s)]
     s.scan_intervals = _intervals(scan_changes, s.duration_s)
     try:
@@ -366,6 +375,18 @@ def error_budget_section(budget: dict) -> str:
             'control scans correct deflection and target motion during the insertion.</p>')
 
 
+def last_error_budget(entries: Sequence[RecordEntry]) -> Optional[dict]:
+    """The last 'error_budget' event's values (mm) in the record, or None."""
+    budget = None
+    for e in sorted(entries, key=lambda e: e.seq):
+        if e.kind == 'event' and e.payload.get('kind') == 'error_budget':
+            try:
+                budget = {k: float(v) for k, v in (e.payload.get('values') or {}).items()}
+            except (TypeError, ValueError):
+                continue
+    return budget
+
+
 def build_report(entries: Sequence[RecordEntry], images: Sequence[ImageInput] = (), *,
                  title: str = 'Needle placement procedure report', generated_at: Optional[str] = None,
                  error_budget: Optional[dict] = None) -> str:
@@ -389,7 +410,10 @@ def build_report(entries: Sequence[RecordEntry], images: Sequence[ImageInput] = 
             ('Tip-to-target error', _fmt_mm(s.tip_error_m)),
             ('Control scans with tip', str(len(s.tips))),
             ('Workflow state at end', _e(s.workflow_final or '—'))]
+    for end in s.abnormal_ends:
+        parts.append(_abnormal_end_html(end))
     parts.append('<h2>Summary</h2>' + _table(rows))
+    error_budget = error_budget or last_error_budget(entries)
     if error_budget:
         parts.append(error_budget_section(error_budget))
 
@@ -435,13 +459,50 @@ def build_report(entries: Sequence[RecordEntry], images: Sequence[ImageInput] = 
             parts.append(f'<figure>{_img(png, caption)}<figcaption>{_e(caption)}</figcaption></figure>')
 
     # --- integrity
-    if s.recoveries:
+    if s.recoveries or s.record_gaps or s.foreign:
         parts.append('<h2>Record integrity</h2>')
+        for g in s.record_gaps:
+            parts.append(f'<p class="warn">{int(g.get("lost_entries", 0))} record entries were lost '
+                         f'({_e(g.get("cause", ""))}); motion was halted (RECORD_FAILED) until the record '
+                         'was writable again.</p>')
+        if s.foreign:
+            parts.append('<p class="note">Messages of other procedures on the same ROS domain were ignored: '
+                         + _e(', '.join(f'{f.get("messages", 0)} {f.get("what", "")}(s) of {f.get("procedure_id", "")}'
+                                        f' from {f.get("source", "")}' for f in s.foreign)) + '.</p>')
         for r in s.recoveries:
             parts.append(f'<p class="warn">The record was repaired after a crash: {int(r.get("torn_bytes", 0))} '
                          f'bytes of an unfinished entry were set aside ({_e(r.get("reason", ""))}).</p>')
     parts.append('</body></html>')
     return '\n'.join(parts)
+
+
+def _abnormal_end_html(end: Dict[str, Any]) -> str:
+    """The banner of a record whose recorder never closed it: what was known last and what was lost."""
+    depth = end.get('last_insertion_depth_m')
+    rows = [('Last record entry', f'{_e(end.get("last_entry_wall", ""))} (seq {int(end.get("last_seq", 0))}, '
+                                  f'{_e(end.get("last_entry_kind", ""))})'),
+            ('Last known needle depth', _fmt_mm(depth) if depth is not None else '—'),
+            ('Last scan', _e(end.get('last_scan') or '—')),
+            ('Dose so far', f'{int(end.get("ct_scan_count", 0))} CT scans, '
+                            f'{float(end.get("total_dlp_mgy_cm", 0.0)):.1f} mGy·cm'),
+            ('Workflow state', _e(end.get('workflow') or '—')),
+            ('Found by', _e(end.get('detected_by', '')))]
+    lost = [f'Procedure record: {_e(end.get("record_loss", ""))}.']
+    if end.get('torn_tail_bytes'):
+        lost.append(f'An unfinished last line ({int(end["torn_tail_bytes"])} bytes) was set aside.')
+    for m in end.get('mcap', []):
+        name = _e(str(m.get('path', '')).rsplit('/', 1)[-1])
+        if m.get('missing'):
+            lost.append(f'MCAP {name}: missing.')
+        elif m.get('finalised'):
+            lost.append(f'MCAP {name}: complete.')
+        else:
+            lost.append(f'MCAP {name}: not finalised; {int(m.get("messages", 0))} messages readable up to '
+                        f'{_e(m.get("last_log_time") or "its start")}; what came after (at most the flush period, '
+                        f'{float(end.get("mcap_flush_period_s", 0.0)):g} s, before the end) was lost.')
+    return ('<div class="warn"><h2>Ended abnormally</h2><p>The recorder never closed this record (the process '
+            'was killed or the machine stopped). What the record knew last:</p>' + _table(rows)
+            + '<p>What was lost: ' + ' '.join(lost) + '</p></div>')
 
 
 def write_report(path, entries: Sequence[RecordEntry], images: Sequence[ImageInput] = (), **kwargs) -> str:

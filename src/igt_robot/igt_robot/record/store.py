@@ -38,7 +38,7 @@ import re
 import threading
 import time
 import zlib
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -57,6 +57,19 @@ KIND_MOTION = 'motion'
 KIND_TIP = 'tip'
 KIND_WORKFLOW = 'workflow'
 KIND_RECOVERY = 'record_recovery'
+# Session markers: a recorder session starts with ``recorder`` and ends with ``record_closed`` (normal end)
+# or, found unfinished at the next start, ``ended_abnormally``.
+KIND_SESSION_START = 'recorder'
+KIND_CLOSED = 'record_closed'
+KIND_ABNORMAL_END = 'ended_abnormally'
+KIND_RECORD_GAP = 'record_gap'
+KIND_POSITION = 'position'        # needle position sampled while the robot moves
+
+# Free space a procedure needs in its record folder (docs/record.md, "Disk space"), from a real demo record:
+# one simulated CT scan (DICOM series + label map) is 4.0 MiB; a procedure has about 8 scans (planning,
+# control scans, unexpected scan, confirmation) = 33 MiB, plus events, MCAP and report (< 1 MiB); x3 for
+# longer procedures.
+PROCEDURE_SPACE_BYTES = 100 * 1024 * 1024
 
 _KIND_RE = re.compile(r'^[a-z][a-z0-9_]{0,63}$')
 # The CRC trailer has a fixed shape so it can be split off the raw bytes without
@@ -239,6 +252,113 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def free_bytes(path) -> int:
+    """Bytes available to this (unprivileged) user on the filesystem of ``path`` (or its nearest parent)."""
+    path = os.path.abspath(os.fspath(path))
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def check_free_space(path, needed: int = PROCEDURE_SPACE_BYTES) -> Optional[str]:
+    """None if ``path``'s filesystem has ``needed`` bytes free, else the reason (operator-readable)."""
+    try:
+        free = free_bytes(path)
+    except OSError as exc:
+        return f'free space of {path} unknown: {exc}'
+    if free < needed:
+        return (f'only {free / 2**20:.1f} MiB free for the record in {path}; a procedure needs '
+                f'{needed / 2**20:.0f} MiB')
+    return None
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """'ENOSPC (No space left on device)'-style text naming the cause of a failed write."""
+    import errno
+    if isinstance(exc, OSError) and exc.errno:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        return f'{name} ({os.strerror(exc.errno)})'
+    return f'{type(exc).__name__}: {exc}'
+
+
+def session_open(entries: Sequence[RecordEntry]) -> bool:
+    """True if the last recorder session in ``entries`` was started and never closed (ended abnormally)."""
+    for entry in reversed(entries):
+        if entry.kind in (KIND_CLOSED, KIND_ABNORMAL_END):
+            return False
+        if entry.kind == KIND_SESSION_START:
+            return True
+    return False
+
+
+def record_locked(directory) -> bool:
+    """True if a live ProcedureRecord (any process) holds ``directory``'s record open."""
+    path = os.path.join(os.fspath(directory), EVENTS_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def find_unfinished_records(root, exclude: Sequence[str] = ()) -> List[str]:
+    """Record folders directly under ``root`` whose last session never closed and that no live process holds."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        return []
+    skip = {os.path.realpath(p) for p in exclude}
+    found = []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if os.path.realpath(folder) in skip or not os.path.isfile(os.path.join(folder, EVENTS_FILE)):
+            continue
+        if record_locked(folder):
+            continue   # its recorder is alive
+        try:
+            entries = read_entries(folder)
+        except (OSError, RecordError) as exc:   # unreadable: leave it for a person, do not touch
+            del exc
+            continue
+        if session_open(entries):
+            found.append(folder)
+    return found
+
+
+def last_known_state(entries: Sequence[RecordEntry]) -> Dict[str, Any]:
+    """What the record knew last: needle depth, last scan, dose so far, last entry (for an abnormal end)."""
+    state: Dict[str, Any] = {'last_seq': entries[-1].seq if entries else 0,
+                             'last_entry_wall': entries[-1].wall if entries else '',
+                             'last_entry_kind': entries[-1].kind if entries else '',
+                             'last_insertion_depth_m': None, 'last_scan': '', 'ct_scan_count': 0,
+                             'total_dlp_mgy_cm': 0.0, 'workflow': ''}
+    for e in entries:
+        p = e.payload
+        if e.kind in (KIND_MOTION, KIND_POSITION) and p.get('insertion_depth_m') is not None:
+            state['last_insertion_depth_m'] = p['insertion_depth_m']
+        elif e.kind == KIND_DOSE:
+            state['ct_scan_count'] += 1 if p.get('modality', 'CT') == 'CT' else 0
+            state['total_dlp_mgy_cm'] += float(p.get('dlp_mgy_cm') or 0.0)
+            state['last_scan'] = str(p.get('scan_id', '')) or state['last_scan']
+        elif e.kind == KIND_EVENT and p.get('kind') == 'scan_acquired':
+            state['last_scan'] = str(p.get('values', {}).get('scan_id', '')) or state['last_scan']
+        elif e.kind == KIND_WORKFLOW and p.get('accepted'):
+            state['workflow'] = f"{p.get('phase', '')}/{p.get('step', '')}"
+    state['total_dlp_mgy_cm'] = round(state['total_dlp_mgy_cm'], 3)
+    return state
 
 
 def read_entries(path: str) -> List[RecordEntry]:

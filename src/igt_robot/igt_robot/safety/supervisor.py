@@ -60,6 +60,10 @@ class SafetyConfig:
     """Supervisor configuration (SI units; times in s, lengths in m, angles in rad).
 
     heartbeat_timeouts     required node heartbeats: source name -> timeout (s).
+    motion_heartbeats      sources (of heartbeat_timeouts) required only for motion: INIT does not wait
+                           for them and their silence is no fault, but READY needs them all alive; a
+                           silence in READY is a hold that needs the operator's resume (the workflow
+                           process and the recorder: image work may starve them while nothing moves).
     scanner_required       INIT waits for a scanner state; silence faults.
     scanner_timeout        no live scanner message for longer -> fault SCANNER_SILENT
                            (choose ≈ 3 scanner heartbeat periods).
@@ -78,6 +82,7 @@ class SafetyConfig:
     """
 
     heartbeat_timeouts: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    motion_heartbeats: Tuple[str, ...] = ()
     scanner_required: bool = True
     scanner_timeout: float = 1.5
     scanner_max_age: Optional[float] = None
@@ -98,6 +103,10 @@ class SafetyConfig:
     def __post_init__(self):
         self.heartbeat_timeouts = {str(k): _finite_positive(f'heartbeat_timeouts[{k}]', v)
                                    for k, v in dict(self.heartbeat_timeouts).items()}
+        self.motion_heartbeats = tuple(str(s) for s in self.motion_heartbeats)
+        unknown = [s for s in self.motion_heartbeats if s not in self.heartbeat_timeouts]
+        if unknown:
+            raise SafetyConfigError(f'motion_heartbeats {unknown} need a timeout in heartbeat_timeouts')
         self.scanner_timeout = _finite_positive('scanner_timeout', self.scanner_timeout)
         if self.scanner_max_age is not None:
             self.scanner_max_age = _finite_positive('scanner_max_age', self.scanner_max_age)
@@ -344,8 +353,8 @@ class SafetySupervisor:
         """Periodic timeout checks: node heartbeats, scanner silence, scanner staleness."""
         now = self._clock(now)
         for source, last in self._hb_last.items():
-            if last is None:
-                continue        # never seen: INIT covers it
+            if last is None or source in self.config.motion_heartbeats:
+                continue        # never seen: INIT covers it; motion-only sources: _target_state holds
             silence = now - last
             if silence > self.config.heartbeat_timeouts[source]:
                 self._raise(FaultCode.HEARTBEAT_LOST.value, f'{source} silent for {silence:.2f} s',
@@ -532,7 +541,8 @@ class SafetySupervisor:
         self._history.append(ev)
 
     def _missing_inputs(self) -> List[str]:
-        missing = [f'heartbeat {s}' for s, t in self._hb_last.items() if t is None]
+        missing = [f'heartbeat {s}' for s, t in self._hb_last.items()
+                   if t is None and s not in self.config.motion_heartbeats]
         if self.config.scanner_required and self._scanner_phase is None:
             missing.append('scanner state')
         if self.config.require_estop_input and self._estop_active is None:
@@ -556,9 +566,16 @@ class SafetySupervisor:
             if not self.config.auto_resume_after_scan:
                 self._require_resume('scan')
             return SafetyState.SCAN_HOLD
+        silent = self._silent_motion_heartbeats(now)
+        if silent:
+            self._require_resume(f'no heartbeat from {", ".join(silent)} (required for motion)')
         if self._awaiting_resume:
             return SafetyState.HOLD
         return SafetyState.READY
+
+    def _silent_motion_heartbeats(self, now: float) -> List[str]:
+        return [s for s in self.config.motion_heartbeats
+                if self._hb_last[s] is None or now - self._hb_last[s] > self.config.heartbeat_timeouts[s]]
 
     def _finish(self, now: float, cause: Optional[str] = None) -> List[SafetyEvent]:
         """Update the state, then hand out every event queued since the last call."""

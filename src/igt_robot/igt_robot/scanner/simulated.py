@@ -14,6 +14,8 @@ import dataclasses
 import math
 from typing import Iterable, List, Optional, Sequence
 
+from igt_robot.record.dose import DoseFactors
+
 from .phases import ScannerPhase
 
 
@@ -42,11 +44,16 @@ class ScanEvent:
                 raise ValueError(f'ScanEvent.{name} must be a finite number, got {value!r}')
         if self.duration <= 0.0:
             raise ValueError(f'ScanEvent.duration must be > 0 s, got {self.duration}')
-        for name in ('ctdi_vol_mgy', 'dlp_mgy_cm', 'kv', 'mas', 'prepare_s'):
-            if getattr(self, name) < 0.0:
-                raise ValueError(f'ScanEvent.{name} must be >= 0, got {getattr(self, name)}')
-        if not self.is_ct and any(getattr(self, n) for n in ('ctdi_vol_mgy', 'dlp_mgy_cm', 'kv', 'mas')):
+        if self.prepare_s < 0.0:
+            raise ValueError(f'ScanEvent.prepare_s must be >= 0, got {self.prepare_s}')
+        self.dose   # noqa: B018 -- validates the dose figures
+        if not self.is_ct and self.dose.reported:
             raise ValueError(f'ScanEvent {self.protocol!r}: dose figures given for a non-CT (MRI) event')
+
+    @property
+    def dose(self) -> DoseFactors:
+        """The event's dose figures, checked by the one dose validator (DoseValueError is a ValueError)."""
+        return DoseFactors(self.ctdi_vol_mgy, self.dlp_mgy_cm, self.kv, self.mas)
 
     @property
     def busy_from(self) -> float:

@@ -8,27 +8,18 @@ clinician's segmentation). CT acquisitions carry dose factors. No rclpy.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import pathlib
 from typing import Optional
 
 import numpy as np
+from pydicom.uid import generate_uid
 
 from igt_robot.imaging.io import write_dicom_series, write_nifti
 from igt_robot.imaging.phantom import make_phantom
+from igt_robot.record.dose import DoseFactors
+from igt_robot.simulation.rdsr import DoseEvent, write_rdsr
 from igt_robot.simulation.scenario import Scenario
-
-
-@dataclasses.dataclass(frozen=True)
-class DoseFactors:
-    """CT dose factors of a protocol (IEC 60601-2-44 units)."""
-
-    ctdi_vol_mgy: float
-    kv: float
-    mas: float
-
-    def dlp(self, scan_length_m: float) -> float:
-        """DLP (mGy*cm) = CTDIvol x scan length in cm."""
-        return self.ctdi_vol_mgy * scan_length_m * 100.0
 
 
 PROTOCOLS = {
@@ -53,10 +44,12 @@ class Acquisition:
     labelmap_path: Optional[pathlib.Path]
     dose: Optional[DoseFactors]
     scan_length_m: float
+    series_instance_uid: str = ''
+    dose_event: Optional[object] = None          # simulation.rdsr.DoseEvent of a CT scan
 
     @property
     def dlp_mgy_cm(self) -> float:
-        return self.dose.dlp(self.scan_length_m) if self.dose else 0.0
+        return self.dose.dlp_for_length(self.scan_length_m) if self.dose else 0.0
 
 
 class SimulatedScanner:
@@ -69,6 +62,8 @@ class SimulatedScanner:
         self.T_base_zframe = np.asarray(T_base_zframe, dtype=float)
         self.kinematics = kinematics
         self.count = 0
+        self.study_instance_uid = generate_uid()     # one study per procedure, as at the scanner console
+        self.dose_events = []                        # simulation.rdsr.DoseEvent of each CT scan, in order
 
     def acquire(self, protocol: str, joints=None, with_labels: bool = False) -> Acquisition:
         """Image the scene now (``joints``: the robot's measured joint positions, for the needle)."""
@@ -83,12 +78,32 @@ class SimulatedScanner:
         spec = self.scenario.phantom_spec(self.T_base_zframe, joints, self.kinematics, scan_index=self.count)
         volume, truth = make_phantom(spec)
         folder = self.out_dir / scan_id
-        write_dicom_series(volume, folder, series_description=f'igt_robot {protocol}')
+        dose = PROTOCOLS[protocol] if self.scenario.modality == 'CT' else None
+        length = abs(float(volume.spacing[2])) * volume.data.shape[0]
+        series_uid, event_uid = generate_uid(), generate_uid()
+        # What a scanner writes into every image: the protocol, how many images the acquisition has and,
+        # for CT, the dose figures and the irradiation event the dose report refers to.
+        attributes = {'ProtocolName': f'{protocol} scan', 'ImagesInAcquisition': int(volume.data.shape[0])}
+        dose_event = None
+        if dose is not None:
+            dose = dose.with_dlp(length)
+            attributes.update(CTDIvol=float(dose.ctdi_vol_mgy), KVP=f'{dose.kv:.4g}', Exposure=int(round(dose.mas)),
+                              IrradiationEventUID=event_uid)
+            dose_event = DoseEvent(event_uid, f'{protocol} scan', dose.ctdi_vol_mgy, dose.dlp_mgy_cm, dose.kv,
+                                   dose.mas, length * 1000.0, datetime.datetime.now())
+            self.dose_events.append(dose_event)
+        write_dicom_series(volume, folder, series_description=f'igt_robot {protocol}',
+                           series_instance_uid=series_uid, study_instance_uid=self.study_instance_uid,
+                           extra_attributes=attributes)
         labels = None
         if with_labels:
             labels = self.out_dir / f'{scan_id}_labels.nii.gz'
             write_nifti(truth.label_volume, labels)
-        dose = PROTOCOLS[protocol] if self.scenario.modality == 'CT' else None
-        length = float(np.ptp(np.asarray(volume.affine[:3, :3] @ np.array([0, 0, volume.data.shape[0] - 1]))))
-        return Acquisition(scan_id, protocol, volume, truth, folder, labels, dose,
-                           scan_length_m=abs(float(volume.spacing[2])) * volume.data.shape[0] or length)
+        return Acquisition(scan_id, protocol, volume, truth, folder, labels, dose, scan_length_m=length,
+                           series_instance_uid=series_uid, dose_event=dose_event)
+
+    def write_dose_report(self, path) -> Optional[pathlib.Path]:
+        """The study's Radiation Dose SR so far (every CT irradiation event), as the scanner sends it."""
+        if not self.dose_events:
+            return None
+        return write_rdsr(path, self.dose_events, study_instance_uid=self.study_instance_uid)

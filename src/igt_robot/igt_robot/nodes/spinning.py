@@ -1,0 +1,61 @@
+"""Spinning an executor in a thread, and shutting it down without callbacks failing on destroyed handles.
+
+rclpy's ``Executor.shutdown()`` destroys the executor's guard condition without waiting for the
+callbacks still running in a ``MultiThreadedExecutor``'s thread pool (its wait is skipped once the
+shutdown flag is set). Each callback in flight then fails when it signals that guard condition
+(``InvalidHandle: cannot use Destroyable because destruction was requested``); the failure stays
+in its task, and garbage collection prints "The following exception was never retrieved: ..." at
+every shutdown. The order here avoids it:
+
+1. stop spinning (no new callbacks are dispatched) and join the spinning thread;
+2. let the thread pool finish the callbacks in flight (bounded by ``timeout_sec``);
+3. shut the executor down (its guard condition goes);
+4. only then may the caller destroy the nodes.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Optional
+
+from rclpy.executors import ExternalShutdownException
+
+
+def shutdown_executor(executor, timeout_sec: float = 3.0) -> None:
+    """Steps 2-3 for an executor nobody spins any more: drain its thread pool, then shut it down."""
+    pool = getattr(executor, '_executor', None)   # MultiThreadedExecutor's ThreadPoolExecutor
+    if pool is not None:
+        pool.shutdown(wait=False)
+        deadline = time.monotonic() + timeout_sec
+        for thread in list(getattr(pool, '_threads', ())):
+            thread.join(max(0.0, deadline - time.monotonic()))
+    executor.shutdown(timeout_sec=timeout_sec)
+
+
+class BackgroundSpinner:
+    """Spins ``executor`` in a daemon thread until :meth:`stop`, which shuts it down in order."""
+
+    def __init__(self, executor, name: str = 'executor', poll_sec: float = 0.1):
+        self.executor = executor
+        self._poll = poll_sec
+        self._stop = threading.Event()
+        self.error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set() and self.executor.context.ok():
+                self.executor.spin_once(timeout_sec=self._poll)
+        except (ExternalShutdownException, KeyboardInterrupt):
+            pass
+        except Exception as exc:  # noqa: BLE001 - a callback's exception ends the spinning, as executor.spin() does
+            self.error = exc
+
+    def stop(self, timeout_sec: float = 3.0) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self.executor.wake()
+        self._thread.join(timeout_sec)
+        shutdown_executor(self.executor, timeout_sec)
