@@ -176,7 +176,7 @@ def _place(mode, scenario, kin, model, robot, T_base_scanner, q_plan, rcm, direc
     full = float(q_plan[-1]) + 0.0
     schedule = insertion_schedule(full, steps)
     ct = scenario.modality == 'CT'
-    dlp = PROTOCOLS['planning'].dlp(_scan_length(scenario)) if ct else 0.0
+    dlp = PROTOCOLS['planning'].dlp_for_length(_scan_length(scenario)) if ct else 0.0
     scans, actions, expected = 0, [], []
     entry = rcm + skin * direction
     realigned = 0
@@ -204,7 +204,7 @@ def _place(mode, scenario, kin, model, robot, T_base_scanner, q_plan, rcm, direc
             scan_index += 1
             volume, _, length = _scan(scenario, model, kin, robot, scan_index, entry, target_est)
             scans += 1
-            dlp += PROTOCOLS['control'].dlp(length) if ct else 0.0
+            dlp += PROTOCOLS['control'].dlp_for_length(length) if ct else 0.0
             exp_rcm, exp_dir = _believed_line(kin, T_base_scanner, robot.q)
             expected_tip = exp_rcm + robot.q[-1] * exp_dir
             try:
@@ -261,7 +261,7 @@ def _place(mode, scenario, kin, model, robot, T_base_scanner, q_plan, rcm, direc
     # confirmation scan, in the breath-hold of the last step
     scan_index += 1
     volume, truth, length = _scan(scenario, model, kin, robot, scan_index, entry, target_est)
-    dlp += PROTOCOLS['confirmation'].dlp(length) if ct else 0.0
+    dlp += PROTOCOLS['confirmation'].dlp_for_length(length) if ct else 0.0
     true_tip = truth.needle_tip_m
     true_target = truth.target_center_m
     exp_rcm, exp_dir = _believed_line(kin, T_base_scanner, robot.q)
