@@ -378,7 +378,7 @@ def _coarse_view(volume: Volume):
     if volume.data.size < _COARSE_MIN_VOXELS:
         return None
     sp = volume.spacing
-    factors_ijk = np.maximum(1, np.floor(_COARSE_SPACING_M / sp + 1e-6)).astype(int)
+    factors_ijk = np.maximum(1, np.rint(_COARSE_SPACING_M / sp)).astype(int)   # nearest to ~2 mm
     if np.all(factors_ijk == 1):
         return None
     fk, fj, fi = factors_ijk[2], factors_ijk[1], factors_ijk[0]
