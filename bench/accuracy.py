@@ -11,7 +11,7 @@ is re-planned: depth, operator's turn of the needle). Runs in the core, without 
 (igt_robot.simulation.procedure_loop). Reported: true tip-to-target error at the end,
 open and closed loop side by side, control scans and DLP per procedure (CT).
 
-    python bench/accuracy.py [--runs 30] [--mr-every 4]
+    python bench/accuracy.py [--runs 30] [--mr-every 4] [--realign 1]
 """
 import argparse
 import pathlib
@@ -31,6 +31,8 @@ def main() -> int:
     parser.add_argument('--runs', type=int, default=30)
     parser.add_argument('--seed', type=int, default=15000)
     parser.add_argument('--mr-every', type=int, default=4, help='every n-th run is MR (with distortion); 0 = none')
+    parser.add_argument('--realign', type=int, default=0,
+                        help='re-alignments (retract, re-aim about the RCM, re-insert) allowed per procedure')
     args = parser.parse_args()
     started = time.monotonic()
     open_err, closed_err, dlp, scans, failures, budgets = [], [], [], [], [], []
@@ -38,7 +40,7 @@ def main() -> int:
         seed = args.seed + run
         modality = 'MR' if args.mr_every and run % args.mr_every == args.mr_every - 1 else 'CT'
         t0 = time.monotonic()
-        case = run_case(seed, modality)
+        case = run_case(seed, modality, max_realignments=args.realign)
         if case.failure:
             failures.append(f'run {run} ({modality}, seed {seed}): {case.failure}')
             print(f'# run {run}: {modality} FAILED {case.failure}', flush=True)

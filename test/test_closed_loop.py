@@ -67,3 +67,21 @@ def test_core_procedure_loop_closes_the_loop():
     assert case.closed_loop.tip_error_m < 2e-3
     assert case.closed_loop.control_scans >= 1 and case.closed_loop.dlp_mgy_cm > 0
     assert set(case.closed_loop.budget) >= {'registration_mm', 'robot_mm', 'deflection_mm', 'target_motion_mm'}
+
+
+def test_realignment_pre_compensates_the_bend():
+    truth = _needle(0.004, bevel=1.0)
+    target = RCM + (truth.skin_distance + 0.09) * U
+    insertion = truth.skin_distance + 0.06
+    stack = _needle(0.003, bevel=1.0)
+    est = closed_loop.fit_needle_model(stack, insertion, truth.tip(insertion)[0])
+    decision = closed_loop.decide(rcm=RCM, direction=U, skin_distance=truth.skin_distance, insertion=insertion,
+                                  tips=[truth.tip(insertion)[0]], target=target, push_rate=0.0,
+                                  next_scheduled=insertion + 0.03, max_insertion=0.15, prior_kappa=0.6,
+                                  uncertainty_kappa=0.05, estimate=est)
+    assert 'realign' in decision.alternatives
+    new_u, _, depth = closed_loop._realign(RCM, U, truth.skin_distance, est, target, 0.0)
+    with pytest.raises(ValueError, match='retract'):
+        truth.set_guide(RCM, new_u, insertion=insertion)       # not with the needle in tissue
+    truth.set_guide(RCM, new_u, insertion=truth.skin_distance - 0.002)
+    assert np.linalg.norm(truth.tip(truth.skin_distance + depth)[0] - target) < 0.3e-3
