@@ -7,8 +7,11 @@ Setup (each an OS process, real DDS, loopback, an isolated ROS domain):
   addition made here (the stock emulator has no receive timestamps): it records
   CLOCK_MONOTONIC when each MOTION_INHIBIT frame is read off the pty, read back through
   the control-socket command ``inhibit_log``;
-* ``motion_controller`` (hardware_node + motion_controller, serial backend) with the shipped
-  config/robot.yaml and config/motion.yaml;
+* the control process (``igt-bringup --profile control``: hardware_node + motion_controller,
+  serial backend) with the shipped config/*.yaml; ``--executor events`` runs it on rclpy's
+  EventsExecutor instead of the MultiThreadedExecutor (the loop-jitter phase is then skipped: the
+  motion controller's blocking goal callbacks need a multi-threaded executor). The hardware node is told
+  that this process is the scanner source and the supervisor (its authority check names publishers);
 * this process: the scanner (``/scanner/state`` at 20 Hz and at once on change, as
   scanner_interface publishes it) and the supervisor's permission (``/safety/motion_permitted``
   true, latched). Neither the scanner_interface nor the safety_supervisor is on the measured path
@@ -26,14 +29,18 @@ Figures:
 2. scanner-silence detection: the scanner source stops (at a random point of its heartbeat
    period, as a crash would) -> MOTION_INHIBIT(1) received, over >= 20 trials. Target: max <=
    3 heartbeat periods (150 ms at 20 Hz).
-3. control-loop period error p99 at 1 kHz from the motion controller's /diagnostics
+3. (while the motion controller still runs a host loop) control-loop period error p99 at 1 kHz from
+   the motion controller's /diagnostics
    (``period_error_p99_s``, a percentile over the loop's last 10000 cycles), once holding still
    and once while moving; each phase runs until that window holds only its own cycles (or a
    time cap; the coverage is printed). Target <= 0.5 ms.
 
-Usage: python bench/interlock.py [--events 1000] [--silence-trials 20] [--floor-count 1000]
+Usage: python bench/interlock.py [--events 1000] [--silence-trials 20] [--floor-count 1000] [--executor events]
+
+``start_stack`` and the measurement functions are reused by bench/stress.py (the same figures under load).
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -136,6 +143,8 @@ class InhibitLog:
         self.emulator = emulator
         self.entries = []
         self.last = None                     # the last inhibit level commanded to the drive
+        self.recover = None                  # called once when the inhibit stays asserted (e.g. a drive fault)
+        self.recoveries = 0
 
     def poll(self):
         new = [tuple(e) for e in json.loads(self.emulator.command('inhibit_log'))]
@@ -145,7 +154,17 @@ class InhibitLog:
 
     def wait_released(self, timeout: float = WAIT):
         from igt_robot import testing
-        testing.wait_for(lambda: self.poll() or self.last is False, timeout, 'the inhibit released', poll=0.002)
+        try:
+            testing.wait_for(lambda: self.poll() or self.last is False, timeout, 'the inhibit released', poll=0.002)
+        except testing.ConditionTimeout:
+            if self.recover is None:
+                raise
+            # A drive fault latched meanwhile (a watchdog trip of a starved host): the operator's acknowledge
+            # resets it (the hardware node's reset service); counted and printed, never hidden.
+            self.recoveries += 1
+            print(f'# inhibit stuck ({self.emulator.state()["faults"]}); drive fault reset', flush=True)
+            self.recover()
+            testing.wait_for(lambda: self.poll() or self.last is False, timeout, 'the inhibit released', poll=0.002)
 
     def wait(self, inhibit: bool, after_ns: int, timeout: float = WAIT) -> int:
         """Receive stamp (ns) of the first MOTION_INHIBIT(``inhibit``) read at or after ``after_ns``."""
@@ -317,6 +336,47 @@ def measure_jitter(diagnostics: LoopDiagnostics, work=None):
 
 # ============================================================ main
 
+def raise_priority(proc, nice: int = -10) -> None:
+    """Run ``proc`` (a testing.ManagedProcess) at a higher CPU priority where allowed, as `make demo` runs its
+    control process: the emulator stands in for the controller's real-time firmware, the control process for
+    the lean control process; on a loaded machine a starved stand-in would measure itself, not the stack."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, proc.proc.pid, nice)
+
+
+def control_process(pty: str, env, work_dir, executor: str = 'multi', source_node: str = '/interlock_bench'):
+    """The control process (hardware_node + motion_controller) on the emulator's pty; ``source_node`` is
+    configured as both the scanner source and the supervisor (this bench plays both), and the bench
+    holds the operator session (work_dir/operator_session) to reset a drive fault."""
+    from igt_robot import testing
+    sets = {'hardware_node.backend': 'serial', 'hardware_node.serial_port': pty,
+            'hardware_node.scanner_source': source_node, 'hardware_node.supervisor_node': source_node,
+            'hardware_node.operator_session_file': str(pathlib.Path(work_dir) / 'operator_session')}
+    args = ['--profile', 'control', '--executor', executor]
+    for key, value in sets.items():
+        args += ['--set', f'{key}={value}']
+    proc = testing.python_process('igt_robot.bringup', args, env, work_dir / 'control.log', name='control')
+    raise_priority(proc)
+    return proc
+
+
+def drive_reset(node, work_dir):
+    """A callable resetting the drive's latched faults as the operator would (the hardware node's service)."""
+    from igt_robot import testing
+    from igt_robot.safety import operator_session
+    from igt_robot_msgs.srv import AcknowledgeFaults
+    token = operator_session.issue_session(pathlib.Path(work_dir) / 'operator_session')
+    client = node.create_client(AcknowledgeFaults, '/hardware_node/reset_faults')
+
+    def reset():
+        if not client.wait_for_service(timeout_sec=10.0):
+            raise RuntimeError('/hardware_node/reset_faults not available')
+        future = client.call_async(AcknowledgeFaults.Request(operator_id='bench', operator_token=token))
+        reply = testing.wait_for(lambda: future.done() and future.result(), 10, 'the drive reset')
+        print(f'# drive reset: {reply.message}', flush=True)
+    return reset
+
+
 def _load_ros_floor():
     spec = importlib.util.spec_from_file_location('ros_floor', pathlib.Path(__file__).parent / 'ros_floor.py')
     module = importlib.util.module_from_spec(spec)
@@ -332,6 +392,8 @@ def main() -> int:
     parser.add_argument('--events', type=int, default=1000, help='interlock events to time (>= 1000)')
     parser.add_argument('--silence-trials', type=int, default=20, help='scanner-silence trials (>= 20)')
     parser.add_argument('--floor-count', type=int, default=1000, help='DDS floor pings')
+    parser.add_argument('--executor', choices=['multi', 'events'], default='multi',
+                        help='rclpy executor of the control process')
     args = parser.parse_args()
     if args.emulator:
         return run_stamping_emulator(args.control, args.watchdog_ms)
@@ -350,6 +412,7 @@ def main() -> int:
                                                      str(args.watchdog_ms)], env, work_dir / 'emulator.log',
                                           name='emulator')
         processes.append(emu_proc)
+        raise_priority(emu_proc, -15)
         line = testing.wait_for(lambda: next((ln for ln in emu_proc.output().splitlines() if ln.startswith('PTY ')),
                                              None) or (not emu_proc.alive() and 'exited'), 20, 'the PTY line')
         if line == 'exited':
@@ -357,10 +420,7 @@ def main() -> int:
         pty = line.split(' ', 1)[1].strip()
         emulator = EmulatorControl(control_path)
         log = InhibitLog(emulator)
-        processes.append(testing.python_process('igt_robot.nodes.motion_controller_node', [
-            '--ros-args', '--params-file', str(CONFIG / 'robot.yaml'), '--params-file', str(CONFIG / 'motion.yaml'),
-            '-p', 'backend:=serial', '-p', f'serial_port:={pty}'], env, work_dir / 'motion_controller.log',
-            name='motion_controller'))
+        processes.append(control_process(pty, env, work_dir, args.executor))
 
         import rclpy
         from rclpy.action import ActionClient
@@ -374,6 +434,7 @@ def main() -> int:
         permitted = node.create_publisher(Bool, '/safety/motion_permitted', qos.SAFETY_LATCHED)
         scanner = ScannerSource(node)
         diagnostics = LoopDiagnostics(node)
+        log.recover = drive_reset(node, work_dir)
         graph.add(node)            # after the ActionClient: rclpy's rule for clients on a spun node
         permitted.publish(Bool(data=True))
         scanner.start()
@@ -397,6 +458,7 @@ def main() -> int:
         report('interlock_latency_max', worst * 1e3, 'ms', '<=', 5.0)
         info('interlock_p99_over_dds_one_way_p99', p99 / dds_p99, 'x')
         info('interlock events skipped (inhibit already asserted before the scan)', skipped, 'events')
+        info('drive fault resets needed (watchdog trips of a starved host)', log.recoveries, 'resets')
 
         # 3. Scanner silence.
         from_stop, from_last = measure_silence(scanner, log, args.silence_trials)
@@ -405,7 +467,15 @@ def main() -> int:
         report('scanner_silence_detection_max', smax * 1e3, 'ms', '<=', 3.0 / SCANNER_RATE_HZ * 1e3)
         info('scanner_silence_detection_max_from_last_message', max(from_last) * 1e3, 'ms')
 
-        # 4. Control-loop period error, holding and moving.
+        # 4. Control-loop period error, holding and moving (only while a host loop exists).
+        try:
+            diagnostics.fresh(timeout=5.0)
+        except testing.ConditionTimeout:
+            print('# no host control-loop diagnostics: the controller servos itself (streaming); loop phase skipped')
+            return 0
+        if args.executor == 'events':
+            print('# --executor events: the moving phase needs blocking goal callbacks; loop phase skipped')
+            return 0
         idle_p99, idle_cov, idle_rate, idle_over = measure_jitter(diagnostics)
         report('control_loop_period_error_p99_idle', idle_p99 * 1e3, 'ms', '<=', 0.5)
         info('control_loop_idle: cycles per second (nominal 1000)', idle_rate, 'Hz')

@@ -9,6 +9,7 @@ from rclpy.action import ActionClient
 
 from igt_robot import testing
 from igt_robot.nodes import qos
+from igt_robot.safety import operator_session
 from igt_robot_msgs.action import InsertNeedle, MoveGuide
 from igt_robot_msgs.msg import ProcedureEvent, RobotState, SafetyStatus
 from igt_robot_msgs.srv import AcknowledgeFaults, ResumeMotion, SetEstop, SetScannerState
@@ -60,6 +61,8 @@ class StackProbe:
 
     # --------------------------------------------------------------- commands
     def call(self, client, request, timeout=10.0):
+        if hasattr(request, 'operator_token') and not request.operator_token:
+            request.operator_token = operator_session.read_session()   # the test acts as the operator
         assert client.wait_for_service(timeout_sec=timeout), f'{client.srv_name} not available'
         future = client.call_async(request)
         return testing.wait_for(lambda: future.done() and future.result(), timeout, f'{client.srv_name} reply')

@@ -28,7 +28,7 @@ TARGET = (0.010, 0.002, -0.070)
 # The hardware node's own scanner-staleness interlock (0.15 s in config) and the tracking monitor are
 # exercised by their own tests; here a loaded test machine must not turn late scanner heartbeats
 # into (safe but) spurious stops of the behaviour under test.
-TEST_OVERRIDES = {'hardware_node': {'scanner_timeout': 0.5},
+TEST_OVERRIDES = {'hardware_node': {'scanner_timeout': 0.5, 'scanner_period': 0.2},
                   'motion_controller': {'tracking_tolerance': [0.004, 0.004, 0.06, 0.06, 0.004],
                                         'tracking_hard_limit': [0.01, 0.01, 0.15, 0.15, 0.01]},
                   'safety_supervisor': {'heartbeat_timeout_s': 3.0, 'scanner_timeout_s': 2.0}}

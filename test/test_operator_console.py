@@ -7,8 +7,9 @@ import pytest
 
 from igt_robot import testing
 from igt_robot.nodes import qos
+from igt_robot.safety import operator_session
 from igt_robot.operator_console import (EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, ConsoleError, OperatorConsole,
-                                        format_status, interactive)
+                                        advice, format_status, interactive)
 from igt_robot_msgs.msg import SafetyFault, SafetyStatus, ScannerState
 from igt_robot_msgs.srv import AcknowledgeFaults, OperatorCommand, ResumeMotion, SetEstop, SetScannerState
 
@@ -78,8 +79,15 @@ class FakeStack:
 
 
 @pytest.fixture
-def console(graph):
-    return OperatorConsole(graph.create_node('console_under_test'), timeout=10.0, operator_id='dr_a')
+def session(tmp_path):
+    path = tmp_path / 'operator_session'
+    return path, operator_session.issue_session(path)
+
+
+@pytest.fixture
+def console(graph, session):
+    return OperatorConsole(graph.create_node('console_under_test'), timeout=10.0, operator_id='dr_a',
+                           session_file=str(session[0]))
 
 
 def test_status_shows_safety_faults_and_workflow(graph, console):
@@ -121,6 +129,39 @@ def test_each_action_sends_the_right_request_and_reports_refusals(graph, console
     confirmed = console.command('confirm_plan', 'plan-3')
     assert confirmed.ok and (stack.last('cmd').command, stack.last('cmd').argument,
                              stack.last('cmd').operator_id) == ('confirm_plan', 'plan-3', 'dr_a')
+    # Every operator-only request carries the operator's session secret.
+    token = operator_session.read_session(console.session_file)
+    for name in ('resume', 'ack', 'scan', 'cmd'):
+        assert stack.last(name).operator_token == token, name
+    assert stack.last('estop').operator_token == token          # the release
+
+
+def test_without_a_session_operator_actions_are_refused_but_the_estop_is_pressed(graph, tmp_path):
+    stack = FakeStack(graph)
+    console = OperatorConsole(graph.create_node('sessionless_console'), timeout=10.0, operator_id='dr_a',
+                              session_file=str(tmp_path / 'missing'))
+    with pytest.raises(ConsoleError, match='cannot be read') as err:
+        console.resume()
+    assert err.value.exit_code == EXIT_REFUSED
+    assert console.estop(True).ok and stack.last('estop').active and stack.last('estop').operator_token == ''
+
+
+@pytest.mark.parametrize('status, expected, forbidden', [
+    (SafetyStatus(state='FAULT', faults=[SafetyFault(code='WATCHDOG', cause_active=True, latched=True)]),
+     '"ack" resets the drive (WATCHDOG)', 'resume'),
+    (SafetyStatus(state='FAULT', faults=[SafetyFault(code='TRACKING_ERROR', latched=True)]), 'run "ack"', 'resume'),
+    (SafetyStatus(state='FAULT', faults=[SafetyFault(code='SCANNER_SILENT', cause_active=True, latched=True)]),
+     'remove the cause of SCANNER_SILENT', 'resume'),
+    (SafetyStatus(state='ESTOP', faults=[SafetyFault(code='ESTOP', cause_active=True, latched=True)]),
+     'release the e-stop', 'resume'),
+    (SafetyStatus(state='HOLD', awaiting_resume=True), 'run "resume"', None),
+    (SafetyStatus(state='SCAN_HOLD'), 'wait for the scan to end', 'resume'),
+])
+def test_status_advice_fits_the_state(status, expected, forbidden):
+    text = advice(status)
+    assert expected in text
+    if forbidden:
+        assert forbidden not in text
 
 
 def test_interactive_prompt_prints_phase_safety_and_refusal_reasons(graph, console):
@@ -140,8 +181,9 @@ def test_interactive_prompt_prints_phase_safety_and_refusal_reasons(graph, conso
     assert code == EXIT_OK                                                         # the last command (ack)
 
 
-def test_missing_service_and_status_raise_a_clear_error(graph):
-    console = OperatorConsole(graph.create_node('lonely_console'), timeout=0.5, operator_id='dr_a')
+def test_missing_service_and_status_raise_a_clear_error(graph, session):
+    console = OperatorConsole(graph.create_node('lonely_console'), timeout=0.5, operator_id='dr_a',
+                              session_file=str(session[0]))
     # A supervisor destroyed by an earlier test can linger in DDS discovery for a moment: then the service
     # is "seen" but never answers. Both are the same operator-facing failure: unavailable, named.
     with pytest.raises(ConsoleError, match=r'/safety/resume (not available|did not answer) within 0\.5 s') as err:
@@ -162,14 +204,15 @@ def run_console(processes, name, *args):
     return proc.proc.returncode, proc.output()
 
 
-def test_command_line_status_and_unavailable_service_as_subprocesses(graph, processes):
+def test_command_line_status_and_unavailable_service_as_subprocesses(graph, processes, session):
     FakeStack(graph)
     code, output = run_console(processes, 'console_status', 'status', '--timeout', '20')
     assert code == EXIT_OK, output
     assert 'safety: HOLD (motion not permitted)' in output and 'TRACKING_ERROR' in output
     assert 'workflow: PLANNING/REGISTER' in output
 
-    code, output = run_console(processes, 'console_cmd', '--operator', 'dr_b', '--timeout', '20', 'cmd', 'align')
+    code, output = run_console(processes, 'console_cmd', '--operator', 'dr_b', '--timeout', '20',
+                               '--session-file', str(session[0]), 'cmd', 'align')
     assert code == EXIT_REFUSED and ALIGN_REFUSAL in output, output
 
     code, output = run_console(processes, 'console_missing', '--timeout', '1', 'scan', 'start', '--protocol', 'x',

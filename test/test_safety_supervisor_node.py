@@ -5,6 +5,8 @@ required nodes, robot state, joint states) and can silence or change each one. T
 in these tests are generous (1 s) so a loaded machine does not trip them by accident;
 the tests that need a timeout stop the input altogether.
 """
+import pathlib
+import tempfile
 import threading
 
 import pytest
@@ -15,19 +17,27 @@ from std_msgs.msg import Bool, Header
 from igt_robot import testing
 from igt_robot.nodes import common, qos
 from igt_robot.nodes.safety_supervisor_node import SafetySupervisorNode
+from igt_robot.safety import operator_session
 from igt_robot_msgs.msg import ProcedureEvent, RobotState, SafetyStatus, ScannerState
 from igt_robot_msgs.srv import AcknowledgeFaults, ResumeMotion, SetEstop, SetScannerState
 
 JOINTS = ['stage_x', 'stage_y', 'guide_pitch', 'guide_yaw', 'needle_insertion']
 REQUIRED = ['scanner_interface', 'hardware_node', 'motion_controller']
-TEST_PARAMS = ['heartbeat_timeout_s:=1.0', 'scanner_timeout_s:=1.0']
+SESSION = pathlib.Path(tempfile.mkdtemp(prefix='igt_session_')) / 'operator_session'
+# The probe node plays the scanner source; the supervisor issues the operator secret into SESSION.
+TEST_PARAMS = ['heartbeat_timeout_s:=1.0', 'scanner_timeout_s:=1.0', 'scanner_source:=/safety_probe',
+               f'operator_session_file:={SESSION}']
+
+
+def token():
+    return operator_session.read_session(SESSION)
 
 
 class Inputs:
     """Publishes the supervisor's inputs at 50 Hz from a timer; collects its outputs."""
 
-    def __init__(self, graph, name='safety_probe'):
-        self.node = node = graph.create_node(name)
+    def __init__(self, graph, name='safety_probe', **node_kwargs):
+        self.node = node = graph.create_node(name, **node_kwargs)
         self.lock = threading.Lock()
         self.scanner_phase = ScannerState.PHASE_IDLE
         self.scanner_on = True
@@ -48,7 +58,7 @@ class Inputs:
         self.estop_client = node.create_client(SetEstop, '/safety/estop')
         self.ack_client = node.create_client(AcknowledgeFaults, '/safety/acknowledge')
         self.resume_client = node.create_client(ResumeMotion, '/safety/resume')
-        node.create_timer(0.02, self._publish)
+        common.create_steady_timer(node, 0.02, self._publish)   # also while a simulated clock stands still
 
     def _keep(self, store):
         def callback(msg):
@@ -103,13 +113,15 @@ class Inputs:
         return testing.wait_for(lambda: future.done() and future.result(), 10, f'{client.srv_name} response')
 
     def resume(self):
-        return self.call(self.resume_client, ResumeMotion.Request(operator_id='tester'))
+        return self.call(self.resume_client, ResumeMotion.Request(operator_id='tester', operator_token=token()))
 
     def acknowledge(self, *codes):
-        return self.call(self.ack_client, AcknowledgeFaults.Request(operator_id='tester', codes=list(codes)))
+        return self.call(self.ack_client, AcknowledgeFaults.Request(operator_id='tester', codes=list(codes),
+                                                                    operator_token=token()))
 
     def estop(self, active):
-        return self.call(self.estop_client, SetEstop.Request(active=active, source='test console'))
+        return self.call(self.estop_client, SetEstop.Request(active=active, source='test console',
+                                                             operator_token=token()))
 
     def make_ready(self):
         self.wait_state('HOLD', 'HOLD: all inputs seen, awaiting resume', awaiting_resume=True)
@@ -302,7 +314,8 @@ def test_workspace_box_and_runtime_insertion_limit(graph):
     inputs.make_ready()
 
     refused = node.set_parameters([rclpy.parameter.Parameter('tick_rate_hz', value=200.0)])[0]
-    assert not refused.successful and 'cannot change at run time' in refused.reason
+    assert not refused.successful and 'read-only' in refused.reason
+    assert node.get_parameter('tick_rate_hz').value == 50.0
     assert node.set_parameters([rclpy.parameter.Parameter('max_insertion_depth', value=0.02)])[0].successful
     inputs.q = [0.0, 0.0, 0.0, 0.0, 0.03]
     status = inputs.wait_state('FAULT')
@@ -343,8 +356,9 @@ def test_bad_configuration_is_refused(graph):
 def test_interlock_across_processes(graph, processes):
     """scanner_interface and safety_supervisor as their own processes: scan -> no motion -> resume."""
     scanner = processes('igt_robot.nodes.scanner_interface_node', '--ros-args', '-p', 'sources:=[service]',
-                        '-p', 'service_initial_phase:=IDLE')
+                        '-p', 'service_initial_phase:=IDLE', '-p', f'operator_session_file:={SESSION}')
     supervisor = processes('igt_robot.nodes.safety_supervisor_node', '--ros-args',
+                           '-p', f'operator_session_file:={SESSION}',
                            '-p', 'required_heartbeats:=[scanner_interface]', '-p', 'require_robot_state:=false',
                            '-p', 'require_joint_state:=false', '-p', 'scanner_timeout_s:=1.0')
     inputs = Inputs(graph)
@@ -353,13 +367,116 @@ def test_interlock_across_processes(graph, processes):
     set_state = inputs.node.create_client(SetScannerState, '/scanner/set_state')
     inputs.wait_state('HOLD', timeout=30.0, awaiting_resume=True)
     inputs.make_ready()
+    testing.wait_for(lambda: SESSION.exists(), 30, 'the operator session issued')
     assert inputs.call(set_state, SetScannerState.Request(phase=ScannerState.PHASE_ACQUIRING,
                                                           protocol_name='control scan')).accepted
     inputs.wait_permitted(False, 'motion withdrawn after the scanner_interface reports ACQUIRING')
     inputs.wait_state('SCAN_HOLD')
-    assert inputs.call(set_state, SetScannerState.Request(phase=ScannerState.PHASE_IDLE)).accepted
+    assert inputs.call(set_state, SetScannerState.Request(phase=ScannerState.PHASE_IDLE,
+                                                          operator_token=token())).accepted
     inputs.wait_state('HOLD', awaiting_resume=True)
     assert inputs.last_permitted() is False
     inputs.make_ready()
     assert supervisor.stop() == 0, supervisor.output()
     assert scanner.stop() == 0, scanner.output()
+
+
+# --------------------------------------------------------------------------- operator authority (issue 11)
+
+def _events(inputs, kind='safety_command'):
+    with inputs.lock:
+        return [e for e in inputs.events if e.kind == kind]
+
+
+def test_session_file_is_private_and_issued_afresh(rig):
+    rig.wait_state('HOLD', awaiting_resume=True)
+    assert SESSION.stat().st_mode & 0o077 == 0
+    assert len(token()) >= 32
+
+
+def test_rogue_resume_without_the_operator_secret_is_refused_and_recorded(rig):
+    inputs = rig
+    inputs.wait_state('HOLD', awaiting_resume=True)
+    for bad in ('', 'invented-secret'):
+        answer = inputs.call(inputs.resume_client, ResumeMotion.Request(operator_id='dr_who', operator_token=bad))
+        assert not answer.success and 'operator session secret' in answer.message
+    assert inputs.last_status().state == 'HOLD' and inputs.last_permitted() is False
+    testing.wait_for(lambda: any('resume refused' in e.description and e.severity == ProcedureEvent.WARN
+                                 for e in _events(inputs)), 10, 'the refusal recorded as an event')
+    assert inputs.resume().success                         # the operator's secret works
+    inputs.wait_permitted(True)
+
+
+def test_estop_from_anyone_but_only_the_operator_releases_it(rig):
+    inputs = rig
+    inputs.make_ready()
+    pressed = inputs.call(inputs.estop_client, SetEstop.Request(active=True, source='slicer'))   # no secret
+    assert pressed.success
+    inputs.wait_state('ESTOP')
+    undo = inputs.call(inputs.estop_client, SetEstop.Request(active=False, source='rogue'))
+    assert not undo.success and 'secret' in undo.message
+    ack = inputs.call(inputs.ack_client, AcknowledgeFaults.Request(operator_id='rogue'))
+    assert not ack.success and 'secret' in ack.message
+    resume = inputs.call(inputs.resume_client, ResumeMotion.Request(operator_id='rogue'))
+    assert not resume.success
+    assert inputs.wait_state('ESTOP').motion_permitted is False
+    assert inputs.estop(False).success and inputs.acknowledge().success   # the operator can
+    inputs.make_ready()
+
+
+def test_insertion_limit_cannot_be_removed_or_loosened_beyond_the_configuration_at_run_time(graph):
+    inputs = Inputs(graph)
+    node = start_supervisor(graph, 'max_insertion_depth:=0.05')
+    inputs.make_ready()
+    for value in (-1.0, 0.08):
+        result = node.set_parameters([rclpy.parameter.Parameter('max_insertion_depth', value=value)])[0]
+        assert not result.successful and 'within the configured limit' in result.reason
+        assert node.get_parameter('max_insertion_depth').value == 0.05
+    for value in (0.03, 0.05):                            # tightening, and restoring the configured limit
+        assert node.set_parameters([rclpy.parameter.Parameter('max_insertion_depth', value=value)])[0].successful
+        assert node.supervisor._max_insertion == value
+    inputs.q = [0.0, 0.0, 0.0, 0.0, 0.06]                 # beyond the limit still in force
+    assert inputs.wait_state('FAULT').faults[0].code == 'INSERTION_LIMIT'
+
+
+def test_second_scanner_publisher_is_a_latched_fault_naming_the_node(rig, graph):
+    inputs = rig
+    inputs.make_ready()
+    inputs.scanner_phase = ScannerState.PHASE_ACQUIRING
+    inputs.wait_state('SCAN_HOLD')
+    spoofer = graph.create_node('scanner_spoofer')
+    pub = spoofer.create_publisher(ScannerState, '/scanner/state', qos.SCANNER_STATE)
+
+    def spoof():
+        pub.publish(ScannerState(phase=ScannerState.PHASE_IDLE, heartbeat=1_000_000 + inputs.counter))
+        st = inputs.last_status()
+        return st is not None and any(f.code == 'FOREIGN_SCANNER_PUBLISHER' for f in st.faults)
+    testing.wait_for(spoof, 10, 'the foreign publisher latched')
+    status = inputs.last_status()
+    assert status.state == 'FAULT' and not status.motion_permitted
+    assert '/scanner_spoofer' in next(f.detail for f in status.faults if f.code == 'FOREIGN_SCANNER_PUBLISHER')
+
+
+def test_supervisor_ticks_on_a_steady_clock_when_ros_time_steps_back(graph):
+    """use_sim_time with /clock stepping backwards and then frozen: ROS-time timers would pause
+    (ros2/rclpy#1490); the supervisor's tick still detects a silent heartbeat and it keeps publishing."""
+    from rosgraph_msgs.msg import Clock
+    # The probe stamps its messages on the same simulated clock, as every node of a sim-time graph does.
+    inputs = Inputs(graph, parameter_overrides=[rclpy.parameter.Parameter('use_sim_time', value=True)])
+    clock_node = graph.create_node('clock_source')
+    clock_pub = clock_node.create_publisher(Clock, '/clock', 10)
+    clock_pub.publish(Clock(clock=rclpy.time.Time(seconds=1000).to_msg()))
+    node = start_supervisor(graph, 'use_sim_time:=true', 'publish_rate_hz:=5.0')
+    def at(clock, seconds):
+        return clock.now().nanoseconds == seconds * 10**9
+    testing.wait_for(lambda: (at(node.get_clock(), 1000) and at(inputs.node.get_clock(), 1000)) or
+                     clock_pub.publish(Clock(clock=rclpy.time.Time(seconds=1000).to_msg())), 10, 'sim time at 1000 s')
+    inputs.make_ready()
+    clock_pub.publish(Clock(clock=rclpy.time.Time(seconds=10).to_msg()))          # a step backwards ...
+    testing.wait_for(lambda: at(node.get_clock(), 10) and at(inputs.node.get_clock(), 10), 10,
+                     'sim time stepped back')
+    seen = len(inputs.status)                                                     # ... and time frozen there
+    testing.wait_for(lambda: len(inputs.status) >= seen + 3, 10, 'periodic status while ROS time is frozen')
+    inputs.beating['motion_controller'] = False
+    status = inputs.wait_state('FAULT', 'HEARTBEAT_LOST detected by the tick', timeout=10.0)
+    assert any(f.code == 'HEARTBEAT_LOST' for f in status.faults)

@@ -5,8 +5,10 @@ The trigger source is tested with an injected fake serial object: a pseudo-termi
 emulate the modem-status lines (the ioctl fails), which is itself tested as the UNKNOWN path.
 """
 import os
+import pathlib
 import pty
 import socket
+import tempfile
 import threading
 
 import pytest
@@ -18,6 +20,10 @@ from igt_robot.nodes.scanner_interface_node import ScannerInterfaceNode
 from igt_robot_msgs.msg import DoseRecord, ProcedureEvent, ScannerState
 from igt_robot_msgs.srv import SetScannerState
 from igt_robot.nodes import qos
+from igt_robot.safety import operator_session
+
+SESSION = pathlib.Path(tempfile.mkdtemp(prefix='igt_session_')) / 'operator_session'
+TOKEN = operator_session.issue_session(SESSION)
 
 UNKNOWN, IDLE, PREPARING, ACQUIRING = (ScannerState.PHASE_UNKNOWN, ScannerState.PHASE_IDLE,
                                        ScannerState.PHASE_PREPARING, ScannerState.PHASE_ACQUIRING)
@@ -52,8 +58,10 @@ class Probe:
         testing.wait_for(match, timeout, what or f'/scanner/state phase {phase} {fields}')
         return self.last()
 
-    def set_state(self, phase, **fields):
+    def set_state(self, phase, token=None, **fields):
+        """Call /scanner/set_state as the operator (``token`` None: the operator's secret)."""
         assert self.client.wait_for_service(timeout_sec=10.0)
+        fields['operator_token'] = TOKEN if token is None else token
         future = self.client.call_async(SetScannerState.Request(phase=phase, **fields))
         return testing.wait_for(lambda: future.done() and future.result(), 10, 'set_state response')
 
@@ -63,7 +71,7 @@ class Probe:
 
 
 def start(graph, *params, **kwargs):
-    args = ['--ros-args']
+    args = ['--ros-args', '-p', f'operator_session_file:={SESSION}']
     for p in params:
         args += ['-p', p]
     return graph.add(ScannerInterfaceNode(context=graph.context, cli_args=args, **kwargs))
@@ -312,3 +320,17 @@ def test_node_process_serves_and_exits_cleanly(graph, processes):
     assert probe.set_state(PREPARING, protocol_name='x').accepted
     probe.wait_phase(PREPARING, protocol_name='x')
     assert proc.stop() == 0, proc.output()
+
+
+def test_idle_override_needs_the_operator_secret_imaging_does_not(graph):
+    probe = Probe(graph)
+    start(graph, 'sources:=[service]', 'service_initial_phase:=IDLE')
+    assert probe.set_state(ACQUIRING, token='', protocol_name='from anyone').accepted   # stopping is honoured
+    probe.wait_phase(ACQUIRING)
+    for bad in ('', 'guess'):
+        refused = probe.set_state(IDLE, token=bad)
+        assert not refused.accepted and 'operator session secret' in refused.message
+    assert probe.last().phase == ACQUIRING
+    testing.wait_for(lambda: 'scanner_override_refused' in probe.kinds(), 10, 'the refusal recorded')
+    assert probe.set_state(IDLE).accepted
+    probe.wait_phase(IDLE)

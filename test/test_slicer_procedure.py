@@ -29,13 +29,14 @@ def stack(run_dir):
     session = {'operator_session_file': str(session_file)}
     shared = {'procedure_id': 'slicer-test', 'record_dir': str(run_dir / 'record')}
     overrides = {'recorder_node': dict(shared), 'procedure_node': dict(shared, scan_duration=0.2, **session),
-                 'igtl_bridge': dict(session, port=0, pose_rate=10.0), 'scanner_interface': {'igtl_port': 0},
-                 'hardware_node': dict(session, backend='mujoco', scanner_timeout=0.5),
+                 'igtl_bridge': dict(session, port=0, pose_rate=10.0), 'scanner_interface': dict(session, igtl_port=0),
+                 'hardware_node': dict(session, backend='mujoco', scanner_timeout=0.5, scanner_period=0.2),
                  # The supervisory timeouts have their own tests; a loaded machine must not latch spurious
                  # faults in the middle of the Slicer flow under test.
                  'safety_supervisor': dict(session, heartbeat_timeout_s=3.0, scanner_timeout_s=2.0)}
     (run_dir / 'record').mkdir(parents=True, exist_ok=True)
     with _control_process(overrides, run_dir / 'control_process.log'), \
+            _control_process(overrides, run_dir / 'supervision_process.log', 'supervision'), \
             Bringup(PROFILES['workflow'], overrides=overrides) as bringup:
         yield bringup
 

@@ -24,7 +24,6 @@ import time
 from typing import Dict, List, Optional
 
 import rclpy
-from rclpy.executors import MultiThreadedExecutor
 
 from igt_robot import fastdds_shm, paths
 from igt_robot.nodes.spinning import BackgroundSpinner, shutdown_executor
@@ -52,9 +51,12 @@ PROFILES = {
     'sim': list(NODES),
     'robot': list(NODES),
     'safety': list(CONTROL_NODES),
-    # The split `make demo` uses: the safety-critical nodes and the trajectory streaming in one process, image
-    # processing and the workflow in another, so heavy image work never holds the control process's GIL.
-    'control': list(CONTROL_NODES),
+    # The split `make demo` uses: the hardware node and the trajectory streaming in a lean process (the
+    # scanner callback commands the drive, nothing else time-critical shares its GIL), the scanner
+    # interface and the supervisor in a second, image processing and the workflow in a third
+    # (docs/safety.md).
+    'control': ['hardware_node', 'motion_controller'],
+    'supervision': ['scanner_interface', 'safety_supervisor'],
     'workflow': [name for name in NODES if name not in CONTROL_NODES],
 }
 
@@ -79,12 +81,14 @@ class Bringup:
 
     def __init__(self, names: List[str], config_dir: Optional[pathlib.Path] = None,
                  overrides: Optional[Dict[str, Dict[str, object]]] = None, context=None,
-                 extra_params_files: Optional[List[pathlib.Path]] = None, threads: int = 6):
+                 extra_params_files: Optional[List[pathlib.Path]] = None, threads: int = 6,
+                 executor: str = 'multi'):
         self.config_dir = pathlib.Path(config_dir) if config_dir else paths.data_dir('config')
         self.context = context or rclpy.Context()
         if not self.context.ok():
             rclpy.init(context=self.context)
-        self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
+        from igt_robot.nodes.common import make_executor
+        self.executor = make_executor(executor, threads, context=self.context)
         self.nodes = {}
         overrides = overrides or {}
         for name in names:
@@ -164,6 +168,9 @@ def main(argv=None) -> int:
     parser.add_argument('--backend', choices=['mujoco', 'serial'], default=None,
                         help='hardware backend (default: the one in config/robot.yaml)')
     parser.add_argument('--config-dir', type=pathlib.Path, default=None)
+    parser.add_argument('--executor', choices=['multi', 'events'], default='multi',
+                        help="rclpy executor: 'events' = rclpy.experimental.EventsExecutor (one thread; only for "
+                             'nodes whose callbacks never block)')
     parser.add_argument('--duration', type=float, default=0.0, help='seconds to run (0 = until Ctrl-C)')
     parser.add_argument('--set', action='append', default=[], metavar='NODE.PARAM=VALUE',
                         help='override one parameter of one node (repeatable)')
@@ -183,7 +190,7 @@ def main(argv=None) -> int:
     removed = fastdds_shm.remove_dead_fastdds_shm()
     if removed:
         print(f'[bringup] removed {len(removed)} Fast DDS shared-memory file(s) of dead processes', flush=True)
-    with Bringup(names, args.config_dir, overrides) as bringup:
+    with Bringup(names, args.config_dir, overrides, executor=args.executor) as bringup:
         print(f'[bringup] running {len(names)} node(s): {", ".join(names)}', flush=True)
         deadline = time.monotonic() + args.duration if args.duration > 0 else None
         try:

@@ -58,9 +58,10 @@ def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 
     names = available_nodes(PROFILES['workflow'])
     record_dir.mkdir(parents=True, exist_ok=True)
     if not quiet_nodes:
-        print(f'[demo] control process: {", ".join(PROFILES["control"])}; this process: {", ".join(names)}',
-              flush=True)
+        print(f'[demo] control process: {", ".join(PROFILES["control"])}; supervision process: '
+              f'{", ".join(PROFILES["supervision"])}; this process: {", ".join(names)}', flush=True)
     with _control_process(overrides, record_dir / 'control_process.log') as control, \
+            _control_process(overrides, record_dir / 'supervision_process.log', 'supervision'), \
             Bringup(names, overrides=overrides) as bringup:
         procedure = bringup.nodes['procedure_node']
         if not quiet_nodes:
@@ -110,15 +111,15 @@ def _control_child_setup():
 
 
 class ControlProcess:
-    """The safety-critical nodes (hardware, scanner, supervisor, motion controller) in their own process.
+    """Safety-critical nodes in their own process (bringup profile 'control' or 'supervision').
 
     It dies with this process: PR_SET_PDEATHSIG (SIGTERM) and, as a fallback (the death signal follows
     the parent *thread*), a pipe whose only writer is this process (end-of-file = this process is gone).
     """
 
-    def __init__(self, overrides: dict, log_path):
-        args = [sys.executable, '-m', 'igt_robot.bringup', '--profile', 'control']
-        for node in PROFILES['control']:
+    def __init__(self, overrides: dict, log_path, profile: str = 'control'):
+        args = [sys.executable, '-m', 'igt_robot.bringup', '--profile', profile]
+        for node in PROFILES[profile]:
             for key, value in overrides.get(node, {}).items():
                 args += ['--set', f'{node}.{key}={_set_text(value)}']
         read_end, self._write_end = os.pipe()
@@ -171,8 +172,9 @@ class ControlProcess:
         self.stop()
 
 
-def _control_process(overrides: dict, log_path) -> ControlProcess:
-    return ControlProcess(overrides, log_path)
+def _control_process(overrides: dict, log_path, profile: str = 'control') -> ControlProcess:
+    """'control' (hardware node, motion controller) or 'supervision' (scanner interface, safety supervisor)."""
+    return ControlProcess(overrides, log_path, profile)
 
 
 def _set_text(value) -> str:

@@ -12,6 +12,11 @@ Exit codes: 0 done/accepted, 1 refused (the reason is printed), 2 usage error, 3
 safety status was not available within ``--timeout`` seconds. ``--operator`` (default $IGT_OPERATOR,
 else $USER) is the operator id sent with confirmations, acknowledges and resumes.
 
+Operator-only requests (resume, ack, e-stop release, scan overrides, workflow commands) carry the
+operator's session secret, read from the file the safety supervisor issues at start-up
+(``--session-file``, default $IGT_OPERATOR_SESSION, else the per-user default of
+igt_robot.safety.operator_session). Pressing the e-stop never needs it.
+
 ``status`` needs /safety/status; the workflow line comes from /procedure/command with command
 ``status`` and says "unknown" when the procedure node does not answer (the exit code is still 0).
 """
@@ -30,7 +35,9 @@ from typing import Callable, Iterable, List, Optional, TextIO
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
 
+from igt_robot.hardware import protocol
 from igt_robot.nodes import qos, topics
+from igt_robot.safety import operator_session
 from igt_robot_msgs.msg import SafetyStatus, ScannerState
 from igt_robot_msgs.srv import AcknowledgeFaults, OperatorCommand, ResumeMotion, SetEstop, SetScannerState
 
@@ -69,13 +76,40 @@ class Outcome:
         return '\n'.join(self.lines)
 
 
+def advice(status: SafetyStatus) -> Optional[str]:
+    """What the operator does next in this state (None: nothing to do). Never "resume" while a fault or
+    an e-stop is latched: the supervisor would refuse it."""
+    active = [f.code for f in status.faults if f.cause_active]
+    if status.state == 'ESTOP':
+        return 'next: release the e-stop ("estop off"), then "ack"'
+    if status.state == 'FAULT' or status.faults:
+        if active:
+            drive = [c for c in active if c.startswith('HARDWARE_') or c in _DRIVE_FAULTS]
+            if drive and len(drive) == len(active):
+                return f'next: "ack" resets the drive ({", ".join(drive)}) once the cause is gone'
+            return f'next: remove the cause of {", ".join(active)}, then "ack"'
+        return 'next: run "ack" to acknowledge the latched faults'
+    if status.state == 'SCAN_HOLD':
+        return 'next: wait for the scan to end' + (', then "resume"' if status.awaiting_resume else '')
+    if status.state == 'INIT':
+        return 'next: wait for the stack to start (every required input seen)'
+    if status.awaiting_resume:
+        return 'awaiting resume: run "resume" to permit motion again'
+    return None
+
+
+# Fault codes the motor controller latches itself (docs/serial_protocol.md): cleared by the operator's ack.
+_DRIVE_FAULTS = tuple(f.name for f in protocol.Fault)
+
+
 def format_status(status: SafetyStatus) -> List[str]:
     """Operator-readable lines of a SafetyStatus."""
     lines = [f"safety: {status.state} (motion {'PERMITTED' if status.motion_permitted else 'not permitted'})"]
     if status.reason:
         lines.append(f'reason: {status.reason}')
-    if status.awaiting_resume:
-        lines.append('awaiting resume: run "resume" to permit motion again')
+    hint = advice(status)
+    if hint:
+        lines.append(hint)
     if status.scanner_phase:
         lines.append(f'scanner: {status.scanner_phase}')
     if status.faults:
@@ -95,10 +129,11 @@ class OperatorConsole:
     :class:`ConsoleError` (exit code 3) when either does not come.
     """
 
-    def __init__(self, node, timeout: float = 5.0, operator_id: str = ''):
+    def __init__(self, node, timeout: float = 5.0, operator_id: str = '', session_file: Optional[str] = None):
         if not timeout > 0:
             raise ValueError(f'timeout must be > 0 s, got {timeout!r}')
         self.node = node
+        self.session_file = session_file or os.environ.get('IGT_OPERATOR_SESSION') or None
         self.timeout = float(timeout)
         self.operator_id = operator_id or os.environ.get('IGT_OPERATOR') or os.environ.get('USER') or 'operator'
         self._status: Optional[SafetyStatus] = None
@@ -143,12 +178,21 @@ class OperatorConsole:
             raise ConsoleError(f'service {name} failed: {future.exception()}')
         return future.result()
 
+    def token(self, required: bool = True) -> str:
+        """The operator's session secret (read afresh: the supervisor issues a new one at each start)."""
+        try:
+            return operator_session.read_session(self.session_file)
+        except operator_session.OperatorSessionError as exc:
+            if not required:
+                return ''
+            raise ConsoleError(f'{exc}; is the safety_supervisor running as this user?', EXIT_REFUSED) from None
+
     # ------------------------------------------------------------ actions
     def workflow(self, timeout: Optional[float] = None) -> Optional[OperatorCommand.Response]:
         """The procedure node's answer to ``status`` (phase, step, message), or None if it is not running."""
         try:
-            return self.call('cmd', OperatorCommand.Request(command='status', operator_id=self.operator_id),
-                             timeout)
+            return self.call('cmd', OperatorCommand.Request(command='status', operator_id=self.operator_id,
+                                                            operator_token=self.token(required=False)), timeout)
         except ConsoleError:
             return None
 
@@ -163,16 +207,19 @@ class OperatorConsole:
         return Outcome(True, lines)
 
     def resume(self) -> Outcome:
-        r = self.call('resume', ResumeMotion.Request(operator_id=self.operator_id))
+        r = self.call('resume', ResumeMotion.Request(operator_id=self.operator_id, operator_token=self.token()))
         return self._safety_outcome('resume', r.success, r.message, r.status)
 
     def acknowledge(self, codes: Iterable[str] = ()) -> Outcome:
         codes = [c.strip().upper() for c in codes if c.strip()]
-        r = self.call('ack', AcknowledgeFaults.Request(operator_id=self.operator_id, codes=codes))
+        r = self.call('ack', AcknowledgeFaults.Request(operator_id=self.operator_id, codes=codes,
+                                                       operator_token=self.token()))
         return self._safety_outcome(f"acknowledge {' '.join(codes) or '(all)'}", r.success, r.message, r.status)
 
     def estop(self, active: bool) -> Outcome:
-        r = self.call('estop', SetEstop.Request(active=bool(active), source=f'igt-operator:{self.operator_id}'))
+        # Pressing never needs the secret (sent if readable); releasing does.
+        r = self.call('estop', SetEstop.Request(active=bool(active), source=f'igt-operator:{self.operator_id}',
+                                                operator_token=self.token(required=not active)))
         lines = [f"e-stop {'ON' if active else 'released'}: {'done' if r.success else 'REFUSED'}"
                  + (f' - {r.message}' if r.message else '')]
         if not active and r.success:
@@ -184,13 +231,15 @@ class OperatorConsole:
         phase = ScannerState.PHASE_ACQUIRING if start else ScannerState.PHASE_IDLE
         r = self.call('scan', SetScannerState.Request(
             phase=phase, protocol_name=protocol if start else '', is_ionising=bool(ionising and start),
-            ctdi_vol_mgy=float(ctdi_vol_mgy), dlp_mgy_cm=float(dlp_mgy_cm), kv=float(kv), mas=float(mas)))
+            ctdi_vol_mgy=float(ctdi_vol_mgy), dlp_mgy_cm=float(dlp_mgy_cm), kv=float(kv), mas=float(mas),
+            operator_token=self.token()))
         what = f"scan {'start' if start else 'stop'}" + (f" ('{protocol}')" if start and protocol else '')
         return Outcome(bool(r.accepted), [f"{what}: {'accepted' if r.accepted else 'REFUSED'}"
                                           + (f' - {r.message}' if r.message else '')])
 
     def command(self, name: str, arg: str = '') -> Outcome:
-        r = self.call('cmd', OperatorCommand.Request(command=name, argument=arg, operator_id=self.operator_id))
+        r = self.call('cmd', OperatorCommand.Request(command=name, argument=arg, operator_id=self.operator_id,
+                                                     operator_token=self.token()))
         head = f"{name}{(' ' + arg) if arg else ''}: {'accepted' if r.accepted else 'REFUSED'}"
         lines = [head + (f' - {r.message}' if r.message else ''), f'workflow: {r.phase}/{r.step}']
         return Outcome(bool(r.accepted), lines)
@@ -209,11 +258,14 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     parser.add_argument('--timeout', type=float, default=5.0,
                         help='seconds to wait for a service or the safety status (default 5)')
     parser.add_argument('--operator', default='', help='operator id (default $IGT_OPERATOR or $USER)')
+    parser.add_argument('--session-file', default=None,
+                        help='operator session file (default $IGT_OPERATOR_SESSION, else the per-user default)')
     # The same options after the action ("igt-operator status --timeout 2"); SUPPRESS keeps the
     # top-level value when they are not repeated there.
     shared = argparse.ArgumentParser(add_help=False)
     shared.add_argument('--timeout', type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     shared.add_argument('--operator', default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    shared.add_argument('--session-file', default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest='action')
     sub.add_parser('status', parents=[shared], help='safety state, permission, reason, faults and workflow phase/step')
     sub.add_parser('resume', parents=[shared], help='permit motion again (/safety/resume)')
@@ -319,7 +371,7 @@ def _state_line(console: OperatorConsole) -> str:
 
 
 @contextlib.contextmanager
-def open_console(timeout: float = 5.0, operator_id: str = '', args=None):
+def open_console(timeout: float = 5.0, operator_id: str = '', args=None, session_file: Optional[str] = None):
     """A console on its own rclpy context and node, spun in a background thread."""
     context = rclpy.Context()
     rclpy.init(args=args, context=context)
@@ -329,7 +381,7 @@ def open_console(timeout: float = 5.0, operator_id: str = '', args=None):
     thread = threading.Thread(target=lambda: _spin_quietly(executor), name='igt-operator-spin', daemon=True)
     thread.start()
     try:
-        yield OperatorConsole(node, timeout, operator_id)
+        yield OperatorConsole(node, timeout, operator_id, session_file)
     finally:
         executor.shutdown(timeout_sec=2.0)
         with contextlib.suppress(Exception):
@@ -354,7 +406,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.timeout > 0:
         print('igt-operator: --timeout must be > 0 s', file=sys.stderr)
         return EXIT_USAGE
-    with open_console(args.timeout, args.operator) as console:
+    with open_console(args.timeout, args.operator, session_file=args.session_file) as console:
         if args.action is None:
             print(f'igt-operator (operator {console.operator_id}); "help" lists the commands, "quit" leaves')
             tty = sys.stdin.isatty()

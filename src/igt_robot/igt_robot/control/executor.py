@@ -20,7 +20,7 @@ runs at 50-100 Hz, is given ``now`` (monotonic s) and does, per call:
    ends quoting its ``stop_cause``. Otherwise top the buffer up to
    ``executed_time + lookahead`` (the final point is marked ``final``).
 4. When the controller reports the stream done: settle within the goal
-   tolerance (or time out), as before.
+   tolerance within ``settle_timeout``, else ABORTED_GOAL_TOLERANCE.
 
 A host stall shorter than the buffered look-ahead changes nothing: the
 controller keeps executing what it has. A longer one runs the buffer dry, which
@@ -215,7 +215,6 @@ class StreamingExecutor:
         self._stop_since = 0.0
         self._stop_code: Optional[ResultCode] = None
         self._stop_message = ''
-        self._stop_requested = False                     # we sent STOP (vs. the controller stopping by itself)
         self._pending_hardware_error: Optional[str] = None   # a stop that ended as a hardware fault, to report
 
     # ------------------------------------------------------------- commands
@@ -456,7 +455,6 @@ class StreamingExecutor:
     def _request_stop(self, now: float, code: ResultCode, message: str) -> None:
         """Ask the controller for its controlled stop (ramp at its deceleration limits, buffer flushed)."""
         self._enter_stopping(now, code, message)
-        self._stop_requested = True
         try:
             self.hw.stop()
         except HardwareError as exc:
@@ -485,7 +483,6 @@ class StreamingExecutor:
         self._stop_since = now
         self._stop_code = code
         self._stop_message = message
-        self._stop_requested = False
         self._streamer = None
 
     def _wait_stopped(self, now, state, stream, finished) -> Optional[str]:

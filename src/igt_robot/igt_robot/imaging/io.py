@@ -224,7 +224,6 @@ def write_dicom_series(volume: Volume, folder, *, modality: Optional[str] = None
     figures a CT writes into its headers (CTDIvol, KVP, Exposure). Returns the list of
     written paths.
     """
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

@@ -9,6 +9,9 @@
   (frame_id = node name, stamp = now) at a fixed period.
 * faults:      :class:`FaultReporter` publishes ``SafetyFault`` on /safety/faults for the supervisor.
 * diagnostics: :func:`diagnostic_status`, :func:`diagnostic_array`.
+* steady time: :func:`create_steady_timer` (safety timers must not pause on a ROS-time step).
+* identity:    :class:`PublisherNames` names the node behind a message's publisher GID (graph
+  introspection), for the interlock's per-publisher authority.
 * entry point: :func:`run_node` is the body of every node module's ``main()``.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Mapping, Optional, Sequence
 import rclpy
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.signals import SignalHandlerOptions
 from rclpy.time import Time as RclpyTime
@@ -64,6 +68,77 @@ def monotonic_from_stamp(node, stamp: Time) -> Optional[float]:
         return None
     age_s = (node.get_clock().now().nanoseconds - ns) * 1e-9
     return time.monotonic() - age_s
+
+
+# ------------------------------------------------------------------ steady time
+
+def steady_clock() -> Clock:
+    """A steady clock for timers: never jumps, never pauses (unlike ROS time, ros2/rclpy#1490)."""
+    return Clock(clock_type=ClockType.STEADY_TIME)
+
+
+def create_steady_timer(node, period: float, callback, callback_group=None):
+    """``node.create_timer`` on a steady clock: every safety-relevant timer uses this."""
+    return node.create_timer(float(period), callback, callback_group=callback_group, clock=steady_clock())
+
+
+# --------------------------------------------------------------------- identity
+
+def gid_key(gid) -> bytes:
+    """A publisher GID as bytes, from a MessageInfo's ``publisher_gid`` dict or a ``TopicEndpointInfo``
+    ``endpoint_gid`` list (16 significant bytes either way)."""
+    if isinstance(gid, dict):
+        gid = gid.get('data', b'')
+    return bytes(gid or b'')[:16]
+
+
+_UNKNOWN_NODE = '_NODE_NAME_UNKNOWN_'    # what the graph lists for a node it has not heard of yet
+
+
+class PublisherNames:
+    """Which node owns the publisher that sent a message (graph introspection, cached by GID).
+
+    ``lookup(message_info)`` -> (gid key, '/ns/node' or '' when the graph does not list it yet).
+    ``publishers()`` -> {gid key: node} of the topic now.
+    """
+
+    def __init__(self, node, topic: str):
+        self._node = node
+        self.topic = topic
+        self._names = {}
+
+    def publishers(self) -> dict:
+        names = {}
+        for info in self._node.get_publishers_info_by_topic(self.topic):
+            if not info.node_name or _UNKNOWN_NODE in info.node_name:
+                # The endpoint is discovered before its participant's node list: not named yet ('').
+                names[gid_key(info.endpoint_gid)] = ''
+                continue
+            ns = (info.node_namespace or '/').rstrip('/')
+            names[gid_key(info.endpoint_gid)] = f'{ns}/{info.node_name}'
+        self._names = {k: v for k, v in names.items() if v}
+        return names
+
+    def lookup(self, message_info) -> tuple:
+        key = gid_key((message_info or {}).get('publisher_gid'))
+        name = self._names.get(key)
+        if name is None:
+            name = self.publishers().get(key, '')
+        return key, name
+
+
+_INTERLOCK_CONFIGS = {}
+
+
+def register_interlock_config(hardware_node: str, config) -> None:
+    """The hardware node's interlock configuration, for the motion controller driving it in the same
+    process: both decide by the same rule with the same values."""
+    _INTERLOCK_CONFIGS[hardware_node] = config
+
+
+def interlock_config(hardware_node: str):
+    """The configuration registered by ``hardware_node`` in this process (None: none)."""
+    return _INTERLOCK_CONFIGS.get(hardware_node)
 
 
 # ---------------------------------------------------------------------- scanner
@@ -135,7 +210,7 @@ class HeartbeatPublisher:
         self._node = node
         self._alive = alive
         self._pub = node.create_publisher(Header, HEARTBEAT_TOPIC, qos.COMMANDS)
-        self._timer = node.create_timer(float(period), self._on_timer, callback_group=callback_group)
+        self._timer = create_steady_timer(node, period, self._on_timer, callback_group=callback_group)
         self.count = 0
 
     def _on_timer(self) -> None:
@@ -205,16 +280,27 @@ def create_diagnostics_publisher(node):
 
 # ------------------------------------------------------------------ entry point
 
-def run_node(node_factory, args=None, threads: Optional[int] = None) -> int:
-    """Init rclpy, build the node(s), spin them in a MultiThreadedExecutor until SIGINT/SIGTERM, shut down.
+def make_executor(kind: str = 'multi', threads: Optional[int] = None, context=None):
+    """'multi': rclpy's MultiThreadedExecutor; 'events': rclpy.experimental.EventsExecutor (one thread,
+    callbacks dispatched from middleware events: the lean control process, docs/safety.md)."""
+    if kind == 'events':
+        from rclpy.experimental import EventsExecutor
+        return EventsExecutor(context=context)
+    if kind != 'multi':
+        raise ValueError(f"executor must be 'multi' or 'events', got {kind!r}")
+    return MultiThreadedExecutor(num_threads=threads, context=context)
+
+
+def run_node(node_factory, args=None, threads: Optional[int] = None, executor_kind: str = 'multi') -> int:
+    """Init rclpy, build the node(s), spin them until SIGINT/SIGTERM, shut down.
 
     ``node_factory()`` builds one node or a list of nodes sharing the process
-    (they read ``--ros-args`` from the global context). Returns the process exit
-    code: 0 on a signal-initiated shutdown.
+    (they read ``--ros-args`` from the global context). ``executor_kind``: see
+    :func:`make_executor`. Returns the process exit code: 0 on a signal-initiated shutdown.
     """
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
-    executor = MultiThreadedExecutor(num_threads=threads)
+    executor = make_executor(executor_kind, threads)
     nodes = []
 
     def on_signal(*_):

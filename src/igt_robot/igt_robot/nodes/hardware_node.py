@@ -14,13 +14,18 @@ Lifecycle (managed node, as ros2_control hardware components):
 * cleanup / shutdown -- close the backend, unregister and retire the handle.
 * error      -- emergency stop (latched in the drive), then close.
 
-Interlock (defence in depth, docs/contracts.md): the inhibit is asserted in
-the /scanner/state or /safety/motion_permitted *callback itself* when the
-scanner shows PREPARING / ACQUIRING / UNKNOWN or permission is false (one DDS
-hop from the event to the command on the serial line); a >= 100 Hz timer
-asserts it when the scanner state goes stale (no fresh message with an
-advancing heartbeat counter within ``scanner_timeout``). It is released only
-while permission is true AND the scanner state is fresh AND IDLE.
+Interlock (defence in depth, docs/safety.md): the decision is the core's
+:class:`~igt_robot.safety.interlock.Interlock`; this node feeds it and commands the
+drive. The inhibit is asserted in the /scanner/state or /safety/motion_permitted
+*callback itself* (one DDS hop from the event to the command on the serial
+line); a >= 100 Hz steady-clock timer asserts it when the scanner state goes stale
+(the core's one staleness rule). Each message's publisher is named from its GID
+(graph introspection): only ``scanner_source`` may say IDLE and only
+``supervisor_node``'s permission counts; any other publisher on those topics is
+reported on /safety/faults naming its node (the supervisor latches it) and keeps
+the inhibit asserted while it is on the graph. ``/hardware_node/reset_faults``
+(AcknowledgeFaults, operator secret required) sends RESET_FAULTS for the
+operator's acknowledge. Every parameter is read-only (start-up values).
 
 Publishing while configured (inactive or active): /joint_states, /robot/state
 at ``publish_rate`` and /diagnostics at ``diagnostics_rate`` (diagnostics also
@@ -30,8 +35,8 @@ publish periods) the node publishes the cached state instead of adding
 transactions to the link. /heartbeat only while active. New hardware faults go
 to /safety/faults (``cause_active`` until the drive no longer reports them).
 
-Nothing here computes what a core module could: kinematics, staleness and
-phase decoding are imported.
+Nothing here computes what a core module could: kinematics, the interlock
+decision and phase decoding are imported.
 """
 from __future__ import annotations
 
@@ -60,9 +65,10 @@ from igt_robot.kinematics import NeedleGuideKinematics
 from igt_robot.nodes import common, qos, topics
 from igt_robot.nodes.params import Param, declare
 from igt_robot.robot_model import load_robot_model
-from igt_robot.scanner.phases import ScannerPhase
-from igt_robot.scanner.staleness import StalenessGuard
+from igt_robot.safety import operator_session
+from igt_robot.safety.interlock import Interlock, InterlockConfig, InterlockConfigError
 from igt_robot_msgs.msg import ProcedureEvent, RobotState, ScannerState
+from igt_robot_msgs.srv import AcknowledgeFaults
 
 NODE_NAME = 'hardware_node'
 LINK_FAULT = 'HARDWARE_LINK'          # the controller stopped answering or the port vanished
@@ -95,11 +101,19 @@ PARAMS = [
     Param('heartbeat_rate', 10.0, '/heartbeat rate while active, Hz', 1.0, 100.0),
     Param('hardware_heartbeat_rate', 20.0, 'rate of heartbeat() to the controller watchdog, Hz; configure '
           'fails unless it beats at least twice per watchdog period', 1.0, 500.0),
-    Param('scanner_timeout', 0.15, 'a scanner state older than this counts as imaging (inhibit), s', 0.01, 5.0),
+    Param('scanner_source', '/scanner_interface', 'the only node whose /scanner/state may say IDLE '
+          '(fully qualified name); any other publisher there is a fault'),
+    Param('supervisor_node', '/safety_supervisor', 'the only node whose /safety/motion_permitted counts'),
+    Param('scanner_period', 0.05, "the scanner source's /scanner/state period, s (its publish_rate_hz)",
+          0.005, 1.0),
+    Param('scanner_timeout', 0.13, 'a scanner state is believed this long after a fresh message, s; '
+          'scanner_timeout + 1/interlock_rate must not exceed 3 scanner periods (docs/safety.md)', 0.005, 3.0),
     Param('interlock_rate', 100.0, 'rate of the staleness check that asserts the inhibit, Hz', 100.0, 2000.0),
+    Param('graph_check_period', 0.5, 'period of the check for foreign publishers on the safety topics, s',
+          0.05, 5.0),
+    Param('operator_session_file', '', 'operator session file (empty: the per-user default); a drive-fault '
+          'reset needs its secret'),
 ]
-
-_PHASE_NAMES = {p: p.value for p in ScannerPhase}
 
 
 def _guarded(interlock: bool = False):
@@ -123,39 +137,14 @@ class ConfigureError(Exception):
     """A configure step failed; the message is the operator-readable reason."""
 
 
-def interlock_decision(active: bool, permission: Optional[bool], supervisor_alive: bool,
-                       latest_phase: Optional[ScannerPhase], fresh_phase: ScannerPhase,
-                       scanner_age: float, scanner_timeout: float) -> Tuple[bool, str]:
-    """(inhibit, reason). Motion is allowed only when every input positively says so.
-
-    ``permission``: last /safety/motion_permitted value (None: none received).
-    ``latest_phase``: the phase of the newest scanner message, fresh or not
-    (an imaging phase inhibits even in a late message). ``fresh_phase``: the
-    staleness guard's view (UNKNOWN when stale or never seen).
-    """
-    if not active:
-        return True, 'hardware node not active'
-    if latest_phase is not None and latest_phase is not ScannerPhase.IDLE:
-        return True, f'scanner {latest_phase.value}'
-    if latest_phase is None:
-        return True, 'no scanner state received'
-    if fresh_phase is not ScannerPhase.IDLE:
-        return True, f'scanner state stale ({scanner_age:.3f} s old, limit {scanner_timeout:.3f} s)'
-    if permission is None:
-        return True, 'no motion permission received from the safety supervisor'
-    if not supervisor_alive:
-        return True, 'safety supervisor lost (liveliness)'
-    if not permission:
-        return True, 'safety supervisor withholds motion permission'
-    return False, 'motion permitted and scanner idle'
-
-
 class HardwareNode(LifecycleNode):
     """Lifecycle node owning the hardware backend (see the module docstring)."""
 
     def __init__(self, context=None, cli_args=None, **kwargs):
         super().__init__(NODE_NAME, context=context, cli_args=cli_args, **kwargs)
-        self.p = declare(self, PARAMS)
+        self.p = declare(self, PARAMS, read_only=True)
+        self.interlock_config = self._interlock_config()
+        common.register_interlock_config(self.get_name(), self.interlock_config)
         self.model = load_robot_model()
         self.kinematics = NeedleGuideKinematics(self.model)
         self.joint_names = tuple(self.model.joint_names)
@@ -178,11 +167,12 @@ class HardwareNode(LifecycleNode):
 
         # Interlock inputs and output.
         self._interlock_lock = threading.RLock()
+        self.interlock = Interlock(self.interlock_config)
+        self.interlock.set_active(False)
+        self._scanner_heartbeat = None      # counter of the last scanner message (any publisher)
         self._permission: Optional[bool] = None
-        self._supervisor_alive = True
-        self._scanner = StalenessGuard(self.p['scanner_timeout'])
-        self._scanner_latest: Optional[ScannerPhase] = None
-        self._scanner_heartbeat = None
+        self._scanner_names = common.PublisherNames(self, topics.SCANNER_STATE)
+        self._permission_names = common.PublisherNames(self, topics.SAFETY_MOTION_PERMITTED)
         self._inhibit_commanded: Optional[bool] = None   # None: unknown (command failed / not sent)
         self._inhibit_command_time = -math.inf
         self._last_resync = -math.inf
@@ -211,8 +201,13 @@ class HardwareNode(LifecycleNode):
         self.create_subscription(Bool, topics.SAFETY_MOTION_PERMITTED, self._on_permitted, qos.SAFETY_LATCHED,
                                  callback_group=self._interlock_group,
                                  event_callbacks=SubscriptionEventCallbacks(liveliness=self._on_supervisor_liveliness))
+        # Drive-fault reset: the supervisor forwards the operator's acknowledge (with the operator's secret).
+        self.create_service(AcknowledgeFaults, f'/{NODE_NAME}/reset_faults', self._on_reset_faults,
+                            callback_group=self._interlock_group)
         self.create_timer(1.0 / self.p['diagnostics_rate'], self.publish_diagnostics,
                           callback_group=self._diagnostics_group)
+        common.create_steady_timer(self, self.p['graph_check_period'], self._check_graph,
+                                   callback_group=self._interlock_group)
 
     # ================================================================ lifecycle
     def lifecycle_state(self) -> str:
@@ -242,8 +237,9 @@ class HardwareNode(LifecycleNode):
                     self.get_logger().warning(f'closing the backend after the failure: {close_exc}')
             return TransitionCallbackReturn.FAILURE
         with self._interlock_lock:
-            self._scanner = StalenessGuard(self.p['scanner_timeout'])
-            self._scanner_latest, self._scanner_heartbeat = None, None
+            self.interlock = Interlock(self.interlock_config)
+            self.interlock.set_active(False)
+            self._scanner_heartbeat, self._permission = None, None
             self._inhibit_commanded, self._inhibit_command_time = True, time.monotonic()
             self.interlock_reason = 'hardware node not active'
             self.shared = shared
@@ -258,13 +254,13 @@ class HardwareNode(LifecycleNode):
         self._last_published = None
         self.last_failure = ''
         self._own_read_time = -math.inf
+        steady = common.create_steady_timer
         self._hw_timers = [
-            self.create_timer(1.0 / self.p['publish_rate'], self._publish_state, callback_group=self._state_group),
-            self.create_timer(1.0 / self.p['heartbeat_rate'], self._beat, callback_group=self._state_group),
-            self.create_timer(1.0 / self.p['interlock_rate'], self._interlock_tick,
-                              callback_group=self._interlock_group),
-            self.create_timer(1.0 / self.p['hardware_heartbeat_rate'], self._feed_watchdog,
-                              callback_group=self._watchdog_group),
+            steady(self, 1.0 / self.p['publish_rate'], self._publish_state, callback_group=self._state_group),
+            steady(self, 1.0 / self.p['heartbeat_rate'], self._beat, callback_group=self._state_group),
+            steady(self, 1.0 / self.p['interlock_rate'], self._interlock_tick, callback_group=self._interlock_group),
+            steady(self, 1.0 / self.p['hardware_heartbeat_rate'], self._feed_watchdog,
+                   callback_group=self._watchdog_group),
         ]
         self.get_logger().info(f"configured: backend '{self.backend_name}', firmware '{self.firmware_version}', "
                                f"registered as hardware '{self.get_name()}'; motion inhibit asserted")
@@ -337,6 +333,7 @@ class HardwareNode(LifecycleNode):
                                          f'faults (operator acknowledge) before activating')
                 shared.enable()
                 self._active = True
+                self.interlock.set_active(True)
         except (ConfigureError, HardwareError) as exc:
             self.last_failure = f'activate failed: {exc}'
             self.get_logger().error(self.last_failure)
@@ -349,6 +346,7 @@ class HardwareNode(LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         with self._interlock_lock:
             self._active = False
+            self.interlock.set_active(False)
             self._safe_stop(disable=True)
         self.get_logger().info('inactive: axes stopped and disabled, motion inhibit asserted')
         return TransitionCallbackReturn.SUCCESS
@@ -361,6 +359,7 @@ class HardwareNode(LifecycleNode):
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         with self._interlock_lock:
             was_active, self._active = self._active, False
+            self.interlock.set_active(False)
             if self.shared is not None:
                 self._safe_stop(disable=was_active)
         had_hardware = self.shared is not None
@@ -373,6 +372,7 @@ class HardwareNode(LifecycleNode):
         self.get_logger().error(f'error during a transition from {state.label}: emergency stop')
         with self._interlock_lock:
             self._active = False
+            self.interlock.set_active(False)
             if self.shared is not None:
                 try:
                     self.shared.emergency_stop()
@@ -405,6 +405,7 @@ class HardwareNode(LifecycleNode):
         with self._interlock_lock:
             shared, self.shared = self.shared, None
             self._active = False
+            self.interlock.set_active(False)
             self._inhibit_commanded = None
             self.interlock_reason = 'not configured'
         if shared is None:
@@ -417,36 +418,114 @@ class HardwareNode(LifecycleNode):
         shared.retire(f"hardware node '{self.get_name()}' {why}")
 
     # ================================================================ interlock
+    def _interlock_config(self) -> InterlockConfig:
+        try:
+            return InterlockConfig(scanner_source=self.p['scanner_source'], supervisor=self.p['supervisor_node'],
+                                   scanner_period=self.p['scanner_period'],
+                                   scanner_timeout=self.p['scanner_timeout'],
+                                   check_period=1.0 / self.p['interlock_rate'])
+        except InterlockConfigError as exc:
+            raise ValueError(f'interlock parameters: {exc}') from None
+
     @_guarded(interlock=True)
-    def _on_scanner(self, msg: ScannerState) -> None:
+    def _on_scanner(self, msg: ScannerState, info) -> None:
+        """Decide and command in this callback: one hop from the scanner message to the inhibit frame."""
         now = time.monotonic()
         phase = common.phase_from_msg(msg.phase)
         stamp_time = common.monotonic_from_stamp(self, msg.header.stamp)
-        advanced = self._scanner_heartbeat is None or msg.heartbeat != self._scanner_heartbeat
-        late = stamp_time is not None and now - stamp_time > self._scanner.timeout
+        publisher, name = self._scanner_names.lookup(info)
         with self._interlock_lock:
-            self._scanner_latest = phase
             self._scanner_heartbeat = msg.heartbeat
-            if advanced and not late:
-                self._scanner.update(phase, now)
+            findings = self.interlock.on_scanner(publisher, name, phase, msg.heartbeat, now,
+                                                 stamp_age=None if stamp_time is None else now - stamp_time)
         self._update_interlock('scanner')
+        self._report(findings)
 
     @_guarded(interlock=True)
-    def _on_permitted(self, msg: Bool) -> None:
+    def _on_permitted(self, msg: Bool, info) -> None:
+        publisher, name = self._permission_names.lookup(info)
         with self._interlock_lock:
-            self._permission = bool(msg.data)
-            self._supervisor_alive = True
+            findings = self.interlock.on_permission(publisher, name, bool(msg.data), time.monotonic())
+            if not findings and name:
+                self._permission = bool(msg.data)
         self._update_interlock('permission')
+        self._report(findings)
 
     @_guarded(interlock=True)
     def _on_supervisor_liveliness(self, info) -> None:
         with self._interlock_lock:
-            self._supervisor_alive = info.alive_count > 0
+            self.interlock.on_supervisor_liveliness(info.alive_count > 0)
         self._update_interlock('supervisor liveliness')
 
     @_guarded(interlock=True)
     def _interlock_tick(self) -> None:
         self._update_interlock('staleness timer')
+
+    @_guarded(interlock=True)
+    def _check_graph(self) -> None:
+        """Foreign publishers that are on the graph but silent are named too (and leave again)."""
+        scanner = self._scanner_names.publishers()
+        permission = self._permission_names.publishers()
+        with self._interlock_lock:
+            findings = self.interlock.on_graph(scanner, permission)
+        if findings:
+            self._update_interlock('graph')
+        self._report(findings)
+
+    def _report(self, findings) -> None:
+        """Foreign publishers go to the supervisor as faults naming the node (it latches them)."""
+        for finding in findings:
+            if finding.active:
+                self.get_logger().error(finding.detail)
+            self.faults.report(finding.code, finding.detail, active=finding.active)
+            self.events_pub.publish(common.make_event(
+                self, 'foreign_publisher', finding.detail,
+                ProcedureEvent.ERROR if finding.active else ProcedureEvent.INFO,
+                values={'code': finding.code, 'node': finding.node, 'present': finding.active}, phase='CONTROL'))
+
+    def _on_reset_faults(self, req, resp):
+        """RESET_FAULTS to the drive for the operator's acknowledge (forwarded by the supervisor with the
+        operator's secret). The drive refuses while a cause persists (e.g. the e-stop button still pressed);
+        the faults it still reports after the reset are the ones whose cause has not gone."""
+        try:
+            expected = operator_session.read_session(self.p['operator_session_file'] or None)
+        except operator_session.OperatorSessionError as exc:
+            expected = ''
+            self.get_logger().error(str(exc), throttle_duration_sec=5.0)
+        ok, why = operator_session.check_token(expected, req.operator_token)
+        shared = self.shared
+        if not ok:
+            resp.success, resp.message = False, f'drive fault reset refused: {why}'
+        elif shared is None:
+            resp.success, resp.message = False, 'drive fault reset refused: hardware not configured'
+        elif self._link_error is not None:
+            resp.success, resp.message = False, f'drive fault reset refused: link failure ({self._link_error})'
+        else:
+            try:
+                with self._interlock_lock:
+                    before = shared.read()
+                    if before.faults or before.estopped:
+                        shared.reset_faults()
+                    state = shared.read()
+                    if self._active and not state.enabled and not (state.faults or state.estopped):
+                        shared.enable()            # a watchdog trip or e-stop de-energised the axes
+                        state = shared.read()
+                self._sync_faults(state, shared.last_read_time)
+                remaining = sorted(state.faults) + (['e-stop'] if state.estopped else [])
+                resp.success = not remaining
+                resp.message = ('drive faults reset' if not remaining else
+                                f"drive still reports {', '.join(remaining)} (cause present)")
+            except HardwareError as exc:
+                resp.success, resp.message = False, f'drive fault reset failed: {exc}'
+        level = ProcedureEvent.INFO if resp.success else ProcedureEvent.WARN
+        self.events_pub.publish(common.make_event(self, 'drive_fault_reset', resp.message, level,
+                                                  values={'operator_id': req.operator_id}, phase='CONTROL'))
+        if resp.success:        # two call sites: rclpy refuses a change of severity at one
+            self.get_logger().info(resp.message)
+        else:
+            self.get_logger().warning(resp.message)
+        self._update_interlock('fault reset')
+        return resp
 
     def _update_interlock(self, source: str) -> None:
         """Decide and, if needed, command the hardware inhibit (in the calling thread, at once)."""
@@ -455,9 +534,9 @@ class HardwareNode(LifecycleNode):
             if shared is None:
                 return
             now = time.monotonic()
-            inhibit, reason = interlock_decision(
-                self._active, self._permission, self._supervisor_alive, self._scanner_latest,
-                self._scanner.phase(now), self._scanner.age(now), self._scanner.timeout)
+            inhibit, reason = self.interlock.decide(now)
+            if reason == 'not active':
+                reason = 'hardware node not active'
             self.interlock_reason = reason
             if self._inhibit_commanded is inhibit and not self._hardware_disagrees(shared, now):
                 return
@@ -615,6 +694,8 @@ class HardwareNode(LifecycleNode):
     def _sync_faults(self, state: HardwareState, read_time: float) -> None:
         """After a successful read: report newly latched drive faults (cause active), clear the
         ones that went away, and clear a link failure (the hardware answers again)."""
+        with self._interlock_lock:         # never inside _fault_lock (lock order: interlock, then faults)
+            self.interlock.on_drive(faults=state.faults, estopped=state.estopped)
         with self._fault_lock:
             new = self._sync_faults_locked(state, read_time)
         if new:

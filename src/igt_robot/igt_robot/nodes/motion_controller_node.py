@@ -50,13 +50,13 @@ from igt_robot.kinematics import NeedleGuideKinematics
 from igt_robot.nodes import common, qos, topics
 from igt_robot.nodes.params import Param, declare
 from igt_robot.robot_model import load_robot_model
+from igt_robot.safety.interlock import Interlock, InterlockConfig
 from igt_robot.trajectory import JointLimits
 from igt_robot_msgs.action import InsertNeedle, MoveGuide
 from igt_robot_msgs.msg import ProcedureEvent, RegistrationResult, SafetyStatus, ScannerState
 
 NODE_NAME = 'motion_controller'
 GIL_SWITCH_INTERVAL = 0.001     # s, see _attach_hardware_locked
-IMAGING_PHASES = (ScannerState.PHASE_UNKNOWN, ScannerState.PHASE_PREPARING, ScannerState.PHASE_ACQUIRING)
 
 # Read at start-up only, hence read-only: a parameter never reports a value that is not in force.
 PARAMS = [
@@ -102,35 +102,45 @@ PARAMS = [
 
 
 class Permission:
-    """The executor's view of motion permission (read every control cycle, written by callbacks).
+    """The executor's view of motion permission (read every control cycle, fed by callbacks).
 
-    Three inputs, all must allow motion: the supervisor's latched gate, the scanner not imaging, and the
-    drive's own motion-inhibit released (the hardware node asserts it one hop after a scan starts and
-    releases it one hop after the supervisor permits: a goal must neither start nor go on against it).
+    The decision is the interlock core's (igt_robot.safety.interlock, the same rule and configuration
+    as the hardware node's, docs/safety.md), with the drive's own motion-inhibit as one more input:
+    a goal must neither start nor go on against it.
     """
 
-    def __init__(self):
-        self.supervisor_permitted = False     # safe default until the supervisor says otherwise
-        self.supervisor_reason = 'no safety status received yet'
-        self.scanner_imaging = True
-        self.scanner_reason = 'no scanner state received yet'
+    def __init__(self, config=None):
+        self.interlock = Interlock(config or InterlockConfig())
+        self.lock = threading.Lock()
+        self.supervisor_reason = ''
         self.hardware = None                  # SharedHardware once attached (its cached state is read)
 
     def _drive_inhibited(self) -> bool:
         state = self.hardware.last_state if self.hardware is not None else None
         return bool(state is not None and state.motion_inhibited)
 
+    def update(self, feed):
+        """``feed(interlock)`` under the lock (callbacks); returns its findings."""
+        with self.lock:
+            return feed(self.interlock)
+
+    def decision(self):
+        with self.lock:
+            self.interlock.on_drive(inhibited=self._drive_inhibited())
+            return self.interlock.decide(time.monotonic())
+
     @property
     def motion_permitted(self) -> bool:
-        return self.supervisor_permitted and not self.scanner_imaging and not self._drive_inhibited()
+        return not self.decision().inhibit
 
     @property
     def reason(self) -> str:
-        if self.scanner_imaging:
-            return self.scanner_reason
-        if not self.supervisor_permitted:
+        inhibit, reason = self.decision()
+        if not inhibit:
+            return ''
+        if reason == 'safety supervisor withholds motion permission' and self.supervisor_reason:
             return self.supervisor_reason
-        return 'the drive\'s motion-inhibit is still asserted' if self._drive_inhibited() else ''
+        return reason
 
 
 _RESULT_CODES = {
@@ -170,7 +180,9 @@ class MotionControllerNode(Node):
         if self.p['lookahead'] < 2.0 / self.p['stream_rate']:
             raise ValueError(f"lookahead {self.p['lookahead']:g} s must cover at least two stream cycles "
                              f"(2 / stream_rate = {2.0 / self.p['stream_rate']:g} s)")
-        self.permission = Permission()
+        self.permission = Permission(common.interlock_config(self.p['hardware_node']))
+        self._scanner_names = common.PublisherNames(self, topics.SCANNER_STATE)
+        self._permission_names = common.PublisherNames(self, topics.SAFETY_MOTION_PERMITTED)
         self.motion_lock = threading.Lock()
         self.motion = StreamingExecutor(
             hardware=_NoHardware(), permission=lambda: self.permission, limits=self.limits,
@@ -220,21 +232,26 @@ class MotionControllerNode(Node):
                                  callback_group=permission_group)
         self.create_subscription(ScannerState, topics.SCANNER_STATE, self._on_scanner, qos.SCANNER_STATE,
                                  callback_group=permission_group)
+        common.create_steady_timer(self, 0.5, self._check_graph, callback_group=permission_group)
 
-    def _on_permitted(self, msg: Bool):
-        self.permission.supervisor_permitted = bool(msg.data)
+    def _on_permitted(self, msg: Bool, info):
+        publisher, name = self._permission_names.lookup(info)
+        self.permission.update(lambda lock: lock.on_permission(publisher, name, bool(msg.data), time.monotonic()))
 
     def _on_status(self, msg: SafetyStatus):
         self.permission.supervisor_reason = msg.reason or msg.state
 
-    def _on_scanner(self, msg: ScannerState):
-        imaging = msg.phase in IMAGING_PHASES
-        if imaging:
-            name = {ScannerState.PHASE_UNKNOWN: 'UNKNOWN', ScannerState.PHASE_PREPARING: 'PREPARING',
-                    ScannerState.PHASE_ACQUIRING: 'ACQUIRING'}[msg.phase]
-            self.permission.scanner_reason = (f'scanner {name}' +
-                                              (f" (protocol '{msg.protocol_name}')" if msg.protocol_name else ''))
-        self.permission.scanner_imaging = imaging
+    def _on_scanner(self, msg: ScannerState, info):
+        publisher, name = self._scanner_names.lookup(info)
+        now = time.monotonic()
+        stamp = common.monotonic_from_stamp(self, msg.header.stamp)
+        self.permission.update(lambda lock: lock.on_scanner(publisher, name, common.phase_from_msg(msg.phase),
+                                                            msg.heartbeat, now, None if stamp is None else now - stamp))
+
+    def _check_graph(self):
+        """Foreign publishers that left stop blocking (the hardware node reports them to the supervisor)."""
+        scanner, permission = self._scanner_names.publishers(), self._permission_names.publishers()
+        self.permission.update(lambda lock: lock.on_graph(scanner, permission))
 
     def _on_registration(self, msg: RegistrationResult):
         if not msg.accepted:

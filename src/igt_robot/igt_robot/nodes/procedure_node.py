@@ -68,6 +68,8 @@ from igt_robot.record.dose import SOURCE_MANUAL, DoseFactors, DoseLedger, DoseVa
 from igt_robot.record.report import SliceView, slice_png
 from igt_robot.record.store import check_free_space
 from igt_robot.robot_model import load_robot_model
+from igt_robot.safety import operator_session
+from igt_robot.safety.interlock import Interlock, InterlockConfig
 from igt_robot.simulation.scanner import PROTOCOLS, SimulatedScanner
 from igt_robot.simulation.scenario import make_scenario
 from igt_robot_msgs.action import InsertNeedle, MoveGuide
@@ -109,6 +111,8 @@ PARAMS = [
     Param('demo_dicom_peer', '', 'demo only: REST URL of the DICOM node (Orthanc) the simulated scanner stores '
           'its series in; it forwards them to this receiver by C-STORE'),
     Param('demo_dicom_receiver', 'stack', "demo only: the receiver's modality name in that DICOM node"),
+    Param('operator_session_file', '', 'operator session file (empty: the per-user default); operator commands '
+          'must carry its secret, and in demo mode this node reads it to act as the operator'),
 ]
 
 
@@ -177,6 +181,12 @@ class ProcedureNode(Node):
         self.create_subscription(SafetyStatus, topics.SAFETY_STATUS, self._on_safety, qos.SAFETY_LATCHED,
                                  callback_group=group)
         self.create_subscription(RobotState, topics.ROBOT_STATE, self._on_robot, qos.STATE_STREAM, callback_group=group)
+        # The interlock core decides when a goal can go (the same rule as the hardware node's).
+        self.interlock, self._interlock_lock = Interlock(InterlockConfig()), threading.Lock()
+        self._scanner_names = common.PublisherNames(self, topics.SCANNER_STATE)
+        self._status_names = common.PublisherNames(self, topics.SAFETY_STATUS)
+        self.create_subscription(ScannerState, topics.SCANNER_STATE, self._on_scanner, qos.SCANNER_STATE,
+                                 callback_group=group)
         self.create_subscription(RegistrationResult, topics.REGISTRATION_RESULT, self._on_registration, qos.LATCHED,
                                  callback_group=group)
         self.create_subscription(PointStamped, topics.PROCEDURE_TARGET, self._on_target, qos.LATCHED,
@@ -204,11 +214,30 @@ class ProcedureNode(Node):
             self._demo_timer = self.create_timer(0.5, self._start_demo, callback_group=group)
 
     # ------------------------------------------------------------------ inputs
-    def _on_safety(self, msg):
+    def _on_safety(self, msg, info):
         self.safety = msg
+        publisher, name = self._status_names.lookup(info)
+        with self._interlock_lock:   # the supervisor's status carries its permission
+            self.interlock.on_permission(publisher, name, msg.motion_permitted, time.monotonic())
 
     def _on_robot(self, msg):
         self.robot = msg
+        with self._interlock_lock:
+            self.interlock.on_drive(faults=msg.faults, estopped=msg.estopped, inhibited=msg.motion_inhibited)
+
+    def _on_scanner(self, msg, info):
+        publisher, name = self._scanner_names.lookup(info)
+        with self._interlock_lock:
+            self.interlock.on_scanner(publisher, name, common.phase_from_msg(msg.phase), msg.heartbeat,
+                                      time.monotonic())
+
+    def _operator_token(self) -> str:
+        """The operator's secret (this node acts as the operator in demo mode, and says so in the record)."""
+        try:
+            return operator_session.read_session(self.p['operator_session_file'] or None)
+        except operator_session.OperatorSessionError as exc:
+            self.get_logger().error(str(exc), throttle_duration_sec=5.0)
+            return ''
 
     def _on_registration(self, msg):
         if msg.accepted:
@@ -223,6 +252,15 @@ class ProcedureNode(Node):
 
     # ----------------------------------------------------------------- command service
     def _on_command(self, request, response):
+        if (request.command or '').strip().lower() != 'status':
+            ok, why = operator_session.check_token(self._operator_token(), request.operator_token)
+            if not ok:
+                message = f'{request.command} refused: {why}'
+                self.get_logger().warning(message)
+                self._event('operator_command_refused', message, ProcedureEvent.WARN, operator_id=request.operator_id)
+                response.accepted, response.message = False, message
+                response.phase, response.step = self.workflow.phase.value, self.workflow.step.value
+                return response
         outcome = self.command(request.command, request.argument, request.operator_id)
         response.accepted, response.phase, response.step, response.message = outcome
         return response
@@ -673,6 +711,8 @@ class ProcedureNode(Node):
         timeout = self.p['service_timeout']
         if not client.wait_for_service(timeout_sec=min(timeout, 30.0)):
             raise StepFailed(f'{client.srv_name} is not available')
+        if hasattr(request, 'operator_token') and not request.operator_token:
+            request.operator_token = self._operator_token()   # this node acts for the operator (demo, commands)
         future = client.call_async(request)
         try:
             return self._wait_future(future, timeout, client.srv_name)
@@ -686,9 +726,11 @@ class ProcedureNode(Node):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             permitted = self.safety is not None and self.safety.motion_permitted
-            if not permitted or (self.robot is not None and not self.robot.motion_inhibited):
+            with self._interlock_lock:
+                inhibit, _ = self.interlock.decide(time.monotonic())
+            if not permitted or not inhibit:
                 return   # nothing to wait for: either released, or the goal will be refused with the reason
-            time.sleep(0.02)   # poll the latest robot state
+            time.sleep(0.02)
 
     def _run_action(self, client, goal):
         self._wait_drive_released()
@@ -724,7 +766,8 @@ class ProcedureNode(Node):
     def _safety_text(self):
         if self.safety is None:
             return 'safety state unknown'
-        return f'safety {self.safety.state} ({"motion permitted" if self.safety.motion_permitted else self.safety.reason})'
+        why = 'motion permitted' if self.safety.motion_permitted else self.safety.reason
+        return f'safety {self.safety.state} ({why})'
 
     def _event(self, kind, description, severity=ProcedureEvent.INFO, **values):
         self.events.publish(common.make_event(self, kind, description, severity=severity, values=values,

@@ -13,7 +13,19 @@ change and at ``publish_rate_hz``; every supervisor event as a ProcedureEvent
 Every input runs the core under one lock and publishes the new permission from
 that same callback, so a scanner event reaches /safety/motion_permitted without
 waiting for the periodic tick. The tick (``tick_rate_hz``) only drives timeouts.
-The core runs on ``time.monotonic()``.
+The core runs on ``time.monotonic()``; every timer runs on a steady clock (a ROS-time
+step, e.g. a /clock going backwards under use_sim_time, does not pause it).
+
+Operator authority (docs/safety.md): at start-up the node issues the operator
+session secret (``operator_session_file``, mode 0600). Resume, acknowledge and
+e-stop release need it in ``operator_token``; pressing the e-stop never does.
+Refusals say why and are recorded as events. An acknowledge first asks the
+hardware node to reset the drive's latched faults (``drive_reset_service``, with the
+operator's secret), so a WATCHDOG or e-stop latched in the drive can be cleared
+once its cause has gone. A /scanner/state publisher other than ``scanner_source``
+is ignored and latched as a fault naming its node. Every parameter is read-only
+except ``max_insertion_depth``, applied live through the core's validation
+within the configured limit.
 """
 from __future__ import annotations
 
@@ -22,7 +34,6 @@ import threading
 import time
 
 from diagnostic_msgs.msg import DiagnosticStatus
-from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -32,11 +43,13 @@ from std_msgs.msg import Bool, Header
 from igt_robot.kinematics import NeedleGuideKinematics
 from igt_robot.robot_model import load_robot_model
 from igt_robot.safety import CommandResult, EventKind, SafetyConfig, SafetyState, SafetySupervisor
+from igt_robot.safety import operator_session
+from igt_robot.safety.interlock import FOREIGN_SCANNER, node_key
 from igt_robot_msgs import msg as igt_msg
 from igt_robot_msgs.srv import AcknowledgeFaults, ResumeMotion, SetEstop
 
 from . import common, qos, topics
-from .params import Param, declare
+from .params import Param, apply_live, declare
 
 PARAMS = [
     Param('required_heartbeats', ['scanner_interface', 'hardware_node', 'motion_controller'],
@@ -58,17 +71,24 @@ PARAMS = [
     Param('workspace_lower', Parameter.Type.DOUBLE_ARRAY, 'needle-tip box lower corner x,y,z in base_link (m); '
           'unset = no box'),
     Param('workspace_upper', Parameter.Type.DOUBLE_ARRAY, 'needle-tip box upper corner x,y,z in base_link (m)'),
-    Param('max_insertion_depth', -1.0, 'procedure insertion-depth limit (m), settable at run time; '
-          '< 0 = only the URDF limit', -1.0, 1.0),
+    Param('max_insertion_depth', -1.0, 'procedure insertion-depth limit (m); at run time only within the '
+          'configured value; < 0 = only the URDF limit', -1.0, 1.0, live=True),
     Param('tick_rate_hz', 50.0, 'timeout check rate (Hz); a timeout is seen at most one tick late', 20.0, 1000.0),
     Param('publish_rate_hz', 10.0, 'periodic /safety/status and /safety/motion_permitted rate (Hz)', 1.0, 100.0),
     Param('heartbeat_period_s', 0.1, 'own /heartbeat period (s)', 0.01, 1.0),
+    Param('operator_session_file', '', 'file the operator session secret is issued to at start-up (mode 0600); '
+          'empty = the per-user default of igt_robot.safety.operator_session'),
+    Param('scanner_source', '/scanner_interface', 'the only node whose /scanner/state counts; another '
+          'publisher there is a latched fault naming it'),
+    Param('drive_reset_service', '/hardware_node/reset_faults', 'service resetting the drive faults for an '
+          'operator acknowledge (empty = none)'),
+    Param('drive_reset_timeout_s', 2.0, 'how long an acknowledge waits for the drive reset and its effect (s)',
+          0.1, 10.0),
 ]
 
 _EVENT_KINDS = {EventKind.TRANSITION: 'safety_transition', EventKind.FAULT_RAISED: 'safety_fault',
                 EventKind.FAULT_CLEARED: 'safety_fault_cleared', EventKind.COMMAND: 'safety_command'}
 _STOPPED_HARD = (SafetyState.FAULT, SafetyState.ESTOP)
-_PARAM_NAMES = frozenset(p.name for p in PARAMS)
 
 
 class SafetySupervisorNode(Node):
@@ -83,7 +103,7 @@ class SafetySupervisorNode(Node):
             raise
 
     def _setup(self) -> None:
-        self.p = p = declare(self, PARAMS)
+        self.p = p = declare(self, PARAMS, read_only=True)
         model = load_robot_model()
         self._joint_names = model.joint_names
         required = [str(n) for n in p['required_heartbeats'] if str(n)]
@@ -114,6 +134,12 @@ class SafetySupervisorNode(Node):
         self._last_key = None
         self._last_state = None
 
+        self._configured_depth = p['max_insertion_depth']   # the envelope a run-time change stays within
+        self._session_path = p['operator_session_file'] or None
+        self._token = operator_session.issue_session(self._session_path)
+        self._scanner_source = node_key(p['scanner_source'])
+        self._scanner_names = common.PublisherNames(self, topics.SCANNER_STATE)
+        self._foreign_scanners = set()
         self._status_pub = self.create_publisher(igt_msg.SafetyStatus, topics.SAFETY_STATUS, qos.SAFETY_LATCHED)
         self._permitted_pub = self.create_publisher(Bool, topics.SAFETY_MOTION_PERMITTED, qos.SAFETY_LATCHED)
         self._event_pub = common.create_event_publisher(self)
@@ -129,12 +155,17 @@ class SafetySupervisorNode(Node):
         self.create_service(SetEstop, topics.SAFETY_ESTOP, self._on_estop, callback_group=group)
         self.create_service(AcknowledgeFaults, topics.SAFETY_ACKNOWLEDGE, self._on_acknowledge, callback_group=group)
         self.create_service(ResumeMotion, topics.SAFETY_RESUME, self._on_resume, callback_group=group)
-        self.create_timer(1.0 / p['tick_rate_hz'], lambda: self._apply(self._sup.tick), callback_group=group)
-        self.create_timer(1.0 / p['publish_rate_hz'], self._publish_periodic, callback_group=group)
-        self.create_timer(1.0, self._publish_diagnostics, callback_group=group)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._reset_client = (self.create_client(AcknowledgeFaults, p['drive_reset_service'], callback_group=group)
+                              if p['drive_reset_service'] else None)
+        steady = common.create_steady_timer
+        steady(self, 1.0 / p['tick_rate_hz'], lambda: self._apply(self._sup.tick), callback_group=group)
+        steady(self, 1.0 / p['publish_rate_hz'], self._publish_periodic, callback_group=group)
+        steady(self, 1.0, self._publish_diagnostics, callback_group=group)
+        apply_live(self, PARAMS, self._apply_parameter)
         self.heartbeat = common.HeartbeatPublisher(self, p['heartbeat_period_s'])
         self._publish_periodic()
+        where = self._session_path or operator_session.default_session_path()
+        self.get_logger().info(f'operator session issued to {where}')
         self.get_logger().info(f'required heartbeats: {config.heartbeat_timeouts}; scanner timeout '
                                f'{config.scanner_timeout:.2f} s; workspace box '
                                f'{"on" if tip_fn else "off"}')
@@ -209,7 +240,17 @@ class SafetySupervisorNode(Node):
             self, [common.diagnostic_status(self, 'safety', level, status.reason, values)]))
 
     # ---------------------------------------------------------------- inputs
-    def _on_scanner(self, msg) -> None:
+    def _on_scanner(self, msg, info) -> None:
+        publisher, name = self._scanner_names.lookup(info)
+        if name != self._scanner_source:
+            # Only the configured source counts. Another publisher is a latched fault naming it (once); one
+            # the graph does not name yet is ignored (a fresh state from the real source follows).
+            if name and publisher not in self._foreign_scanners:
+                self._foreign_scanners.add(publisher)
+                detail = f"second publisher on /scanner/state: node '{name}' (only {self._scanner_source} counts)"
+                self.get_logger().error(detail)
+                self._apply(lambda now: self._sup.report_fault(FOREIGN_SCANNER, detail, now, source=name))
+            return
         stamp = common.monotonic_from_stamp(self, msg.header.stamp)
         phase = common.phase_from_msg(msg.phase)
         self._apply(lambda now: self._sup.update_scanner(phase, stamp, msg.heartbeat, now,
@@ -242,11 +283,26 @@ class SafetySupervisorNode(Node):
         self._apply(step)
 
     # -------------------------------------------------------------- services
+    def _operator_refusal(self, command: str, token: str, values=None):
+        """None when ``token`` is the operator's secret; otherwise the refusal, recorded as an event."""
+        ok, why = operator_session.check_token(self._token, token)
+        if ok:
+            return None
+        self.get_logger().warning(f'{command} refused: {why}')
+        return self._apply(lambda now: self._sup.refuse(now, command, why), values=values)
+
     def _on_estop(self, req, resp):
+        values = {'estop_source': req.source, 'estop_active': req.active}
+        if not req.active:               # pressing is always honoured; only the operator releases
+            refusal = self._operator_refusal('e-stop release', req.operator_token, values)
+            if refusal is not None:
+                resp.success, resp.message = False, refusal.message
+                return resp
+
         def step(now):
             self._sw_estop = bool(req.active)
             return self._sup.set_estop(self._hw_estop or self._sw_estop, now)
-        self._apply(step, values={'estop_source': req.source, 'estop_active': req.active})
+        self._apply(step, values=values)
         resp.success = True
         if req.active:
             resp.message = 'e-stop engaged'
@@ -258,35 +314,77 @@ class SafetySupervisorNode(Node):
 
     def _on_acknowledge(self, req, resp):
         codes = [c for c in req.codes if c.strip()]
+        values = {'operator_id': req.operator_id}
+        refusal = self._operator_refusal('acknowledge', req.operator_token, values)
+        if refusal is None:
+            self._reset_drive(req)
 
-        def step(now):
-            if not codes:                # everything: released e-stop and cleared faults
-                return self._sup.reset(now)
-            results = [self._sup.acknowledge(now, code) for code in codes]
-            return CommandResult(all(r.accepted for r in results), '; '.join(r.message for r in results),
-                                 tuple(e for r in results for e in r.events))
-        result = self._apply(step, values={'operator_id': req.operator_id})
+            def step(now):
+                if not codes:                # everything: released e-stop and cleared faults
+                    return self._sup.reset(now)
+                results = [self._sup.acknowledge(now, code) for code in codes]
+                return CommandResult(all(r.accepted for r in results), '; '.join(r.message for r in results),
+                                     tuple(e for r in results for e in r.events))
+            result = self._apply(step, values=values)
+        else:
+            result = refusal
         resp.success, resp.message, resp.status = result.accepted, result.message, self._current_status_msg()
         return resp
+
+    def _reset_drive(self, req) -> None:
+        """Before an acknowledge: faults latched in the drive (cause active) are reset there by the hardware
+        node (RESET_FAULTS; the drive refuses while a cause persists). Waits for their clearance to arrive
+        (/safety/faults, /robot/state) so the acknowledge sees it; whatever remains is refused by the core."""
+        with self._lock:
+            active = {f.code for f in self._sup.status(time.monotonic()).faults if f.condition_active}
+        if self._reset_client is None or self._sw_estop or not (active or self._hw_estop):
+            return
+        if not self._reset_client.service_is_ready():
+            self.get_logger().warning(f'{self._reset_client.srv_name} not available: drive faults not reset')
+            return
+        timeout = self.p['drive_reset_timeout_s']
+        deadline = time.monotonic() + timeout
+        done = threading.Event()
+        future = self._reset_client.call_async(AcknowledgeFaults.Request(
+            operator_id=req.operator_id, operator_token=req.operator_token))
+        future.add_done_callback(lambda _: done.set())
+        if not done.wait(timeout):
+            self._reset_client.remove_pending_request(future)
+            self.get_logger().warning(f'drive fault reset did not answer within {timeout:g} s')
+            return
+        reply = future.result()
+        self.get_logger().info(f'drive fault reset: {reply.message}')
+        if not reply.success:
+            return
+
+        def cleared():
+            with self._lock:
+                status = self._sup.status(time.monotonic())
+            still = {f.code for f in status.faults if f.condition_active} & active
+            return not still and not self._hw_estop
+        while not cleared() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _on_resume(self, req, resp):
-        result = self._apply(self._sup.resume, values={'operator_id': req.operator_id})
+        values = {'operator_id': req.operator_id}
+        result = (self._operator_refusal('resume', req.operator_token, values)
+                  or self._apply(self._sup.resume, values=values))
         resp.success, resp.message, resp.status = result.accepted, result.message, self._current_status_msg()
         return resp
 
-    def _on_set_parameters(self, params):
-        fixed = [p.name for p in params if p.name in _PARAM_NAMES and p.name != 'max_insertion_depth']
-        if fixed:
-            return SetParametersResult(successful=False, reason=f'{", ".join(fixed)} cannot change at run time '
-                                                                 '(only max_insertion_depth can)')
-        for param in params:
-            if param.name == 'max_insertion_depth':
-                depth = param.value if param.value >= 0.0 else None
-                try:
-                    self._apply(lambda now: self._sup.set_max_insertion_depth(depth, now))
-                except ValueError as exc:
-                    return SetParametersResult(successful=False, reason=str(exc))
-        return SetParametersResult(successful=True)
+    def _apply_parameter(self, name, value) -> None:
+        """Live parameters. The parameter service carries no operator secret, so a run-time insertion-depth
+        limit stays within the configured one (tighten it, or restore it); loosening or removing the
+        configured limit needs the configuration (a restart)."""
+        if name == 'max_insertion_depth':
+            configured = self._configured_depth
+            if configured >= 0.0 and not 0.0 <= value <= configured:
+                raise ValueError(f'max_insertion_depth can only be set within the configured limit '
+                                 f'{configured:g} m at run time (asked {value:g} m); loosen or remove it in the '
+                                 'configuration')
+            depth = value if value >= 0.0 else None
+            self._apply(lambda now: self._sup.set_max_insertion_depth(depth, now))   # ValueError = refused
+            self.p[name] = value
 
     # ---------------------------------------------------------------- output
     def _current_status_msg(self) -> igt_msg.SafetyStatus:

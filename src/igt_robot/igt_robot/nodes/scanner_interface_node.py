@@ -39,6 +39,7 @@ from igt_robot.record import procedure_id
 from igt_robot.record.dose import MODALITY_CT, DoseFactors, DoseLedger, DoseValueError, ScanDose
 from igt_robot.scanner import (MODEM_LINES, ModemTriggerInterpreter, ScannerPhase, SimulatedScannerSchedule,
                                StalenessGuard, phase_from_igtl_status, phase_from_igtl_text)
+from igt_robot.safety import operator_session
 from igt_robot_msgs.msg import DoseRecord, ProcedureEvent, ScannerState
 from igt_robot_msgs.srv import SetScannerState
 
@@ -70,6 +71,8 @@ PARAMS = [
     Param('igtl_mode', 'server', 'OpenIGTLink role of this node', choices=('server', 'client')),
     Param('igtl_host', '127.0.0.1', 'server: address to bind; client: scanner bridge / Slicer address'),
     Param('igtl_port', 18945, 'OpenIGTLink TCP port (server: 0 = any free port)', 0, 65535),
+    Param('operator_session_file', '', 'operator session file (empty: the per-user default); an IDLE override '
+          'through /scanner/set_state needs its secret'),
     Param('igtl_device', '', 'accept STATUS/STRING only from this device name (empty = any device)'),
     Param('igtl_timeout_s', 0.0, 'igtl phase becomes UNKNOWN without a message for this long (s); '
           '0 = keep the last phase while connected (bridges that send only on change)', 0.0, 3600.0),
@@ -204,7 +207,7 @@ class ScannerInterfaceNode(Node):
             raise
 
     def _setup(self, serial_factory) -> None:
-        self.p = declare(self, PARAMS)
+        self.p = declare(self, PARAMS, read_only=True)
         sources = [str(s).strip().lower() for s in self.p['sources']]
         bad = [s for s in sources if s not in SOURCES]
         if bad or not sources or len(set(sources)) != len(sources):
@@ -237,14 +240,14 @@ class ScannerInterfaceNode(Node):
             self._schedule = SimulatedScannerSchedule(self._parse_schedule(self.p['simulated_schedule']))
             self._sim_t0 = time.monotonic()
             self._poll_simulated()
-            self.create_timer(1.0 / SIMULATED_POLL_HZ, self._poll_simulated)
+            common.create_steady_timer(self, 1.0 / SIMULATED_POLL_HZ, self._poll_simulated)
         if 'igtl' in sources:
             self._start_igtl()
         if 'trigger' in sources:
             self._start_trigger(serial_factory)
 
-        self.create_timer(1.0 / self.p['publish_rate_hz'], lambda: self._refresh(force=True))
-        self.create_timer(1.0, self._publish_diagnostics)
+        common.create_steady_timer(self, 1.0 / self.p['publish_rate_hz'], lambda: self._refresh(force=True))
+        common.create_steady_timer(self, 1.0, self._publish_diagnostics)
         self.heartbeat = common.HeartbeatPublisher(self, self.p['heartbeat_period_s'])
         self._refresh(force=True)
         self.get_logger().info(f'scanner sources: {", ".join(sources)}'
@@ -344,6 +347,21 @@ class ScannerInterfaceNode(Node):
             resp.accepted, resp.message = False, problem
             return resp
         phase = common.phase_from_msg(req.phase)
+        if phase is ScannerPhase.IDLE:
+            # Saying "not imaging" is the operator's override: it needs the operator's session secret.
+            # An imaging phase only stops motion and is honoured from anyone.
+            try:
+                expected = operator_session.read_session(self.p['operator_session_file'] or None)
+            except operator_session.OperatorSessionError as exc:
+                expected = ''
+                self.get_logger().error(str(exc), throttle_duration_sec=5.0)
+            ok, why = operator_session.check_token(expected, req.operator_token)
+            if not ok:
+                resp.accepted, resp.message = False, f'scanner IDLE override refused: {why}'
+                self.get_logger().warning(resp.message)
+                self._event_pub.publish(common.make_event(self, 'scanner_override_refused', resp.message,
+                                                          ProcedureEvent.WARN))
+                return resp
         self._set_reading('service', phase, req.protocol_name, req.is_ionising,
                           (req.ctdi_vol_mgy, req.dlp_mgy_cm, req.kv, req.mas), note='set by service')
         resp.accepted, resp.message = True, f'scanner phase set to {phase.value}'

@@ -24,9 +24,11 @@ class OperatorSessionError(RuntimeError):
 
 
 def default_session_path() -> pathlib.Path:
-    """Per-user runtime folder ($XDG_RUNTIME_DIR, else /tmp/igt_robot-<uid>)/igt_robot/operator_session."""
+    """Per-user runtime folder ($XDG_RUNTIME_DIR, else /tmp/igt_robot-<uid>)/igt_robot/operator_session-d<N>,
+    N = $ROS_DOMAIN_ID (0 if unset): two stacks of one user on separate ROS domains have separate sessions."""
     base = os.environ.get('XDG_RUNTIME_DIR') or f'/tmp/igt_robot-{os.getuid()}'
-    return pathlib.Path(base) / 'igt_robot' / 'operator_session'
+    domain = os.environ.get('ROS_DOMAIN_ID', '').strip() or '0'
+    return pathlib.Path(base) / 'igt_robot' / f'operator_session-d{domain}'
 
 
 def issue_session(path: Optional[os.PathLike] = None) -> str:

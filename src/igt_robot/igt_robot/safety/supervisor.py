@@ -375,6 +375,14 @@ class SafetySupervisor:
         self._command(now, True, f'hold requested: {reason or "operator"}')
         return CommandResult(True, 'hold engaged', tuple(self._finish(now, cause='operator hold')))
 
+    def refuse(self, now: float, command: str, why: str) -> CommandResult:
+        """Record a command refused before it reached the state machine (e.g. no operator session secret):
+        nothing changes, the refusal is an event like any other."""
+        now = self._clock(now)
+        msg = f'{command} refused: {why}'
+        self._command(now, False, msg)
+        return CommandResult(False, msg, tuple(self._finish(now)))
+
     def resume(self, now: float) -> CommandResult:
         """Explicit operator resume; only accepted in HOLD (or a no-op in READY)."""
         now = self._clock(now)

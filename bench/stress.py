@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Stress benchmark: the interlock and whole procedures while the machine is busy.
+
+Load (started and stopped here, each bounded by a deadline so nothing outlives the bench):
+two busy-loop processes (one per core of the 2-core target) and one fsync-heavy writer
+(64 KiB written and fsync'ed in a loop, rewriting one file of at most 64 MiB).
+
+Under that load:
+
+1. interlock latency, as bench/interlock.py measures it (stamping emulator, control process,
+   ACQUIRING published -> MOTION_INHIBIT(1) read by the drive), ``--interlock-events`` events;
+   beside it the scanner heartbeat's worst arrival gap (the figure the staleness timeout is
+   sized against, docs/safety.md);
+2. ``--procedures`` randomised procedures (default 20), each the whole `make demo` procedure as
+   bench/procedure.py runs it (igt_robot.demo.run_simulated_procedure);
+3. from each procedure's record (its MCAP log): motion during imaging -- the robot's joints
+   moving beyond two encoder counts while the scanner reports PREPARING or ACQUIRING, later than
+   ``STOP_ALLOWANCE_S`` after the imaging edge (the time the drive is allowed to ramp down) -- and
+   the controller's trajectory-buffer underruns (RobotState.buffer_underruns).
+
+The emulator (standing in for the controller's real-time firmware) and the control process run at a
+raised CPU priority where allowed, as `make demo` runs its control process.
+
+Figures: procedure_completed_fraction_stressed = 1.0, motion_during_imaging_events = 0,
+buffer_underruns_stressed = 0, interlock_latency_p99_stressed <= 10 ms.
+
+    python bench/stress.py [--procedures 20] [--interlock-events 300] [--seed 2000]
+"""
+import argparse
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from bench_report import info, percentiles, report  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STOP_ALLOWANCE_S = 0.25      # imaging edge -> axes at rest: interlock latency + ramp at the deceleration limit
+MOTION_EPS = {'prismatic': 2e-6, 'revolute': 2e-5}   # two encoder counts (config/robot.yaml)
+IMAGING = (2, 3)             # ScannerState.PHASE_PREPARING, PHASE_ACQUIRING
+
+BUSY = 'import time\nend = time.monotonic() + {d}\nwhile time.monotonic() < end:\n    pass\n'
+WRITER = '''import os, time
+end = time.monotonic() + {d}
+block = os.urandom(65536)
+path = {path!r}
+while time.monotonic() < end:
+    with open(path, 'wb') as f:
+        for _ in range(1024):
+            if time.monotonic() >= end:
+                break
+            f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+os.unlink(path)
+'''
+
+
+class Load:
+    """Two busy loops and one fsync-heavy writer, each ending by itself at ``duration`` s at the latest."""
+
+    def __init__(self, duration: float, work_dir: pathlib.Path):
+        self.procs = []
+        for _ in range(2):
+            self.procs.append(subprocess.Popen([sys.executable, '-c', BUSY.format(d=duration)]))
+        self.procs.append(subprocess.Popen([sys.executable, '-c', WRITER.format(
+            d=duration, path=str(work_dir / 'fsync_load.bin'))]))
+
+    def alive(self) -> int:
+        return sum(p.poll() is None for p in self.procs)
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(5.0)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _load_module(name):
+    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parent / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure_interlock_stressed(events: int, work_dir: pathlib.Path):
+    """(latencies s, scanner gaps s) with the stamping emulator and the control process under the load."""
+    import rclpy
+    from std_msgs.msg import Bool
+
+    from igt_robot import testing
+    from igt_robot.nodes import qos
+    from igt_robot_msgs.msg import ScannerState
+    bench = _load_module('interlock')
+    env = testing.isolated_ros_env(work_dir / 'ros_log')
+    testing.apply_env(env)
+    control_path = str(work_dir / 'ctl')
+    processes, graph, emulator, scanner = [], None, None, None
+    try:
+        emu = testing.python_process(str(pathlib.Path(__file__).parent / 'interlock.py'),
+                                     ['--emulator', '--control', control_path], env, work_dir / 'emulator.log',
+                                     name='emulator')
+        processes.append(emu)
+        bench.raise_priority(emu, -15)
+        line = testing.wait_for(lambda: next((ln for ln in emu.output().splitlines() if ln.startswith('PTY ')),
+                                             None) or (not emu.alive() and 'exited'), 30, 'the PTY line')
+        if line == 'exited':
+            raise RuntimeError(f'emulator failed: {emu.output()}')
+        emulator = bench.EmulatorControl(control_path)
+        log = bench.InhibitLog(emulator)
+        processes.append(bench.control_process(line.split(' ', 1)[1].strip(), env, work_dir))
+        graph = testing.SpinningGraph()
+        node = rclpy.create_node('interlock_bench', context=graph.context)
+        gaps, last = [], [None]
+
+        def on_state(msg):
+            now = time.monotonic()
+            if last[0] is not None:
+                gaps.append(now - last[0])
+            last[0] = now
+        permitted = node.create_publisher(Bool, '/safety/motion_permitted', qos.SAFETY_LATCHED)
+        scanner = bench.ScannerSource(node)
+        node.create_subscription(ScannerState, '/scanner/state', on_state, qos.SCANNER_STATE)
+        log.recover = bench.drive_reset(node, work_dir)
+        graph.add(node)
+        permitted.publish(Bool(data=True))
+        scanner.start()
+        log.wait_released(90)
+        latencies, skipped = bench.measure_interlock(scanner, log, events)
+        info('interlock events skipped under load (inhibit already asserted)', skipped, 'events')
+        info('drive fault resets needed under load', log.recoveries, 'resets')
+        return latencies, gaps
+    finally:
+        if scanner is not None:
+            scanner.stop()
+        if graph is not None:
+            graph.close()
+        for proc in reversed(processes):
+            proc.stop()
+        if emulator is not None:
+            emulator.close()
+
+
+def record_findings(record_dir: pathlib.Path):
+    """(motion-during-imaging events, buffer underruns) from a procedure's MCAP log."""
+    from mcap_ros2.reader import read_ros2_messages
+
+    from igt_robot.robot_model import load_robot_model
+    model = load_robot_model()
+    eps = np.array([MOTION_EPS['prismatic'] if p else MOTION_EPS['revolute'] for p in model.is_prismatic])
+    events, underruns = 0, 0
+    for path in sorted((record_dir / 'mcap').glob('*.mcap')):
+        phase, edge, reference, counted = 1, None, None, False
+        for m in read_ros2_messages(str(path), topics=['/scanner/state', '/robot/state']):
+            t = m.log_time_ns * 1e-9
+            msg = m.ros_msg
+            if m.channel.topic == '/scanner/state':
+                imaging = msg.phase in IMAGING
+                if imaging and phase not in IMAGING:
+                    edge, reference, counted = t, None, False
+                phase = msg.phase
+                continue
+            underruns = max(underruns, int(getattr(msg, 'buffer_underruns', 0)))
+            if phase not in IMAGING or edge is None or t - edge < STOP_ALLOWANCE_S:
+                continue
+            q = np.asarray(msg.position, dtype=float)
+            if reference is None:
+                reference = q
+            elif not counted and np.any(np.abs(q - reference) > eps):
+                events, counted = events + 1, True
+    return events, underruns
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--procedures', type=int, default=20, help='randomised procedures under load')
+    parser.add_argument('--interlock-events', type=int, default=300, help='interlock events timed under load')
+    parser.add_argument('--seed', type=int, default=2000)
+    parser.add_argument('--max-duration', type=float, default=7200.0,
+                        help='the load processes end by themselves after this many seconds at the latest')
+    args = parser.parse_args()
+    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+    from igt_robot import testing
+    from igt_robot.demo import ProcedureFailed, run_simulated_procedure
+    shm_before = testing.fastdds_shm_entries()
+    work_dir = pathlib.Path(tempfile.mkdtemp(prefix='bench_stress_'))
+    load = Load(args.max_duration, work_dir)
+    rng = np.random.default_rng(args.seed)
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    completed, failures, motion_events, underruns = 0, [], 0, 0
+    try:
+        time.sleep(1.0)
+        info('load processes running', load.alive(), 'processes')
+        latencies, gaps = measure_interlock_stressed(args.interlock_events, work_dir)
+        p50, p99, worst = percentiles(latencies)
+        info(f'interlock_latency_p50_stressed (n={len(latencies)})', p50 * 1e3, 'ms')
+        report('interlock_latency_p99_stressed', p99 * 1e3, 'ms', '<=', 10.0)
+        info('interlock_latency_max_stressed', worst * 1e3, 'ms')
+        if gaps:
+            g50, g99, gmax = percentiles(gaps)
+            info('scanner_heartbeat_gap_p99_stressed (period 50 ms)', g99 * 1e3, 'ms')
+            info('scanner_heartbeat_gap_max_stressed', gmax * 1e3, 'ms')
+        for run in range(args.procedures):
+            depth = float(rng.uniform(0.04, 0.12))
+            seed = int(rng.integers(0, 1_000_000))
+            procedure_id = f'stress-{stamp}-{run:02d}'
+            testing.apply_env(testing.isolated_ros_env(work_dir / f'ros_log_{run}'))
+            started = time.monotonic()
+            try:
+                run_simulated_procedure(seed=seed, depth=depth, steps=3, quiet_nodes=True, procedure_id=procedure_id,
+                                        extra_overrides={'procedure_node': {'scan_duration': 0.3}})
+                completed += 1
+                outcome = 'completed'
+            except ProcedureFailed as failure:
+                failures.append(f'run {run} (seed {seed}, depth {depth * 1e3:.0f} mm): {failure}')
+                outcome = f'FAILED {failure}'
+            events, under = record_findings(REPO / 'build' / 'records' / procedure_id)
+            motion_events += events
+            underruns += under
+            print(f'# run {run}: {outcome}; {time.monotonic() - started:.0f} s; motion during imaging {events}; '
+                  f'buffer underruns {under}; load processes alive {load.alive()}', flush=True)
+        report('procedure_completed_fraction_stressed', completed / max(args.procedures, 1), 'ratio', '>=', 1.0)
+        report('motion_during_imaging_events', motion_events, 'events', '<=', 0)
+        report('buffer_underruns_stressed', underruns, 'underruns', '<=', 0)
+        for failure in failures:
+            print(f'# failed: {failure}', flush=True)
+        return 0
+    finally:
+        load.stop()
+        testing.remove_stale_fastdds_shm(shm_before, ignore_pids=[os.getpid()])
+
+
+if __name__ == '__main__':
+    sys.exit(main())
