@@ -242,3 +242,70 @@ def test_register_image_argument_errors(ct_case):
         register_image(vol, 'icp', T_BASE_ZFRAME)
     with pytest.raises(ImageError, match='expected a Volume'):
         register_image(vol.data, 'zframe', T_BASE_ZFRAME)
+
+
+# ----------------------------------------------------------------------------- realistic trouble (issue 15)
+@pytest.fixture(scope='module')
+def iso_case():
+    spec = registration_case(np.random.default_rng(5), 'CT', 1.0)
+    return spec, make_phantom(spec)
+
+
+def test_second_frame_in_view_is_refused():
+    spec = registration_case(np.random.default_rng(11), 'CT', 1.0, max_oblique_deg=0.0)
+    other = spec.T_scanner_zframe.copy()
+    other[:3, 3] += [0.075, 0.0, 0.0]
+    extra = int(np.ceil(0.09 / spec.spacing_m[0])) + 1
+    wide = dataclasses.replace(spec, extra_zframes=[other],
+                               shape_kji=(spec.shape_kji[0], spec.shape_kji[1], spec.shape_kji[2] + extra),
+                               center_m=tuple(np.array(spec.center_m) + [0.5 * extra * spec.spacing_m[0], 0, 0]))
+    vol, _ = make_phantom(wide)
+    result = register_zframe(vol)
+    assert not result.accepted and result.T_scanner_zframe is None
+    assert 'two Z-frame-like patterns' in result.reason
+
+
+def test_mirrored_image_is_named(iso_case):
+    _, (vol, _) = iso_case
+    mirrored = dataclasses.replace(vol, data=np.ascontiguousarray(vol.data[:, :, ::-1]))
+    result = register_zframe(mirrored)
+    assert not result.accepted
+    assert 'mirrored geometry' in result.reason
+
+
+def test_scale_error_is_named(iso_case):
+    _, (vol, _) = iso_case
+    affine = vol.affine.copy()
+    affine[:3, :3] *= 1.015          # pixel and slice spacing 1.5 % too large
+    result = register_zframe(dataclasses.replace(vol, affine=affine))
+    if result.accepted:              # accepted only with the scale in the predicted TRE
+        assert result.systematic_tre_m(result.T_scanner_zframe[:3, 3] + [0, 0.08, 0]) > 0.5e-3
+    else:
+        assert 'scale or spacing' in result.reason
+
+
+def test_predicted_tre_has_a_systematic_term(iso_case):
+    spec, (vol, truth) = iso_case
+    clean = register_zframe(vol)
+    assert clean.accepted and clean.systematic_tre_m(truth.target_center_m) < 0.1e-3
+    affine = vol.affine.copy()
+    affine[:3, :3] *= 1.006
+    scaled = register_zframe(dataclasses.replace(vol, affine=affine))
+    assert scaled.accepted, scaled.reason
+    target = truth.target_center_m
+    true_tre = np.linalg.norm(frames.apply(scaled.T_scanner_zframe,
+                                           frames.apply(frames.invert(truth.T_scanner_zframe), target)) - target)
+    # the warp about the frame is what carries the error to the target: predicted at least half the truth
+    assert scaled.systematic_tre_m(target) > 0.2e-3
+    assert scaled.predicted_tre_m(target) > 0.5 * min(true_tre, 0.5e-3)
+
+
+def test_mild_mr_distortion_is_accepted_accurately():
+    from igt_robot.simulation.tissue import DistortionField
+    spec = registration_case(np.random.default_rng(21), 'MR', 1.0)
+    spec = dataclasses.replace(spec, distortion=DistortionField(0.001, (1.0, -0.6, 0.8), tuple(spec.center_m)))
+    vol, truth = make_phantom(spec)
+    result = register_zframe(vol)
+    assert result.accepted, result.reason
+    _, _, tre = pose_errors(result.T_scanner_zframe, truth.T_scanner_zframe, truth.target_center_m)
+    assert tre < 0.5e-3

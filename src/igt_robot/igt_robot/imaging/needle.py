@@ -20,6 +20,7 @@ be added by the caller.
 """
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 from scipy import ndimage
@@ -74,6 +75,21 @@ def _otsu(data, bins=256):
     return float(centres[int(np.argmax(between))])
 
 
+@dataclasses.dataclass
+class NeedleObservation:
+    """A needle found in an image (scanner LPS, m).
+
+    ``direction``: the fitted line, entry -> tip; ``tip_direction``: the tangent at
+    the tip of the fitted quadratic centre line (differs when the needle bends);
+    ``curve``: points (N, 3) of that centre line from the entry side to the tip.
+    """
+
+    tip: np.ndarray
+    direction: np.ndarray
+    tip_direction: np.ndarray
+    curve: np.ndarray
+
+
 def find_needle(volume: Volume, expected_tip=None, expected_direction=None, *,
                 max_angle_deg: float = 25.0, max_offset_m: float = 10.0 * _MM):
     """Detect the needle; returns ``(tip_scanner, direction)`` in scanner LPS (m),
@@ -82,9 +98,34 @@ def find_needle(volume: Volume, expected_tip=None, expected_direction=None, *,
     Raises :class:`ImageError` when no needle-like line is found (or none near
     the expected tip/direction within ``max_offset_m``/``max_angle_deg``).
     """
+    found = locate_needle(volume, expected_tip, expected_direction, max_angle_deg=max_angle_deg,
+                          max_offset_m=max_offset_m)
+    return found.tip, found.direction
+
+
+def _corridor(volume: Volume, tip, direction, radius_m, behind_m=0.15, beyond_m=0.02):
+    """Mask of the voxels within ``radius_m`` of the segment from ``behind_m`` before to ``beyond_m`` past
+    ``tip`` along ``direction`` (where the robot put the needle, give or take its bending)."""
+    nk, nj, ni = volume.data.shape
+    k, j, i = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing='ij', sparse=True)
+    a = volume.affine
+    rel = [a[r, 0] * i + a[r, 1] * j + a[r, 2] * k + (a[r, 3] - tip[r]) for r in range(3)]
+    along = rel[0] * direction[0] + rel[1] * direction[1] + rel[2] * direction[2]
+    radial2 = rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2 - along ** 2
+    return (radial2 <= radius_m ** 2) & (along >= -behind_m) & (along <= beyond_m)
+
+
+def locate_needle(volume: Volume, expected_tip=None, expected_direction=None, *,
+                  max_angle_deg: float = 25.0, max_offset_m: float = 10.0 * _MM) -> NeedleObservation:
+    """Like :func:`find_needle`, with the needle's bend: a quadratic centre line through the detected
+    line's voxels, the tip found along that curve and its tangent there. With both an expected tip and
+    direction, only a corridor of ``max_offset_m`` around the expected needle is searched."""
     validate_intensities(volume)
     mask = body_mask(volume)
     inner = ndimage.binary_erosion(mask, iterations=2)
+    if expected_tip is not None and expected_direction is not None:
+        d = np.asarray(expected_direction, float)
+        inner &= _corridor(volume, np.asarray(expected_tip, float), d / np.linalg.norm(d), max_offset_m)
     if volume.modality == 'CT':
         enhanced = white_tophat(volume, 6.0 * _MM)
     else:
@@ -99,7 +140,8 @@ def find_needle(volume: Volume, expected_tip=None, expected_direction=None, *,
     # thin: a needle (CT) or its void (MR, ~3 mm wide) has a radial RMS well
     # under 2 mm; ribs and vessels are thicker
     candidates = find_line_candidates(volume, enhanced, threshold, min_length_m=8.0 * _MM,
-                                      max_radial_rms_m=1.8 * _MM, min_voxels=5)
+                                      max_radial_rms_m=1.8 * _MM, min_voxels=5,
+                                      split_radius_m=2.0 * _MM, max_split_voxels=20000)
     if not candidates:
         raise ImageError('needle not found: no thin straight '
                          f'{"bright" if volume.modality == "CT" else "dark"} structure inside the body')
@@ -147,8 +189,67 @@ def find_needle(volume: Volume, expected_tip=None, expected_direction=None, *,
         if inside[0] > inside[1]:
             u = -u
             lo, hi = -hi, -lo
-    tip = _tip_from_profile(volume, enhanced, needle.centroid, u, lo, hi)
-    return tip, u
+    curve_fn = _quadratic_centre_line(needle, u)
+    tip, tangent, curve = _tip_along_curve(volume, enhanced, curve_fn, lo, hi)
+    return NeedleObservation(tip=tip, direction=u, tip_direction=tangent, curve=curve)
+
+
+def _quadratic_centre_line(line, u):
+    """s -> point: the line's voxels' lateral offsets fitted by a quadratic in the along-line coordinate
+    (weighted); falls back to the straight line when the fit is not better than a voxel."""
+    helper = np.array([1.0, 0.0, 0.0]) if abs(u[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    e1 = np.cross(u, helper)
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(u, e1)
+    rel = line.points - line.centroid
+    s = rel @ u
+    w = np.sqrt(np.clip(line.weights, 0.0, None))
+    design = np.stack([np.ones_like(s), s, s * s], axis=1) * w[:, None]
+    coeffs = []
+    gain = []
+    for e in (e1, e2):
+        c, *_ = np.linalg.lstsq(design, (rel @ e) * w, rcond=None)
+        coeffs.append(c)
+        straight = float(np.sum(((rel @ e) * w - design[:, :2] @ np.linalg.lstsq(design[:, :2], (rel @ e) * w,
+                                                                                 rcond=None)[0]) ** 2))
+        bent = float(np.sum(((rel @ e) * w - design @ c) ** 2))
+        gain.append(bent < 0.6 * straight)
+    if not any(gain):
+        # the bend does not explain the voxels clearly better than a line (thick slices make steps): a line
+        coeffs = [np.zeros(3), np.zeros(3)]
+
+    def at(sv):
+        sv = np.atleast_1d(np.asarray(sv, float))
+        lateral = [c[0] + c[1] * sv + c[2] * sv * sv for c in coeffs]
+        return line.centroid + sv[:, None] * u + lateral[0][:, None] * e1 + lateral[1][:, None] * e2
+
+    def tangent(sv):
+        t = u + (coeffs[0][1] + 2 * coeffs[0][2] * sv) * e1 + (coeffs[1][1] + 2 * coeffs[1][2] * sv) * e2
+        return t / np.linalg.norm(t)
+    at.tangent = tangent
+    return at
+
+
+def _tip_along_curve(volume, enhanced, curve, lo, hi, step_m=0.2 * _MM):
+    """Half-maximum crossing of the enhanced profile along the centre line beyond its far end ``hi``."""
+    s = np.arange(lo, hi + 8.0 * _MM, step_m)
+    pts = curve(s)
+    idx = volume.scanner_to_index(pts)
+    profile = ndimage.map_coordinates(enhanced, [idx[:, 2], idx[:, 1], idx[:, 0]], order=1, mode='constant',
+                                      cval=0.0)
+    inner = (s >= hi - 20.0 * _MM) & (s <= hi - 3.0 * _MM)
+    if inner.sum() < 3:
+        inner = s <= hi
+    plateau = float(np.median(profile[inner]))
+    half = 0.5 * plateau
+    start = int(np.nonzero(inner)[0][-1])
+    s_tip = hi
+    for n in range(start, len(s) - 1):
+        if profile[n] >= half > profile[n + 1]:
+            s_tip = s[n] + (profile[n] - half) / (profile[n] - profile[n + 1]) * step_m
+            break
+    tip = curve(s_tip)[0]
+    return tip, curve.tangent(s_tip), curve(np.linspace(lo, s_tip, 20))
 
 
 # A needle is metal in CT (far above any tissue) and a near-complete signal

@@ -115,6 +115,14 @@ class PhantomSpec:
     needle_direction: Optional[tuple] = None
     needle_length_m: float = 0.12
     needle_radius_m: float = 0.0006
+    # a bent needle: its centre line (N, 3) from the hub side to the tip (scanner, m); overrides the straight
+    # needle drawn from needle_tip_m / needle_direction (which stay the truth of tip and tip direction)
+    needle_path_m: Optional[np.ndarray] = None
+    # more frame-like objects in view (a spare Z-frame on the table): their T_scanner_zframe
+    extra_zframes: list = dataclasses.field(default_factory=list)
+    # scanner geometric distortion (an object with warp_grid(xyz) -> true xyz, e.g.
+    # igt_robot.simulation.tissue.DistortionField); every drawn object but the body outline is distorted
+    distortion: Optional[object] = None
     # image formation
     noise: Optional[float] = None          # CT: HU; MR: fraction of rod signal; None -> default
     psf_sigma_m: Optional[float] = None    # None -> half the in-plane spacing
@@ -156,15 +164,20 @@ def _soft_inside_banded(signed_distance, sigma):
 class _Grid:
     """Index/scanner bookkeeping of the output grid, with bounding-box blocks."""
 
-    def __init__(self, affine, shape_kji):
+    def __init__(self, affine, shape_kji, distortion=None):
         self.affine = affine
         self.shape = shape_kji
         self.inv = np.linalg.inv(affine)
+        self.distortion = distortion
 
     def block(self, lo_scanner, hi_scanner, margin_m):
         """Index slices (k, j, i) covering the scanner box [lo, hi] + margin, or None."""
         lo = np.asarray(lo_scanner, float) - margin_m
         hi = np.asarray(hi_scanner, float) + margin_m
+        if self.distortion is not None:     # the object is drawn where the scanner shows it
+            corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+            shown = self.distortion.shown_at(corners)
+            lo, hi = np.minimum(lo, shown.min(axis=0)), np.maximum(hi, shown.max(axis=0))
         corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
         ijk = frames.apply(self.inv, corners)
         lo_i = np.floor(ijk.min(axis=0)).astype(int) - 1
@@ -184,7 +197,11 @@ class _Grid:
         j = np.arange(sj.start, sj.stop, dtype=np.float64)[None, :, None]
         i = np.arange(si.start, si.stop, dtype=np.float64)[None, None, :]
         a = self.affine
-        return [(a[r, 0] * i + a[r, 1] * j + a[r, 2] * k + a[r, 3]).astype(np.float32) for r in range(3)]
+        xyz = [(a[r, 0] * i + a[r, 1] * j + a[r, 2] * k + a[r, 3]).astype(np.float32) for r in range(3)]
+        if self.distortion is not None:
+            xyz = [np.broadcast_to(c, np.broadcast_shapes(*(x.shape for x in xyz))) for c in xyz]
+            xyz = self.distortion.warp_grid(xyz)
+        return xyz
 
     def full(self):
         return (slice(0, self.shape[0]), slice(0, self.shape[1]), slice(0, self.shape[2]))
@@ -232,7 +249,7 @@ class _Renderer:
     def __init__(self, spec: PhantomSpec):
         self.spec = spec
         self.affine = affine_centered(spec.shape_kji, spec.spacing_m, spec.direction, spec.center_m)
-        self.grid = _Grid(self.affine, spec.shape_kji)
+        self.grid = _Grid(self.affine, spec.shape_kji, spec.distortion)
         in_plane = min(spec.spacing_m[0], spec.spacing_m[1])
         # in-plane pixel integration ~ a box of one pixel: std = pixel / sqrt(12)
         self.edge_sigma = 0.3 * in_plane
@@ -308,6 +325,18 @@ def _needle_geometry(spec):
     direction = direction / np.linalg.norm(direction)
     hub = tip - spec.needle_length_m * direction
     return tip, direction, hub
+
+
+def _polyline_segments(path, length_m, max_segment_m=0.005):
+    """Segments (about ``max_segment_m`` long) of the last ``length_m`` of a centre line (hub side first)."""
+    pts = np.asarray(path, float)
+    seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
+    s = np.concatenate([[0.0], np.cumsum(seg)])
+    start = max(0.0, s[-1] - length_m)
+    n = max(1, int(np.ceil((s[-1] - start) / max_segment_m)))
+    knots = np.linspace(start, s[-1], n + 1)
+    xyz = np.stack([np.interp(knots, s, pts[:, c]) for c in range(3)], axis=1)
+    return list(zip(xyz[:-1], xyz[1:]))
 
 
 def _render_ct_streaks(renderer, tip, direction, hub):
@@ -418,8 +447,8 @@ def make_phantom(spec: Optional[PhantomSpec] = None):
     if spec.target_center_m is not None:
         r.sphere(_anatomy_point(spec, spec.target_center_m), spec.target_radius_m, v['target'])
     # 3. Z-frame rods and point fiducials
-    if spec.T_scanner_zframe is not None:
-        for p0, p1 in rod_segments_in(np.asarray(spec.T_scanner_zframe, float)):
+    for T_frame in ([spec.T_scanner_zframe] if spec.T_scanner_zframe is not None else []) + list(spec.extra_zframes):
+        for p0, p1 in rod_segments_in(np.asarray(T_frame, float)):
             r.tube(p0, p1, spec.rod_radius_m, v['rod'])
     fiducials = None
     if spec.fiducials_m is not None:
@@ -432,10 +461,15 @@ def make_phantom(spec: Optional[PhantomSpec] = None):
         if spec.needle_direction is None:
             raise ValueError('needle_direction is required with needle_tip_m')
         tip, direction, hub = _needle_geometry(spec)
-        if spec.modality == 'CT':
-            r.tube(hub, tip, spec.needle_radius_m, v['needle'])
+        radius = spec.needle_radius_m if spec.modality == 'CT' else max(spec.needle_radius_m, MR_NEEDLE_VOID_RADIUS_M)
+        if spec.needle_path_m is None:
+            r.tube(hub, tip, radius, v['needle'])
         else:
-            r.tube(hub, tip, max(spec.needle_radius_m, MR_NEEDLE_VOID_RADIUS_M), v['needle'])
+            segments = _polyline_segments(spec.needle_path_m, spec.needle_length_m)
+            for n, (p0, p1) in enumerate(segments):
+                # rounded joints, a flat (cut) tip as the straight needle has
+                r.tube(p0, p1, radius, v['needle'], flat_ends=n == len(segments) - 1)
+            hub = np.asarray(spec.needle_path_m, float)[0]
     # 5. point-spread blur, streaks, noise
     in_plane = min(spec.spacing_m[0], spec.spacing_m[1])
     psf = spec.psf_sigma_m if spec.psf_sigma_m is not None else 0.5 * in_plane

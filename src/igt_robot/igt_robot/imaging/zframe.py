@@ -58,6 +58,7 @@ class ZFrameGates:
     max_fre_m: float = 0.5 * _MM
     outlier_m: float = 1.0 * _MM          # a rod point this far off the fitted rod is an outlier ...
     max_outlier_fraction: float = 0.05    # ... and up to this fraction of them are dropped before gating
+    max_warp: float = 0.015               # largest local scale/shear the rods may show beyond rigid (1.5 %)
 
 
 @dataclasses.dataclass
@@ -83,14 +84,27 @@ class ZFrameResult:
     covariance: Optional[np.ndarray] = None
     elapsed_s: float = 0.0
     T_estimate: Optional[np.ndarray] = None  # best pose even when rejected (diagnostics only)
+    warp: Optional[np.ndarray] = None        # local linear warp the rods show beyond rigid (see local_warp)
 
     def predicted_tre_m(self, target_scanner):
-        """RMS target registration error (m) predicted at a scanner point from the
-        fit covariance (first-order propagation through the rigid transform)."""
+        """RMS target registration error (m) predicted at a scanner point: the random part from the fit
+        covariance (first-order propagation through the rigid transform) and, in quadrature, the systematic
+        part -- how far the image's local warp around the frame (scale, spacing, distortion) carries a point
+        at the target's distance."""
+        random = self.random_tre_m(target_scanner)
+        return float(np.hypot(random, self.systematic_tre_m(target_scanner)))
+
+    def random_tre_m(self, target_scanner):
         T = self.T_scanner_zframe if self.T_scanner_zframe is not None else self.T_estimate
         if T is None or self.covariance is None:
             return float('nan')
         return _tre_from_covariance(T, self.covariance, np.asarray(target_scanner, float))
+
+    def systematic_tre_m(self, target_scanner):
+        T = self.T_scanner_zframe if self.T_scanner_zframe is not None else self.T_estimate
+        if T is None or self.warp is None:
+            return 0.0
+        return float(np.linalg.norm(self.warp @ (np.asarray(target_scanner, float) - T[:3, 3])))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -142,12 +156,13 @@ def _pose_from_line_pair(m1, m2, o1, o2):
     return frames.make_transform(R, t)
 
 
-def _match_candidates(T, centroids, directions, angle_tol, dist_tol):
+def _match_candidates(T, centroids, directions, angle_tol, dist_tol, model=None):
     """For a pose hypothesis: best candidate index per model rod (or -1) and the
     mean centroid-to-line distance of the matches (vectorised over candidates)."""
+    model_point, model_dir = (_MODEL_POINT, _MODEL_DIR) if model is None else model
     R, t = T[:3, :3], T[:3, 3]
-    U = _MODEL_DIR @ R.T                      # (7, 3) predicted rod directions
-    P = _MODEL_POINT @ R.T + t                # (7, 3) predicted rod mid-points
+    U = model_dir @ R.T                       # (7, 3) predicted rod directions
+    P = model_point @ R.T + t                 # (7, 3) predicted rod mid-points
     cosines = np.abs(directions @ U.T)        # (n, 7)
     rel = centroids[:, None, :] - P[None, :, :]
     along = np.einsum('nmc,mc->nm', rel, U)
@@ -160,18 +175,20 @@ def _match_candidates(T, centroids, directions, angle_tol, dist_tol):
     return assign, (float(best_d[matched].mean()) if matched.any() else np.inf)
 
 
-def _identify(candidates, angle_tol=np.radians(4.0), dist_tol=3.0 * _MM):
+def _identify(candidates, angle_tol=np.radians(4.0), dist_tol=3.0 * _MM, model=None):
     """Search pose hypotheses from candidate line pairs; best (count, mean distance,
-    T, assignment). Stops early once all 7 rods match tightly."""
+    T, assignment). Stops early once all 7 rods match tightly. ``model``: (rod mid-points,
+    directions), default the frame's own."""
+    model_point, model_dir = (_MODEL_POINT, _MODEL_DIR) if model is None else model
     model_pairs = []
     for a in range(7):
         for b in range(7):
             if a == b:
                 continue
-            cos_ab = float(_MODEL_DIR[a] @ _MODEL_DIR[b])
+            cos_ab = float(model_dir[a] @ model_dir[b])
             if abs(cos_ab) > np.cos(np.radians(10.0)):
                 continue   # (nearly) parallel pairs do not fix the rotation
-            _, _, dist = line_to_line(_MODEL_POINT[a], _MODEL_DIR[a], _MODEL_POINT[b], _MODEL_DIR[b])
+            _, _, dist = line_to_line(model_point[a], model_dir[a], model_point[b], model_dir[b])
             model_pairs.append((a, b, np.arccos(np.clip(cos_ab, -1, 1)), dist))
     centroids = np.array([c.centroid for c in candidates])
     directions = np.array([c.direction for c in candidates])
@@ -190,10 +207,10 @@ def _identify(candidates, angle_tol=np.radians(4.0), dist_tol=3.0 * _MM):
                     ang = np.arccos(np.clip(sign_i * sign_j * cos_ij, -1, 1))
                     if abs(ang - angle_ab) > angle_tol:
                         continue
-                    T = _pose_from_line_pair((_MODEL_POINT[a], _MODEL_DIR[a]), (_MODEL_POINT[b], _MODEL_DIR[b]),
+                    T = _pose_from_line_pair((model_point[a], model_dir[a]), (model_point[b], model_dir[b]),
                                              (centroids[i], sign_i * directions[i]),
                                              (centroids[j], sign_j * directions[j]))
-                    assign, mean_d = _match_candidates(T, centroids, directions, angle_tol, dist_tol)
+                    assign, mean_d = _match_candidates(T, centroids, directions, angle_tol, dist_tol, model)
                     count = int((assign >= 0).sum())
                     if count > best[0] or (count == best[0] and mean_d < best[1]):
                         best = (count, mean_d, T, assign)
@@ -361,15 +378,18 @@ def _coarse_view(volume: Volume):
     if volume.data.size < _COARSE_MIN_VOXELS:
         return None
     sp = volume.spacing
-    factors_ijk = np.maximum(1, np.floor(_COARSE_SPACING_M / sp + 1e-6)).astype(int)
+    factors_ijk = np.maximum(1, np.rint(_COARSE_SPACING_M / sp)).astype(int)   # nearest to ~2 mm
     if np.all(factors_ijk == 1):
         return None
     fk, fj, fi = factors_ijk[2], factors_ijk[1], factors_ijk[0]
     nk, nj, ni = (d // f for d, f in zip(volume.data.shape, (fk, fj, fi)))
     if min(nk, nj, ni) < 3:
         return None
-    data = volume.data[:nk * fk, :nj * fj, :ni * fi].astype(np.float32)
-    data = data.reshape(nk, fk, nj, fj, ni, fi).mean(axis=(1, 3, 5))
+    # block means one axis at a time (each pass shrinks the array before the next)
+    data = volume.data[:nk * fk, :nj * fj, :ni * fi]
+    data = data.reshape(nk * fk, nj * fj, ni, fi).mean(axis=3, dtype=np.float32)
+    data = data.reshape(nk * fk, nj, fj, ni).mean(axis=2, dtype=np.float32)
+    data = data.reshape(nk, fk, nj, ni).mean(axis=1, dtype=np.float32)
     affine = volume.affine.copy()
     affine[:3, :3] = volume.affine[:3, :3] * factors_ijk[None, :]
     # a coarse voxel's centre is the mean of its fine voxel centres
@@ -391,6 +411,141 @@ def _crop_around_frame(volume: Volume, T_scanner_zframe, margin_m):
     affine[:3, 3] = volume.index_to_scanner(lo.astype(float))
     data = volume.data[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
     return Volume(data, affine, volume.modality, dict(volume.metadata))
+
+
+_DECOY_MIN_RODS = 5
+_DECOY_MIN_DISTANCE_M = 20.0 * _MM
+
+
+def _second_pattern(candidates, ident):
+    """(rods matched, distance m) of a second frame-like pattern among the candidates the best pattern did
+    not use, or None. Two frames in view make the choice a guess: refuse rather than pick one."""
+    count, _, T, assign = ident
+    used = set(int(a) for a in assign if a >= 0)
+    rest = [c for n, c in enumerate(candidates) if n not in used]
+    # pieces of the same rods (split by noise or a crossing) must not count as a second frame
+    rest = [c for c in rest if not _on_frame(c, T)]
+    if len(rest) < 3:
+        return None
+    other = _identify(rest)
+    if other[2] is None or other[0] < _DECOY_MIN_RODS:
+        return None
+    distance = float(np.linalg.norm(other[2][:3, 3] - T[:3, 3]))
+    return (other[0], distance) if distance >= _DECOY_MIN_DISTANCE_M else None
+
+
+def _on_frame(candidate, T, tol_m=3.0 * _MM):
+    """Whether a line candidate lies along one of the frame's rods at pose ``T``."""
+    for p, u in _rod_lines(T):
+        if abs(float(candidate.direction @ u)) > np.cos(np.radians(8.0)):
+            rel = candidate.centroid - p
+            if np.linalg.norm(rel - (rel @ u) * u) < tol_m:
+                return True
+    return False
+
+
+# Mirror image of the frame (a left-right flipped image): x -> -x in the frame's own coordinates.
+_MIRROR = np.diag([-1.0, 1.0, 1.0])
+
+
+def diagnose_identification(candidates):
+    """Likely cause when the 7-rod pattern is not found although rod-like lines are: '' when none is clear."""
+    if len(candidates) < 3:
+        return ''
+    mirrored = _identify(candidates, model=(_MODEL_POINT @ _MIRROR, _MODEL_DIR @ _MIRROR))
+    if mirrored[2] is not None and mirrored[0] >= 6 and mirrored[0] > _identify(candidates)[0]:
+        return ('mirrored geometry: the rods match the frame\'s mirror image (the image is flipped: check the '
+                'DICOM orientation / patient position)')
+    for scale in (0.8, 0.9, 1.1, 1.25):
+        scaled = _identify(candidates, dist_tol=4.0 * _MM, model=_scaled_model(scale))
+        if scaled[2] is not None and scaled[0] >= 6:
+            return (f'scale or spacing: the rods match a frame {abs(scale - 1) * 100:.0f} % '
+                    f'{"smaller" if scale < 1 else "larger"} than the real one (check pixel and slice spacing)')
+    if len(candidates) >= 7:
+        return ('scale or spacing, or mirrored geometry: rod-like lines are there but do not form the frame\'s '
+                'pattern (check the pixel and slice spacing and the image orientation)')
+    return ''
+
+
+def _scaled_model(scale):
+    """Rod mid-points and directions of the frame scaled by ``scale`` (directions of the diagonals change)."""
+    starts = np.array([r.start_array for r in ZFRAME_RODS]) * scale
+    ends = np.array([r.end_array for r in ZFRAME_RODS]) * scale
+    d = ends - starts
+    return 0.5 * (starts + ends), d / np.linalg.norm(d, axis=1)[:, None]
+
+
+def diagnose_fit(points, rods_idx, T, volume):
+    """Likely cause of a poor rod fit, from what explains the residuals: a scale along one image axis
+    (pixel or slice spacing), a smooth non-rigid warp (geometric distortion), else ''."""
+    if points is None or len(points) < 12:
+        return ''
+    base = _fit_residual_rms(points, rods_idx, T, None)[0]
+    axes = volume.direction
+    best = (base, None)
+    for axis in range(3):
+        r = _fit_residual_rms(points, rods_idx, T, ('axis', axes[:, axis]))[0]
+        if r < best[0]:
+            best = (r, axis)
+    affine = _fit_residual_rms(points, rods_idx, T, ('affine', None))[0]
+    uniform = _fit_residual_rms(points, rods_idx, T, ('scale', None))[0]
+    if uniform < 0.5 * base and uniform <= 1.3 * affine:
+        return ('scale or spacing: the residuals vanish when the image is scaled uniformly (check the pixel '
+                'spacing / the reconstruction field of view)')
+    if best[1] is not None and best[0] < 0.5 * base and best[0] <= 1.3 * affine:
+        name = 'slice' if best[1] == 2 else ('column' if best[1] == 0 else 'row')
+        return f'scale or spacing: the residuals vanish with a {name}-spacing correction (check the {name} spacing)'
+    if affine < 0.5 * base:
+        return ('geometric distortion: the rods fit an affinely warped frame much better than the rigid one '
+                '(MR gradient non-linearity or B0 inhomogeneity; put the frame nearer the isocentre or use '
+                'distortion-corrected images)')
+    return ''
+
+
+def _fit_residual_rms(points, rods_idx, T, extra):
+    """RMS point-to-rod distance (m) after a fit of the pose plus an optional extra deformation of the image:
+    ('axis', u) -- a stretch along u; ('affine', None) -- a full linear warp about the frame centre."""
+    a = _MODEL_POINT[rods_idx]
+    b = _MODEL_DIR[rods_idx]
+    centre = T[:3, 3]
+    x0 = _pose_to_params(T)
+    n_extra = 0 if extra is None else (9 if extra[0] == 'affine' else 1)
+
+    def warp(x):
+        if extra is None:
+            return points
+        rel = points - centre
+        if extra[0] == 'axis':
+            u = extra[1]
+            return points + x[6] * 1e-2 * np.outer(rel @ u, u)
+        if extra[0] == 'scale':
+            return points + x[6] * 1e-2 * rel
+        m = x[6:].reshape(3, 3) * 1e-2
+        return points + rel @ m.T
+
+    def res(x):
+        r = _residuals(x[:6], units.m_to_mm(warp(x)), units.m_to_mm(a), b)
+        # a warp sliding points along their own rods is invisible: keep it near zero (1 % costs 0.03 mm)
+        return np.concatenate([r, 0.03 * x[6:]]) if n_extra else r
+    sol = optimize.least_squares(res, np.concatenate([x0, np.zeros(n_extra)]), method='trf')
+    r = sol.fun[:3 * len(points)].reshape(-1, 3)
+    return float(units.mm_to_m(np.sqrt(np.mean(np.sum(r * r, axis=1))))), sol.x
+
+
+WARP_SIGNIFICANCE = 0.8    # the warp counts when it explains this much: affine RMS < 0.8 x rigid RMS
+
+
+def local_warp(points, rods_idx, T):
+    """Linear warp M (3x3, dimensionless) of the image about the frame centre that the rod points show
+    beyond a rigid pose: a scale or spacing error or the local part of a geometric distortion. A target
+    at distance r from the frame is then off by about |M r| -- an error the rigid fit cannot see.
+    None when the warp does not explain the residuals clearly better than noise would
+    (:data:`WARP_SIGNIFICANCE`): then it is noise, not geometry."""
+    rigid, _ = _fit_residual_rms(points, rods_idx, T, None)
+    affine, x = _fit_residual_rms(points, rods_idx, T, ('affine', None))
+    if affine >= WARP_SIGNIFICANCE * rigid:
+        return None
+    return x[6:].reshape(3, 3) * 1e-2
 
 
 def detect_rod_candidates(volume: Volume, rod_radius_m: float = ZFRAME_ROD_RADIUS_M):
@@ -444,8 +599,15 @@ def register_zframe(volume: Volume, gates: Optional[ZFrameGates] = None,
         return rejected(f'Z-frame not found: {len(candidates)} rod-like structure(s) detected, need the 7-rod pattern')
     count, _, T0, assign = ident
     if T0 is None or count < 3:
+        cause = diagnose_identification(candidates)
         return rejected(f'Z-frame not found: {len(candidates)} rod-like structure(s) detected but no consistent '
-                        f'7-rod pattern (best match {max(count, 0)} rods)')
+                        f'7-rod pattern (best match {max(count, 0)} rods)'
+                        + (f'; likely cause: {cause}' if cause else ''))
+    second = _second_pattern(candidates, ident)
+    if second is not None:
+        return rejected(f'two Z-frame-like patterns in the field of view ({count} and {second[0]} rods matched, '
+                        f'{units.m_to_mm(second[1]):.0f} mm apart): the frame cannot be told from the other one; '
+                        'remove the spare frame or narrow the field of view', T_estimate=None)
 
     window = rod_radius_m + 2.5 * _MM
     T = T0
@@ -490,35 +652,48 @@ def register_zframe(volume: Volume, gates: Optional[ZFrameGates] = None,
     # the frame is tilted against the slices)
     usable = sum(1 for rs in slice_rods.values() if len(rs) >= 4 and rs & {1, 3, 5})
     slice_rms = {key[1] if key[0] == 2 else key: float(np.sqrt(np.mean(v))) for key, v in slice_sq.items()}
+    warp = local_warp(points, rods_idx, T) if len(points) >= 12 else None
     common = dict(fre_m=fre, rod_rms_m=rod_rms, rod_points=per_rod_n, slices_used=len(slice_rods),
                   outliers_dropped=n_outliers,
-                  usable_slices=usable, slice_rms_m=slice_rms, covariance=cov, T_estimate=T)
+                  usable_slices=usable, slice_rms_m=slice_rms, covariance=cov, T_estimate=T, warp=warp)
+
+    def rejected_gate(reason, **kw):
+        cause = diagnose_identification(candidates) if count < 7 else ''
+        cause = cause or diagnose_fit(points, rods_idx, T, work)
+        return rejected(reason + (f'; likely cause: {cause}' if cause else ''), **kw)
 
     for r in range(1, 8):
         n_pred, n_found = predicted.get(r, 0), per_rod_n[r]
         if n_pred == 0:
-            return rejected(f'Z-frame rod {r} is outside the field of view (or not measurable)', **common)
+            return rejected_gate(f'Z-frame rod {r} is outside the field of view (or not measurable)', **common)
         if n_found < gates.min_found_fraction * n_pred:
-            return rejected(f'Z-frame rod {r} not found in {n_pred - n_found} of {n_pred} slices', **common)
+            return rejected_gate(f'Z-frame rod {r} not found in {n_pred - n_found} of {n_pred} slices', **common)
         if n_found < gates.min_points_per_rod:
-            return rejected(f'Z-frame rod {r} measured in only {n_found} slice(s), need ≥ {gates.min_points_per_rod}',
-                            **common)
+            return rejected_gate(f'Z-frame rod {r} measured in only {n_found} slice(s), '
+                                 f'need ≥ {gates.min_points_per_rod}',
+                                 **common)
     if usable < gates.min_usable_slices:
-        return rejected(f'only {usable} usable slices (≥ 4 rods incl. a diagonal visible), need ≥ {gates.min_usable_slices}',
-                        **common)
+        return rejected_gate(f'only {usable} usable slices (≥ 4 rods incl. a diagonal visible), '
+                             f'need ≥ {gates.min_usable_slices}',
+                             **common)
     for r in range(1, 8):
         if rod_rms[r] > gates.max_rod_rms_m:
-            return rejected(f'rod {r} residual {units.m_to_mm(rod_rms[r]):.1f} mm > '
-                            f'{units.m_to_mm(gates.max_rod_rms_m):.1f} mm limit', **common)
+            return rejected_gate(f'rod {r} residual {units.m_to_mm(rod_rms[r]):.1f} mm > '
+                                 f'{units.m_to_mm(gates.max_rod_rms_m):.1f} mm limit', **common)
     worst_key = max(slice_sq, key=lambda k: np.mean(slice_sq[k]))
     worst = float(np.sqrt(np.mean(slice_sq[worst_key])))
     if worst > gates.max_slice_rms_m:
-        return rejected(f'slice {worst_key[1]} inconsistent with the others: residual '
-                        f'{units.m_to_mm(worst):.1f} mm > {units.m_to_mm(gates.max_slice_rms_m):.1f} mm limit '
-                        f'(motion during the acquisition?)', **common)
+        return rejected_gate(f'slice {worst_key[1]} inconsistent with the others: residual '
+                             f'{units.m_to_mm(worst):.1f} mm > {units.m_to_mm(gates.max_slice_rms_m):.1f} mm limit '
+                             f'(motion during the acquisition?)', **common)
+    if warp is not None and gates.max_warp > 0 and float(np.linalg.norm(warp, 2)) > gates.max_warp:
+        return rejected_gate(f'the image is warped around the frame by {np.linalg.norm(warp, 2) * 100:.1f} % '
+                             f'(> {gates.max_warp * 100:.1f} % limit): the frame is not imaged to its true size',
+                             **common)
     if fre > gates.max_fre_m:
-        return rejected(f'Z-frame FRE {units.m_to_mm(fre):.2f} mm > {units.m_to_mm(gates.max_fre_m):.2f} mm limit',
-                        **common)
+        return rejected_gate(f'Z-frame FRE {units.m_to_mm(fre):.2f} mm > '
+                             f'{units.m_to_mm(gates.max_fre_m):.2f} mm limit',
+                             **common)
     return ZFrameResult(True, 'accepted', T_scanner_zframe=T, candidates=len(candidates),
                         elapsed_s=time.perf_counter() - start,
                         **{k: v for k, v in common.items()})

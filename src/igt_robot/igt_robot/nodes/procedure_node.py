@@ -90,6 +90,8 @@ PARAMS = [
     Param('insertion_steps', 3, 'insertion steps, each followed by a control scan', 1, 10),
     Param('unexpected_scan_step', 2, 'insertion step during which an unexpected scan arrives (0 = none)', 0, 10),
     Param('scan_duration', 1.0, 'duration of a simulated acquisition, s', 0.1, 30.0),
+    Param('tissue_model', False, 'simulate the needle in tissue (deflection, push, breathing, MR distortion); '
+          'the control scans then re-plan the rest of the insertion (closed loop)'),
     Param('service_timeout', 60.0, 'time allowed for a service or action of another node, s', 1.0, 600.0),
     Param('acquisition', 'simulated', 'image source: simulated (the stack triggers rendered scans), dicom '
           '(Storage SCP), igtl (OpenIGTLink IMAGE) or folder (watched export folder)', choices=acq.KINDS),
@@ -149,7 +151,8 @@ class ProcedureNode(Node):
         self.target = None                            # the lesion the radiologist marks (/procedure/target)
         if self.p['acquisition'] == 'simulated' or self.p['demo_dicom_peer']:
             self.scenario = make_scenario(self.p['scenario_seed'], self.p['target_depth'] or None,
-                                          self.p['modality'], T_base_zframe=self.model.T_base_zframe)
+                                          self.p['modality'], T_base_zframe=self.model.T_base_zframe,
+                                          tissue=self.p['tissue_model'])
             self.scanner = SimulatedScanner(self.scenario, self.scan_dir, self.model.T_base_zframe, self.kinematics)
             self.target = self.scenario.target.copy()   # Slicer may override
         self.source = acq.make_source(
@@ -163,6 +166,7 @@ class ProcedureNode(Node):
         self.dose_ledger = DoseLedger()               # dose records this node published (image-derived)
         self._scan_wait = threading.Event()           # set while a requested scan is awaited; 'stop' clears it
         self._scan_counter = 0                        # scans received from a source the stack does not trigger
+        self.error_budget = None                      # from the closed loop's last control scan
         self.safety: Optional[SafetyStatus] = None
         self.robot: Optional[RobotState] = None
         self.lock = threading.RLock()                 # one operator command at a time
@@ -424,7 +428,50 @@ class ProcedureNode(Node):
             self._event('tip_not_found', str(not_found), severity=ProcedureEvent.WARN, scan_id=acquisition.scan_id)
             outcome = self._wf('tip_checked', '', operator_id)
             return outcome._replace(message=f'{not_found}; {outcome.message}')
-        return self._wf('tip_checked', f'{check.error:.5f}', operator_id)
+        outcome = self._wf('tip_checked', f'{check.error:.5f}', operator_id)
+        try:
+            advice = self._closed_loop_step(acquisition, check)
+        except Exception as exc:  # noqa: BLE001 -- the closed loop advises; it never fails the scan
+            advice = f'closed loop unavailable ({exc}); plan unchanged'
+        return outcome._replace(message=f'{outcome.message}; next: {advice}')
+
+    def _closed_loop_step(self, acquisition, check) -> str:
+        """Closed loop (igt_robot.procedure.closed_loop): the target is found again, the rest of the insertion
+        re-planned and the expected error shown before the operator confirms the next step. The robot has no
+        needle-rotation axis: a turn of the needle is asked of the operator; a re-alignment is proposed only."""
+        from igt_robot.imaging.target import find_target
+        from igt_robot.procedure import closed_loop
+        tip_expected, u = self._expected_tip()
+        if tip_expected is None:
+            return 'no registration: plan unchanged'
+        try:
+            radius = self.scenario.target_radius if self.scenario is not None else 0.008
+            target_now = find_target(acquisition.volume, self.target, radius)
+        except Exception as exc:  # noqa: BLE001 -- an image that does not show the target leaves the plan as is
+            return f'target not found again ({exc}); plan unchanged'
+        plan = self.state.plan
+        entry = np.array([plan.entry.x, plan.entry.y, plan.entry.z])
+        rcm = tip_expected - self._insertion() * u
+        decision = closed_loop.decide(
+            rcm=rcm, direction=u, skin_distance=max(0.0, float((entry - rcm) @ u)), insertion=self._insertion(),
+            tips=[c.tip for _, c in self.state.tips], target=target_now, push_rate=0.0,
+            next_scheduled=self._next_depth(), max_insertion=float(self.model.upper[-1]), prior_kappa=0.6,
+            uncertainty_kappa=0.3, allow_realign=False, last_step=self._next_depth() >= self.state.schedule[-1])
+        # the final depth follows the target (pushed, breathing) when the tissue is simulated; with a rigid
+        # world the plan stands (the decision is still shown)
+        if (self.p['tissue_model'] and decision.action in ('continue', 'rotate')
+                and abs(decision.final_insertion - self.state.schedule[-1]) > 5e-4):
+            self.state.schedule[-1] = min(decision.final_insertion, plan.insertion_depth + 0.01)
+        registration = self.state.registration
+        self.error_budget = closed_loop.procedure_budget(
+            predicted_tre_m=registration.predicted_tre if registration is not None else float('nan'), robot_m=0.0,
+            tip=check.tip, entry=entry, direction=np.array([plan.direction.x, plan.direction.y, plan.direction.z]),
+            target_planned=self.target, target_now=target_now, expected_m=decision.expected_error_m)
+        self._event('closed_loop', decision.describe(), scan_id=acquisition.scan_id, action=decision.action,
+                    expected_error_m=f'{decision.expected_error_m:.6f}')
+        self._event('error_budget', 'error budget at the last control scan (mm)',
+                    **{k: f'{v:.3f}' for k, v in self.error_budget.items()})
+        return decision.describe()
 
     def _cmd_confirmation_scan(self, arg, operator_id):
         self._check_allowed('confirmation_scan_done')

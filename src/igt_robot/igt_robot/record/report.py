@@ -363,8 +363,33 @@ def render_image(item: ImageInput, index: int) -> Tuple[str, bytes]:
                       f'got {type(item).__name__}')
 
 
+def error_budget_section(budget: dict) -> str:
+    """HTML of a procedure's error budget (mm values keyed '<source>_mm', from
+    igt_robot.procedure.closed_loop.error_budget)."""
+    names = {'registration_mm': 'Registration (predicted TRE at the target)', 'robot_mm': 'Robot',
+             'deflection_mm': 'Needle deflection (tip off the planned line)',
+             'target_motion_mm': 'Target motion (breathing, push)', 'open_loop_rss_mm': 'Open-loop total (RSS)',
+             'closed_loop_expected_mm': 'Expected with closed loop', 'measured_final_error_mm': 'Measured at the end'}
+    rows = [(names.get(k, k), f'{float(v):.2f} mm') for k, v in budget.items() if v is not None]
+    return ('<h2>Error budget</h2>' + _table(rows) + '<p class="note">Each source on its own at the target; the '
+            'control scans correct deflection and target motion during the insertion.</p>')
+
+
+def last_error_budget(entries: Sequence[RecordEntry]) -> Optional[dict]:
+    """The last 'error_budget' event's values (mm) in the record, or None."""
+    budget = None
+    for e in sorted(entries, key=lambda e: e.seq):
+        if e.kind == 'event' and e.payload.get('kind') == 'error_budget':
+            try:
+                budget = {k: float(v) for k, v in (e.payload.get('values') or {}).items()}
+            except (TypeError, ValueError):
+                continue
+    return budget
+
+
 def build_report(entries: Sequence[RecordEntry], images: Sequence[ImageInput] = (), *,
-                 title: str = 'Needle placement procedure report', generated_at: Optional[str] = None) -> str:
+                 title: str = 'Needle placement procedure report', generated_at: Optional[str] = None,
+                 error_budget: Optional[dict] = None) -> str:
     """The complete HTML document (a string) for the given record entries and images."""
     s = summarise(entries)
     generated_at = generated_at or datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')
@@ -388,6 +413,9 @@ def build_report(entries: Sequence[RecordEntry], images: Sequence[ImageInput] = 
     for end in s.abnormal_ends:
         parts.append(_abnormal_end_html(end))
     parts.append('<h2>Summary</h2>' + _table(rows))
+    error_budget = error_budget or last_error_budget(entries)
+    if error_budget:
+        parts.append(error_budget_section(error_budget))
 
     # --- dose
     parts.append('<h2>Scans and dose</h2>')

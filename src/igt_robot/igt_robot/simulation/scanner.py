@@ -29,6 +29,11 @@ PROTOCOLS = {
 }
 
 
+# Each of these scans starts a new breath-hold (the patient holds breath for the scan, the re-plan and the step
+# that follows); the confirmation scan is taken in the breath-hold of the last step.
+BREATH_HOLD_PROTOCOLS = ('planning', 'control')
+
+
 @dataclasses.dataclass
 class Acquisition:
     scan_id: str
@@ -65,6 +70,10 @@ class SimulatedScanner:
         if protocol not in PROTOCOLS:
             raise ValueError(f'unknown protocol {protocol!r}; known: {sorted(PROTOCOLS)}')
         self.count += 1
+        if protocol in BREATH_HOLD_PROTOCOLS:
+            self.scenario.breath_hold += 1
+        if protocol == 'planning':
+            self.scenario.reference_breath_hold = self.scenario.breath_hold
         scan_id = f'scan{self.count:02d}_{protocol}'
         spec = self.scenario.phantom_spec(self.T_base_zframe, joints, self.kinematics, scan_index=self.count)
         volume, truth = make_phantom(spec)

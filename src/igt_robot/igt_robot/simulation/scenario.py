@@ -27,6 +27,7 @@ import numpy as np
 from igt_robot import frames
 from igt_robot.imaging.phantom import PhantomSpec, Tube, random_rotation
 from igt_robot.kinematics import NeedleGuideKinematics
+from igt_robot.simulation.tissue import TissueModel, make_tissue_model, organ_hold
 
 # R_scanner_base of the nominal mounting: Rx(+90 deg).
 R_SCANNER_BASE_NOMINAL = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
@@ -50,6 +51,64 @@ class Scenario:
     fov_size: tuple = (0.12, 0.15, 0.20)        # LPS x, y, z extent of the scans (m)
     spacing: tuple = (0.001, 0.001, 0.0015)     # i, j, k voxel size (m): 1 mm in-plane, 1.5 mm slices
     seed: int = 0
+    # the needle in tissue (deflection, target push, respiration, MR distortion); None = a rigid world
+    tissue: Optional[TissueModel] = None
+    breath_hold: int = 0                        # index of the current breath-hold (respiration)
+    reference_breath_hold: int = 1              # the planning scan's: the needle model's organ position
+
+    def organ_shift(self) -> np.ndarray:
+        """Breathing offset of the organ now against the planning scan's breath-hold (LPS, m)."""
+        if self.tissue is None:
+            return np.zeros(3)
+        resp = self.tissue.respiration
+        return resp.breath_hold(self.breath_hold) - resp.breath_hold(self.reference_breath_hold)
+
+    def needle_line(self, joints, kinematics):
+        """The guide's RCM and needle direction in the scanner (true mounting) for measured joints."""
+        q = np.asarray(joints, dtype=float)
+        T_base_tip = kinematics.forward(q)
+        direction = T_base_tip[:3, 2]
+        rcm = T_base_tip[:3, 3] - q[-1] * direction
+        return frames.apply(self.T_scanner_base, rcm), frames.rotate(self.T_scanner_base, direction)
+
+    def needle_state(self, joints, kinematics):
+        """(centre line from RCM to tip, tip, tip tangent) of the needle now (scanner, m)."""
+        rcm, direction = self.needle_line(joints, kinematics)
+        if self.tissue is None:
+            tip = rcm + float(joints[-1]) * direction
+            return np.stack([rcm, tip]), tip, direction
+        needle = self.tissue.needle
+        if np.linalg.norm(rcm - needle.rcm) > 1e-6 or float(direction @ needle.direction) < 1.0 - 1e-10:
+            deep = needle.tissue_depth(float(joints[-1])) > 0.001
+            moved = np.linalg.norm(rcm - needle.rcm) > 2e-4 or float(direction @ needle.direction) < np.cos(
+                np.radians(0.2))
+            if not deep or moved or not needle.placed:
+                needle.set_guide(rcm, direction, float(joints[-1]), strict=False)
+        path, tip, tangent = needle.path(float(joints[-1]))
+        # the part in the organ follows its breathing (pivoting about the skin entry): lateral part only,
+        # the organ slides along the shaft
+        depth = needle.tissue_depth(float(joints[-1]))
+        shift = self.organ_shift()
+        shift = shift - (shift @ needle.direction) * needle.direction
+        if depth > 0.0 and np.any(shift):
+            entry = needle.rcm + needle.skin_distance * needle.direction
+            s = np.clip((path - entry) @ needle.direction, 0.0, None) / depth
+            path = path + (organ_hold(depth) * s)[:, None] * shift
+            tip = path[-1]
+        return path, tip, tangent
+
+    def target_now(self, joints=None, kinematics=None) -> np.ndarray:
+        """Where the lesion is now: at rest, plus this breath-hold's offset, plus the push of the needle."""
+        if self.tissue is None:
+            return self.target.copy()
+        target = self.target + self.tissue.respiration.breath_hold(self.breath_hold)
+        if joints is not None and kinematics is not None and float(joints[-1]) > 0.0:
+            _, tip, tangent = self.needle_state(joints, kinematics)
+            entry = self.tissue.needle.rcm + self.tissue.needle.skin_distance * self.tissue.needle.direction
+            along = self.tissue.needle.direction
+            target = target + self.tissue.push.displacement(float((tip - entry) @ along),
+                                                            float((target - entry) @ along)) * tangent
+        return target
 
     def zframe_pose(self, T_base_zframe: np.ndarray) -> np.ndarray:
         return self.T_scanner_base @ T_base_zframe
@@ -63,12 +122,18 @@ class Scenario:
         """
         shape = tuple(int(round(size / step)) for size, step in
                       zip(self.fov_size[::-1], self.spacing[::-1]))   # (k, j, i)
+        target = self.target_now(joints, kinematics) if kinematics is not None else self.target_now()
+        # respiration and push move the lesion (the rest of the drawn anatomy stays: it only gives context)
         spec = PhantomSpec(
             modality=self.modality, shape_kji=shape, spacing_m=self.spacing, center_m=tuple(self.fov_center),
             T_scanner_zframe=self.zframe_pose(T_base_zframe), body_semi_axes_m=BODY_SEMI_AXES,
-            target_center_m=tuple(self.target), target_radius_m=self.target_radius,
-            vessels=list(self.vessels), bones=list(self.bones), seed=self.seed * 1000 + scan_index)
-        if joints is not None and kinematics is not None and joints[-1] > 0.002:
+            target_center_m=tuple(target), target_radius_m=self.target_radius,
+            vessels=list(self.vessels), bones=list(self.bones), seed=self.seed * 1000 + scan_index,
+            distortion=self.tissue.distortion if self.tissue is not None else None)
+        if joints is not None and kinematics is not None and joints[-1] > 0.002 and self.tissue is not None:
+            path, tip, tangent = self.needle_state(joints, kinematics)
+            spec.needle_path_m, spec.needle_tip_m, spec.needle_direction = path, tuple(tip), tuple(tangent)
+        elif joints is not None and kinematics is not None and joints[-1] > 0.002:
             T_base_tip = kinematics.forward(np.asarray(joints, dtype=float))
             spec.needle_tip_m = tuple(frames.apply(self.T_scanner_base, T_base_tip[:3, 3]))
             spec.needle_direction = tuple(frames.rotate(self.T_scanner_base, T_base_tip[:3, 2]))
@@ -76,8 +141,12 @@ class Scenario:
 
 
 def make_scenario(seed: int = 0, target_depth: Optional[float] = None, modality: str = 'CT',
-                  mount_rotation_deg: float = 4.0, mount_shift: float = 0.008, T_base_zframe=None) -> Scenario:
+                  mount_rotation_deg: float = 4.0, mount_shift: float = 0.008, T_base_zframe=None,
+                  tissue: bool = False, **tissue_options) -> Scenario:
     """A random but reachable scenario.
+
+    ``tissue``: add the needle-tissue perturbations (:func:`make_tissue_model`, seeded by ``seed``;
+    ``tissue_options`` go to it). MR distortion is centred on the field of view (the isocentre).
 
     ``target_depth``: depth of the target below the skin along the body's AP
     axis (m; default random in [0.04, 0.09]). The robot's mounting is the nominal
@@ -119,5 +188,7 @@ def make_scenario(seed: int = 0, target_depth: Optional[float] = None, modality:
     hi[1] = max(hi[1], target[1] + 0.02)
     center = (lo + hi) / 2.0
     size = tuple(float(s) for s in np.maximum(hi - lo, [0.10, 0.10, 0.10]))
+    model = make_tissue_model(seed, modality, isocentre=tuple(center), body_semi_axes=BODY_SEMI_AXES,
+                              **tissue_options) if tissue else None
     return Scenario(T_scanner_base=T_scanner_base, target=target, target_radius=radius, vessels=vessels,
-                    bones=bones, modality=modality, fov_center=center, fov_size=size, seed=seed)
+                    bones=bones, modality=modality, fov_center=center, fov_size=size, seed=seed, tissue=model)
