@@ -338,8 +338,11 @@ def test_supervisor_lost_asserts_the_inhibit(active_node, probe):
     # The supervisor republishes at 10 Hz; on Fast DDS a silent writer loses liveliness after the lease (1 s).
     # The reason is polled from the change log, not the instantaneous reason: under load a late scanner
     # message may make the state stale for a moment, and the reason shown then is the staleness.
+    # The change log records only inhibit transitions (a moment of staleness may have asserted the inhibit
+    # already); the current reason, re-decided every 10 ms, settles on the lost supervisor.
     def lost_since(start):
-        return any(c[0] >= start and c[1] and c[2] == lost for c in list(node.interlock_changes))
+        return node.interlock_reason == lost or any(c[0] >= start and c[1] and c[2] == lost
+                                                    for c in list(node.interlock_changes))
     start = time.monotonic()
     probe.permission = None                               # the supervisor hangs: no more publications
     testing.wait_for(lambda: lost_since(start), 10, 'liveliness lost after the lease')

@@ -262,6 +262,11 @@ class HardwareNode(LifecycleNode):
             steady(self, 1.0 / self.p['hardware_heartbeat_rate'], self._feed_watchdog,
                    callback_group=self._watchdog_group),
         ]
+        # A configure from outside the executor (bringup's autostart) must not leave the new timers out of a
+        # wait already under way: the watchdog feed would start up to one wait timeout late (a WATCHDOG trip).
+        executor = self.executor
+        if executor is not None:
+            executor.wake()
         self.get_logger().info(f"configured: backend '{self.backend_name}', firmware '{self.firmware_version}', "
                                f"registered as hardware '{self.get_name()}'; motion inhibit asserted")
         return TransitionCallbackReturn.SUCCESS
@@ -332,6 +337,7 @@ class HardwareNode(LifecycleNode):
                     raise ConfigureError(f'the drive reports latched {latched}; clear the cause and reset the '
                                          f'faults (operator acknowledge) before activating')
                 shared.enable()
+                shared.heartbeat()              # the watchdog counts from here: the feed timer follows
                 self._active = True
                 self.interlock.set_active(True)
         except (ConfigureError, HardwareError) as exc:
