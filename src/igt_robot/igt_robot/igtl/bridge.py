@@ -552,8 +552,8 @@ class BridgeCore:
     def _handle_point(self, message, device: str) -> List[Any]:
         which = self._which_point(device)
         if which is None:
-            raise _Refusal(StatusCode.NOT_FOUND, f'POINT device {device!r} is not handled '
-                                                 f'(expected {self.config.target_device} or {self.config.entry_device})')
+            expected = f'{self.config.target_device} or {self.config.entry_device}'
+            raise _Refusal(StatusCode.NOT_FOUND, f'POINT device {device!r} is not handled (expected {expected})')
         positions = list(message.positions or [])
         if len(positions) != 1:
             raise _Refusal(StatusCode.INVALID, f'POINT {device} must carry exactly one point, got {len(positions)}')

@@ -402,9 +402,9 @@ def build_report(entries: Sequence[RecordEntry], images: Sequence[ImageInput] = 
     # --- summary
     reg = s.registration or {}
     plan = s.plan or {}
+    plan_depth = f', depth {_fmt_mm(plan.get("depth_m"))}' if plan.get('depth_m') is not None else ''
     rows = [('Target', _fmt_point(s.target_m)), ('Entry', _fmt_point(s.entry_m)),
-            ('Plan', _e(plan.get('plan_id', '—')) + (f', depth {_fmt_mm(plan.get("depth_m"))}'
-                                                      if plan.get('depth_m') is not None else '')),
+            ('Plan', _e(plan.get('plan_id', '—')) + plan_depth),
             ('Registration', _e(reg.get('method', '—')) if reg else '<span class="warn">none accepted</span>'),
             ('FRE', _fmt_mm(reg.get('fre_m'), 2)), ('Predicted TRE', _fmt_mm(reg.get('predicted_tre_m'), 2)),
             ('Tip-to-target error', _fmt_mm(s.tip_error_m)),
