@@ -173,11 +173,45 @@ def test_fair_lock_serves_a_waiting_safety_command_before_the_loop_reacquires():
     testing.wait_for(lambda: order == ['loop cycle 1'], 5, 'the loop to hold the lock')
     inhibit_thread = threading.Thread(target=inhibit)
     inhibit_thread.start()
-    testing.wait_for(lambda: len(hw._lock._queue) == 1, 5, 'the inhibit call to queue')
+    testing.wait_for(lambda: len(hw._lock._urgent) == 1, 5, 'the inhibit call to queue')
     release_loop.set()
     loop_thread.join(5)
     inhibit_thread.join(5)
     assert order == ['loop cycle 1', 'inhibit', 'loop cycle 2']
+
+
+def test_safety_commands_and_the_watchdog_feed_go_ahead_of_queued_ordinary_requests():
+    """Inhibit, stop, e-stop and the watchdog feed wait behind the transaction on the line only, never behind
+    a queue of streaming/state requests; releasing the inhibit is ordinary and keeps its place."""
+    hw = SharedHardware(RecordingBackend())
+    order = []
+    release_holder = threading.Event()
+
+    def holder():
+        with hw.exclusive():
+            order.append('on the line')
+            release_holder.wait(10)
+
+    def call(label, fn):
+        fn()
+        order.append(label)
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    testing.wait_for(lambda: order == ['on the line'], 5, 'the holder to take the lock')
+    queued = [('read 1', hw.read), ('release inhibit', lambda: hw.set_motion_inhibit(False)), ('read 2', hw.read),
+              ('inhibit', lambda: hw.set_motion_inhibit(True)), ('stop', hw.stop), ('heartbeat', hw.heartbeat),
+              ('estop', hw.emergency_stop)]
+    for label, fn in queued:
+        thread = threading.Thread(target=call, args=(label, fn))
+        thread.start()
+        threads.append(thread)
+        testing.wait_for(lambda: (len(hw._lock._queue) + len(hw._lock._urgent)) == len(threads) - 1,
+                         5, f'{label} to queue')
+    release_holder.set()
+    for thread in threads:
+        thread.join(5)
+    assert order == ['on the line', 'inhibit', 'stop', 'heartbeat', 'estop', 'read 1', 'release inhibit', 'read 2']
 
 
 def test_fair_lock_is_reentrant_and_checks_the_owner():

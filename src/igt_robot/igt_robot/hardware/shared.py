@@ -6,11 +6,12 @@ streams trajectories to the same backend. Backends are not required to be
 thread-safe, and a serial link can only carry one transaction at a time, so
 :class:`SharedHardware` puts every call under one lock.
 
-The lock is *fair* (first come, first served): a safety command issued from a
-ROS callback (``set_motion_inhibit(True)``, ``stop()``, ``emergency_stop()``)
-waits behind at most the one transaction already on the line and the requests
-queued before it, never behind an unbounded run of streaming cycles that
-happen to re-acquire a plain lock first.
+The lock is *fair* (first come, first served) with one priority lane: a safety
+command (``set_motion_inhibit(True)``, ``stop()``, ``emergency_stop()``) and the
+controller watchdog feed (``heartbeat()``) go ahead of every ordinary request
+queued, so they wait behind at most the one transaction already on the line
+(and an earlier safety command), never behind a queue of streaming reads and
+pushes or state reads.
 
 No rclpy here: this is core code.
 """
@@ -27,35 +28,44 @@ from igt_robot.hardware.interface import (HardwareError, HardwareInterface, Hard
 
 
 class FairLock:
-    """A re-entrant lock granted in request order (FIFO).
+    """A re-entrant lock granted in request order (FIFO), with a priority lane.
 
-    Re-entrant so that a caller can hold :meth:`SharedHardware.exclusive` and
-    still call the delegating methods inside it.
+    A priority request is granted before every ordinary request that is waiting
+    (priority requests among themselves in order): it waits for at most the
+    current holder. Re-entrant so that a caller can hold
+    :meth:`SharedHardware.exclusive` and still call the delegating methods inside it.
     """
 
     def __init__(self):
         self._cond = threading.Condition(threading.Lock())
         self._queue: collections.deque = collections.deque()
+        self._urgent: collections.deque = collections.deque()
         self._owner: Optional[int] = None
         self._depth = 0
 
-    def acquire(self) -> None:
+    def acquire(self, priority: bool = False) -> None:
         me = threading.get_ident()
         with self._cond:
             if self._owner == me:
                 self._depth += 1
                 return
             ticket = object()
-            self._queue.append(ticket)
+            queue = self._urgent if priority else self._queue
+            queue.append(ticket)
             try:
-                while self._owner is not None or self._queue[0] is not ticket:
+                while self._owner is not None or not self._is_next(ticket, priority):
                     self._cond.wait()
             except BaseException:
-                self._queue.remove(ticket)
+                queue.remove(ticket)
                 self._cond.notify_all()
                 raise
-            self._queue.popleft()
+            queue.popleft()
             self._owner, self._depth = me, 1
+
+    def _is_next(self, ticket, priority: bool) -> bool:
+        if priority:
+            return self._urgent[0] is ticket
+        return not self._urgent and self._queue[0] is ticket
 
     def release(self) -> None:
         with self._cond:
@@ -65,6 +75,15 @@ class FairLock:
             if self._depth == 0:
                 self._owner = None
                 self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def urgent(self) -> Iterator[None]:
+        """Hold the lock, granted through the priority lane."""
+        self.acquire(priority=True)
+        try:
+            yield
+        finally:
+            self.release()
 
     def __enter__(self):
         self.acquire()
@@ -166,6 +185,11 @@ class SharedHardware(HardwareInterface):
         with self._lock:
             return self._invoke_locked(name, *args, **kwargs)
 
+    def _call_urgent(self, name: str, *args, **kwargs):
+        """Through the lock's priority lane: behind the transaction on the line only."""
+        with self._lock.urgent():
+            return self._invoke_locked(name, *args, **kwargs)
+
     def _invoke_locked(self, name: str, *args, **kwargs):
         if self._retired is not None:
             raise HardwareError(f'cannot {name}(): this hardware handle was retired ({self._retired})')
@@ -205,19 +229,24 @@ class SharedHardware(HardwareInterface):
         self._call('write', positions, velocities, **kwargs)
 
     def stop(self) -> None:
-        self._call('stop')
+        self._call_urgent('stop')
 
     def emergency_stop(self) -> None:
-        self._call('emergency_stop')
+        self._call_urgent('emergency_stop')
 
     def set_motion_inhibit(self, inhibit: bool) -> None:
-        self._call('set_motion_inhibit', bool(inhibit))
+        """Asserting is a safety command (priority lane); releasing waits its turn like any request."""
+        if inhibit:
+            self._call_urgent('set_motion_inhibit', True)
+        else:
+            self._call('set_motion_inhibit', False)
 
     def reset_faults(self) -> None:
         self._call('reset_faults')
 
     def heartbeat(self) -> None:
-        self._call('heartbeat')
+        """Priority lane: a feed queued behind ordinary traffic would let the controller watchdog trip."""
+        self._call_urgent('heartbeat')
 
     def begin_stream(self, start_positions: Sequence[float]) -> int:
         return self._call('begin_stream', start_positions)
