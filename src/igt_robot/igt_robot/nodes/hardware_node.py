@@ -212,6 +212,8 @@ class HardwareNode(LifecycleNode):
         self._fast_executor.add_node(self._fast_node)
         self._fast_spinner = BackgroundSpinner(self._fast_executor, name='hardware-interlock-executor')
         self._feed_timer = None
+        self._last_feed: Optional[float] = None     # monotonic start of the last controller heartbeat
+        self.feed_gap_max = 0.0                      # s, longest interval between two feeds (host stall)
         self.create_subscription(Bool, topics.SAFETY_MOTION_PERMITTED, self._on_permitted, qos.SAFETY_LATCHED,
                                  callback_group=self._interlock_group,
                                  event_callbacks=SubscriptionEventCallbacks(liveliness=self._on_supervisor_liveliness))
@@ -274,6 +276,7 @@ class HardwareNode(LifecycleNode):
             steady(self, 1.0 / self.p['heartbeat_rate'], self._beat, callback_group=self._state_group),
             steady(self, 1.0 / self.p['interlock_rate'], self._interlock_tick, callback_group=self._interlock_group),
         ]
+        self._last_feed = None
         self._feed_timer = steady(self._fast_node, 1.0 / self.p['hardware_heartbeat_rate'], self._feed_watchdog,
                                   callback_group=self._watchdog_group)
         self._fast_executor.wake()
@@ -624,6 +627,16 @@ class HardwareNode(LifecycleNode):
         shared = self.shared
         if shared is None:
             return
+        now = time.monotonic()
+        if self._last_feed is not None:
+            gap = now - self._last_feed
+            if gap > self.feed_gap_max:
+                self.feed_gap_max = gap
+                watchdog_ms = getattr(shared.backend, 'watchdog_ms', 0) or 0
+                if watchdog_ms and gap > 0.5 * watchdog_ms / 1000.0:
+                    self.get_logger().warning(f'controller watchdog feed gap {gap * 1e3:.1f} ms (watchdog '
+                                              f'{watchdog_ms} ms): the host stalled', throttle_duration_sec=1.0)
+        self._last_feed = now
         try:
             shared.heartbeat()
         except HardwareError as exc:
@@ -772,6 +785,7 @@ class HardwareNode(LifecycleNode):
             values.update(firmware_version=self.firmware_version,
                           read_age_s=f'{time.monotonic() - read_time:.4f}' if read_time is not None else 'inf',
                           own_reads=self.own_reads, motion_inhibit=self._inhibit_text(),
+                          watchdog_feed_gap_max_s=f'{self.feed_gap_max:.4f}',
                           interlock_reason=self.interlock_reason, faults=','.join(sorted(faults)),
                           **{f'shared_{k}': v for k, v in shared.stats.items()})
             if state is not None:
