@@ -174,6 +174,7 @@ class HardwareNode(LifecycleNode):
         self.interlock.set_active(False)
         self._scanner_heartbeat = None      # counter of the last scanner message (any publisher)
         self._permission: Optional[bool] = None
+        self._unnamed_permission = None     # (publisher gid, permitted) received before the graph named it
         self._scanner_names = common.PublisherNames(self, topics.SCANNER_STATE)
         self._permission_names = common.PublisherNames(self, topics.SAFETY_MOTION_PERMITTED)
         self._inhibit_commanded: Optional[bool] = None   # None: unknown (command failed / not sent)
@@ -473,6 +474,9 @@ class HardwareNode(LifecycleNode):
         publisher, name = self._permission_names.lookup(info)
         with self._interlock_lock:
             findings = self.interlock.on_permission(publisher, name, bool(msg.data), time.monotonic())
+            # A latched permission can arrive before the graph names its publisher; the supervisor does not
+            # repeat it, so it is decided again once the graph check can name the publisher.
+            self._unnamed_permission = None if name else (publisher, bool(msg.data))
             if not findings and name:
                 self._permission = bool(msg.data)
         self._update_interlock('permission')
@@ -495,7 +499,14 @@ class HardwareNode(LifecycleNode):
         permission = self._permission_names.publishers()
         with self._interlock_lock:
             findings = self.interlock.on_graph(scanner, permission)
-        if findings:
+            pending = self._unnamed_permission
+            if pending is not None and permission.get(pending[0]):
+                self._unnamed_permission = None
+                more = self.interlock.on_permission(pending[0], permission[pending[0]], pending[1], time.monotonic())
+                findings = list(findings) + list(more)
+                if not more:
+                    self._permission = pending[1]
+        if findings or pending is not None:
             self._update_interlock('graph')
         self._report(findings)
 
@@ -633,9 +644,9 @@ class HardwareNode(LifecycleNode):
             if gap > self.feed_gap_max:
                 self.feed_gap_max = gap
                 watchdog_ms = getattr(shared.backend, 'watchdog_ms', 0) or 0
-                if watchdog_ms and gap > 0.5 * watchdog_ms / 1000.0:
+                if watchdog_ms and gap > 0.75 * watchdog_ms / 1000.0:     # a new maximum only: rare
                     self.get_logger().warning(f'controller watchdog feed gap {gap * 1e3:.1f} ms (watchdog '
-                                              f'{watchdog_ms} ms): the host stalled', throttle_duration_sec=1.0)
+                                              f'{watchdog_ms} ms): the host stalled')
         self._last_feed = now
         try:
             shared.heartbeat()
