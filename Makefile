@@ -16,7 +16,7 @@ demo: setup
 	@$(ROS_ENV) $(PY) -m igt_robot.demo $(DEMO_ARGS)
 
 test: setup
-	@$(ROS_ENV) $(PY) -m pytest test $(PYTEST_ARGS)
+	@$(ROS_ENV) $(PY) -m pytest src/igt_robot/test src/igt_planner/test $(PYTEST_ARGS)
 
 bench: setup
 	@rc=0; for b in bench/*.py; do echo "== $$b"; $(ROS_ENV) $(PY) $$b || rc=1; done; exit $$rc

@@ -23,7 +23,7 @@ from igt_robot.nodes import qos
 from igt_robot.nodes.hardware_node import HardwareNode
 from igt_robot_msgs.msg import RobotState, SafetyFault, ScannerState
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 JOINTS = ['stage_x', 'stage_y', 'guide_pitch', 'guide_yaw', 'needle_insertion']
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 

@@ -25,7 +25,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 PIP_ONLY = {'pydicom': 'pydicom', 'pynetdicom': 'pynetdicom', 'nibabel': 'nibabel', 'simpleitk': 'SimpleITK',
             'mujoco': 'mujoco', 'pyigtl': 'pyigtl', 'mcap': 'mcap', 'mcap-ros2-support': 'mcap_ros2'}
 RESOLVABLE_PYTHON_KEYS = {'python3-numpy', 'python3-scipy', 'python3-transforms3d', 'python3-serial', 'python3-yaml',

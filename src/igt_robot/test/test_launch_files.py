@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 LAUNCH_FILES = sorted((REPO / 'launch').glob('*.launch.py'))
 
 

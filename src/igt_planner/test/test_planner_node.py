@@ -35,7 +35,7 @@ from igt_robot.simulation.scenario import make_scenario
 from igt_robot_msgs.msg import NeedlePlan, ProcedureEvent, RegistrationResult
 from igt_robot_msgs.srv import PlanPath, ValidatePlan
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 PARAMS_FILE = REPO / 'config' / 'planner.yaml'
 NODE_ARGS = ['--ros-args', '--params-file', str(PARAMS_FILE), '-p', 'entry.max_candidates:=1500']
 SEED = 7

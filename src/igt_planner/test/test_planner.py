@@ -17,7 +17,7 @@ from igt_planner.candidates import SkinNormals
 from igt_planner.clearance import build_structure_field, dense_segment_minima, segment_minima
 from igt_planner.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 MM = mm_to_m(1.0)   # one millimetre, in metres
 TISSUE, VESSEL, RIB, TUMOUR = 1, 2, 3, 4
 NAMES = {0: 'air', TISSUE: 'soft tissue', VESSEL: 'vessel', RIB: 'rib', TUMOUR: 'tumour'}

@@ -10,7 +10,7 @@ from igt_robot import robot_model
 from igt_robot.robot_model import (JOINT_NAMES, URDFError, default_urdf_path, format_joint_quantity,
                                    load_robot_model, parse_robot_model)
 
-REPO_URDF = Path(__file__).resolve().parents[1] / 'urdf' / 'igt_robot.urdf'
+REPO_URDF = Path(__file__).resolve().parents[3] / 'urdf' / 'igt_robot.urdf'
 
 
 @pytest.fixture(scope='module')

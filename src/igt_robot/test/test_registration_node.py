@@ -29,7 +29,7 @@ from igt_robot.robot_model import load_robot_model
 from igt_robot_msgs.msg import ProcedureEvent, RegistrationResult
 from igt_robot_msgs.srv import RegisterImage
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 CONFIG = REPO / 'config' / 'registration.yaml'
 T_BASE_ZFRAME = load_robot_model().T_base_zframe
 MAX_ERR_M = units.mm_to_m(0.5)

@@ -13,7 +13,7 @@ from igt_robot.nodes import topics
 from igt_robot.nodes.igtl_bridge_node import IgtlBridgeNode
 from igt_robot.nodes.registration_node import RegistrationNode
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / 'tools'))
 import sros2_policy  # noqa: E402
 

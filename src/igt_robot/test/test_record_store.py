@@ -16,7 +16,7 @@ from igt_robot.record import store
 from igt_robot.record.store import (ProcedureRecord, RecordCorruptError, RecordLockedError, RecordPayloadError,
                                     read_entries)
 
-SRC = str(pathlib.Path(__file__).resolve().parents[1] / 'src' / 'igt_robot')
+SRC = str(pathlib.Path(__file__).resolve().parents[3] / 'src' / 'igt_robot')
 
 # Appends as fast as possible; prints "<seq> <i>" for every *returned* (committed) append.
 # Every 4th payload is large so that a SIGKILL can land in the middle of a write.

@@ -52,7 +52,7 @@ from stack_probe import StackProbe, line_goal
 # produce a (safe) spurious stop that is not the behaviour under test. One rerun; the assertions are unchanged.
 pytestmark = pytest.mark.flaky(reruns=1)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 CONFIG = REPO / 'config'
 WAIT = 30.0                      # s: generous condition timeout (shared, loaded machine)
 INSERTION = 4                    # needle_insertion index (joint order of docs/contracts.md)

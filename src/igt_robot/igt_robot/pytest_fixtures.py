@@ -1,4 +1,4 @@
-"""Test-suite wide isolation: a private ROS graph, logs in the build tree, nothing left behind.
+"""pytest fixtures of the suite (both packages' conftest.py import them); test-suite wide isolation: a private ROS graph, logs in the build tree, nothing left behind.
 
 Set before anything imports rclpy: a per-run ROS_DOMAIN_ID, localhost-only
 discovery and ROS_LOG_DIR under build/. At the end of the session, Fast DDS
@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from igt_robot import testing
+from igt_robot import paths, testing
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = paths.repo_root()
 RUN_DIR = REPO / 'build' / 'test_runs' / time.strftime('%Y%m%d-%H%M%S')
 RUN_ENV = testing.isolated_ros_env(RUN_DIR / 'ros_log',
                                    domain_id=int(os.environ['ROS_DOMAIN_ID']) if os.environ.get('ROS_DOMAIN_ID') else None)

@@ -28,7 +28,7 @@ from igt_robot.hardware.interface import HardwareError, HardwareFault, HardwareT
 from igt_robot.hardware.serial_driver import (CommandRefused, IncompatibleFirmware, SerialHardware,
                                               SetpointRejected)
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1] / 'src' / 'igt_robot'
+PACKAGE_ROOT = Path(__file__).resolve().parents[3] / 'src' / 'igt_robot'
 JOINTS = ('stage_x', 'stage_y', 'guide_pitch', 'guide_yaw', 'needle_insertion')
 # Slack for a loaded 2-core test machine, where a process can be descheduled for
 # ~100 ms: a longer controller watchdog and reply timeout than in production. The
