@@ -388,7 +388,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--emulator', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--control', help=argparse.SUPPRESS)
-    parser.add_argument('--watchdog-ms', type=int, default=100, help='emulator watchdog (firmware default 100 ms)')
+    parser.add_argument('--watchdog-ms', type=int, default=300, help='emulator watchdog (firmware default 300 ms)')
     parser.add_argument('--events', type=int, default=1000, help='interlock events to time (>= 1000)')
     parser.add_argument('--silence-trials', type=int, default=20, help='scanner-silence trials (>= 20)')
     parser.add_argument('--floor-count', type=int, default=1000, help='DDS floor pings')

@@ -21,7 +21,7 @@ loaded 2-core machine); nothing here asserts timing -- that is bench/interlock.p
 Test-only parameter changes, each to keep a loaded machine from producing (safe but) spurious
 stops, never to loosen a check a scenario is about: hardware_node ``scanner_timeout`` 1.0 s and
 ``serial_timeout`` 0.2 s, supervisor ``scanner_timeout_s`` 1.0 s and ``heartbeat_timeout_s``
-1.5 s, emulator watchdog 1000 ms (test_controller_start_... uses the firmware default, 100 ms).
+1.5 s, emulator watchdog 1000 ms (test_controller_start_... uses the firmware default, 300 ms).
 
 Each scenario once documented a node bug found here (start-up watchdog gap, stale faults after a
 reconfigure, a removed depth limit that never cleared, a goal refused right after retracting to a limit);
@@ -433,7 +433,7 @@ def ready(stack):
 # ================================================================ start-up
 
 def test_controller_start_does_not_trip_the_drive_watchdog(ros_env):
-    """With the firmware's default watchdog (100 ms) the controller process must feed the drive
+    """With the firmware's default watchdog (300 ms) the controller process must feed the drive
     from the moment it enables the axes. Own emulator and ROS domain (not the shared stack)."""
     run_dir = pathlib.Path(ros_env['ROS_LOG_DIR']).parent / 'test_fault_injection'
     env = dict(ros_env, ROS_DOMAIN_ID=str((int(ros_env['ROS_DOMAIN_ID']) - 9) % 90 + 10))   # never the stack's
