@@ -597,10 +597,10 @@ def test_drive_fault_state_is_reported_truthfully_and_clears_after_the_drive_is_
     """Two reporting defects after an immediate drive fault (each checked, both reported).
 
     1. the de-energised drive (zero velocity, constant positions) must not report MOVING -- it
-       does once the host's MOTION_INHIBIT arrives after the power-off (emulator);
+    does once the host's MOTION_INHIBIT arrives after the power-off (emulator);
     2. the drive is fixed (power-cycled) while the hardware node is unconfigured -- the natural
-       order: deactivate, clean up, fix, configure, activate. The drive then reports no fault,
-       so the supervisor must see the cause gone -- it keeps it active (hardware_node)."""
+    order: deactivate, clean up, fix, configure, activate. The drive then reports no fault,
+    so the supervisor must see the cause gone -- it keeps it active (hardware_node)."""
     stack, _ = ready
     probe = stack.probe
     problems = []
