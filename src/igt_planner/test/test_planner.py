@@ -257,7 +257,7 @@ def test_all_reason_kinds_are_counted_in_a_plan(slab_map):
     mask[:, :, :50] = True
     entries = [skin_entry(58),                       # outside region (8 mm beyond it)
                target - [0, 0.004, 0],               # too shallow (and off region)
-               skin_entry(30, k=39) - [0.029, 0, 0], # fine region but too deep
+               skin_entry(30, k=39) - [0.029, 0, 0],  # fine region but too deep
                skin_entry(1), skin_entry(31), skin_entry(46), skin_entry(26), skin_entry(20)]
     c = cfg(needle={'max_depth_m': 0.047})
     planner = NeedlePlanner(slab_map, c, wide_cone(), EntryRegion.from_mask(mask))
@@ -382,7 +382,9 @@ def test_oblique_affine_gives_the_same_plan():
     aff[:3, :3] = rot @ np.diag([MM, MM, MM])
     aff[:3, 3] = [0.01, -0.02, 0.005]
     moved = LabelMap(lm.data, aff, NAMES, MARGINS, bone_labels=[RIB])
-    to_new = lambda p: moved.to_world(lm.to_array(p))
+
+    def to_new(p):
+        return moved.to_world(lm.to_array(p))
     target = world(*TARGET_IJK)
     e = skin_entry(20)
     a = validate_plan(e, target, lm, reachability=wide_cone())

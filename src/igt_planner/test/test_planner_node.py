@@ -214,7 +214,6 @@ class TestRegistered:
             assert plan.joint_limit_margin == pytest.approx(scan.model.joint_limit_margin(q), abs=1e-9)
             assert 0.0 <= plan.skin_angle <= math.radians(60.0) and 0.0 <= plan.score <= 1.0
 
-
     def test_plan_clearance_holds_against_the_label_voxels(self, scan, registered):
         """Independent of the planner's distance fields: distance from the path to the voxel centres."""
         half_voxel = 0.5 * float(np.linalg.norm(scan.volume.affine[:3, :3], axis=0).min())
@@ -229,7 +228,6 @@ class TestRegistered:
                 assert exact >= MARGINS[name] - half_voxel, f'{plan.plan_id}: {exact * 1e3:.2f} mm from {name}'
                 if reported[name] < 0.03:          # below the cap the reported value is exact to sub-voxel
                     assert reported[name] == pytest.approx(exact, abs=half_voxel)
-
 
     def test_best_plan_and_markers_are_latched(self, scan, registered):
         late = LateListener(registered.graph)
@@ -263,7 +261,6 @@ class TestRegistered:
                                      [(kv.key, kv.value) for kv in e.values] for e in late.events),
                          20.0, 'the plan_proposed event')
 
-
     def test_validate_explains_paths_past_and_through_the_vessel(self, scan, registered):
         probe, vessel = registered.probe, scan.scenario.vessels[0]
         target = scan.scenario.target
@@ -292,7 +289,6 @@ class TestRegistered:
         # An operator's point in another frame is refused, not reinterpreted.
         resp = probe.validate(xyz(best.entry), xyz(best.target), frame='base_link')
         assert not resp.valid and "must be in 'scanner'" in resp.message
-
 
     def test_path_marker_is_red_where_the_path_crosses_the_vessel(self, scan, registered):
         planner = registered.node.current_map.planner

@@ -9,8 +9,11 @@ from __future__ import annotations
 import configparser
 import contextlib
 import io
+import json
 import os
 import pathlib
+import subprocess
+import sys
 from typing import List, Tuple
 
 
@@ -19,12 +22,28 @@ def _in_package(package_dir: pathlib.Path):
     return contextlib.chdir(package_dir)
 
 
+_FLAKE8_CHILD = (
+    'import json, sys\n'
+    'from ament_flake8.main import main_with_errors\n'
+    'rc, errors = main_with_errors(argv=["--config", "setup.cfg", "."])\n'
+    'sys.stderr.write(json.dumps([rc, [str(e) for e in errors]]))\n')
+
+
 def flake8_errors(package_dir: os.PathLike) -> Tuple[int, List[str]]:
-    """(exit code, violations) of ament_flake8 on ``package_dir`` with its setup.cfg [flake8]."""
-    from ament_flake8.main import main_with_errors
+    """(exit code, violations) of ament_flake8 on ``package_dir`` with its setup.cfg [flake8].
+
+    Runs in a fresh interpreter: flake8 checks files in a forked multiprocessing pool, and forking a
+    test process that already runs rclpy threads crashes the children (seen: segfaults, then a hang).
+    """
     package_dir = pathlib.Path(package_dir)
-    with _in_package(package_dir):   # flake8 writes to sys.stdout.buffer: pytest captures it
-        return main_with_errors(argv=['--config', 'setup.cfg', '.'])
+    child = subprocess.run([sys.executable, '-c', _FLAKE8_CHILD], cwd=package_dir, capture_output=True,
+                           text=True, timeout=600)
+    try:
+        rc, errors = json.loads(child.stderr.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return child.returncode or 1, [f'ament_flake8 did not report (exit {child.returncode}): '
+                                       f'{child.stderr[-2000:]}']
+    return rc, errors
 
 
 def pep257_errors(package_dir: os.PathLike) -> Tuple[int, str]:

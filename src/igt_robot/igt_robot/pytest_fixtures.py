@@ -1,4 +1,6 @@
-"""pytest fixtures of the suite (both packages' conftest.py import them); test-suite wide isolation: a private ROS graph, logs in the build tree, nothing left behind.
+"""pytest fixtures of the suite (both packages' conftest.py import them).
+
+Test-suite wide isolation: a private ROS graph, logs in the build tree, nothing left behind.
 
 Set before anything imports rclpy: a per-run ROS_DOMAIN_ID, localhost-only
 discovery and ROS_LOG_DIR under build/. At the end of the session, Fast DDS
@@ -17,7 +19,8 @@ from igt_robot import paths, testing
 REPO = paths.repo_root()
 RUN_DIR = REPO / 'build' / 'test_runs' / time.strftime('%Y%m%d-%H%M%S')
 RUN_ENV = testing.isolated_ros_env(RUN_DIR / 'ros_log',
-                                   domain_id=int(os.environ['ROS_DOMAIN_ID']) if os.environ.get('ROS_DOMAIN_ID') else None)
+                                   domain_id=int(os.environ['ROS_DOMAIN_ID'])
+                                   if os.environ.get('ROS_DOMAIN_ID') else None)
 testing.apply_env(RUN_ENV)
 os.environ.setdefault('MUJOCO_GL', 'egl')
 SHM_AT_START = testing.fastdds_shm_entries()

@@ -686,8 +686,8 @@ def test_emulator_exits_when_its_parent_dies():
         line = child.stdout.readline().decode().strip()
         print(child.pid, line, flush=True)
     ''')
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT),
-                                                                      os.environ.get('PYTHONPATH')])))
+    pythonpath = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get('PYTHONPATH')]))
+    env = dict(os.environ, PYTHONPATH=pythonpath)
     out = subprocess.run([sys.executable, '-c', parent], env=env, capture_output=True, timeout=30, text=True)
     pid_text, pty_line = out.stdout.split(maxsplit=1)
     assert pty_line.startswith('PTY /dev/'), out.stderr

@@ -73,7 +73,8 @@ def _node_commands(pty: str, extra_controller_args=()):
     return {
         'motion_controller': ('igt_robot.nodes.motion_controller_node', [
             '--ros-args', '--params-file', str(CONFIG / 'robot.yaml'), '--params-file', str(CONFIG / 'motion.yaml'),
-            '-p', 'backend:=serial', '-p', f'serial_port:={pty}', '-p', 'hardware_node:scanner_timeout:=1.0', '-p', 'hardware_node:scanner_period:=0.34',
+            '-p', 'backend:=serial', '-p', f'serial_port:={pty}', '-p', 'hardware_node:scanner_timeout:=1.0',
+            '-p', 'hardware_node:scanner_period:=0.34',
             '-p', 'hardware_node:serial_timeout:=0.2',
             *extra_controller_args]),
         'scanner_interface': ('igt_robot.nodes.scanner_interface_node', [
@@ -224,8 +225,7 @@ class Stack:
         first = self.wait_emu(lambda s: not any(s['velocities']), 'the emulator axes at rest')
         later = self.wait_emu(lambda s: s['time'] >= first['time'] + settle, f'{settle} s of emulator servo time')
         assert not any(later['velocities']), later
-        assert np.allclose(later['positions'], first['positions'], atol=0.5), (first['positions'],
-                                                                              later['positions'])
+        assert np.allclose(later['positions'], first['positions'], atol=0.5), (first['positions'], later['positions'])
         return np.array(later['positions'])
 
     def set_targets_executed(self) -> int:
@@ -594,13 +594,13 @@ def test_drive_fault_mid_motion_stops_and_the_operator_acknowledge_resets_the_dr
 
 
 def test_drive_fault_state_is_reported_truthfully_and_clears_after_the_drive_is_fixed(ready):
-    """Two reporting defects after an immediate drive fault (each checked, both reported):
+    """Two reporting defects after an immediate drive fault (each checked, both reported).
 
     1. the de-energised drive (zero velocity, constant positions) must not report MOVING -- it
-       does once the host's MOTION_INHIBIT arrives after the power-off (emulator);
+    does once the host's MOTION_INHIBIT arrives after the power-off (emulator);
     2. the drive is fixed (power-cycled) while the hardware node is unconfigured -- the natural
-       order: deactivate, clean up, fix, configure, activate. The drive then reports no fault,
-       so the supervisor must see the cause gone -- it keeps it active (hardware_node)."""
+    order: deactivate, clean up, fix, configure, activate. The drive then reports no fault,
+    so the supervisor must see the cause gone -- it keeps it active (hardware_node)."""
     stack, _ = ready
     probe = stack.probe
     problems = []

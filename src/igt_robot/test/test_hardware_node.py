@@ -340,6 +340,7 @@ def test_supervisor_lost_asserts_the_inhibit(active_node, probe):
     # message may make the state stale for a moment, and the reason shown then is the staleness.
     # The change log records only inhibit transitions (a moment of staleness may have asserted the inhibit
     # already); the current reason, re-decided every 10 ms, settles on the lost supervisor.
+
     def lost_since(start):
         return node.interlock_reason == lost or any(c[0] >= start and c[1] and c[2] == lost
                                                     for c in list(node.interlock_changes))

@@ -2,7 +2,6 @@
 import pathlib
 
 import pytest
-import rclpy
 from rclpy.action import ActionClient
 
 from igt_robot import testing

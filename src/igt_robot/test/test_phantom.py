@@ -83,7 +83,8 @@ def test_anatomy_motion_moves_target_not_frame():
 def test_oblique_anisotropic_rod_cross_section_is_unbiased():
     """Partial-volume rendering must keep each rod's intensity centroid on its axis."""
     spec = PhantomSpec(modality='CT', shape_kji=(30, 150, 150), spacing_m=(0.0008, 0.0008, 0.003),
-                       direction=rotation_from_euler_deg(14, -9, 20), noise=0.0, include_body=False, center_m=(0, -0.13, 0.01),
+                       direction=rotation_from_euler_deg(14, -9, 20), noise=0.0, include_body=False,
+                       center_m=(0, -0.13, 0.01),
                        vessels=[], bones=[], target_center_m=None,
                        T_scanner_zframe=frames.make_transform(rotation_from_euler_deg(8, 5, -12), (0, -0.13, 0.01)))
     vol, truth = make_phantom(spec)

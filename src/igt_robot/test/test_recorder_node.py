@@ -135,8 +135,8 @@ def test_everything_reaches_the_record_mcap_and_report(graph, run_dir):
 
     # Interlocks: the transition into SCAN_HOLD and the hardware inhibit, not the return to READY.
     interlocks = [e.payload for e in of_kind(record_dir, 'interlock')]
-    assert [(i['state'], i['reason']) for i in interlocks] == [('SCAN_HOLD', 'scanner ACQUIRING'),
-                                                              ('HW_INHIBIT', 'scanner ACQUIRING')]
+    assert [(i['state'], i['reason']) for i in interlocks] == [
+        ('SCAN_HOLD', 'scanner ACQUIRING'), ('HW_INHIBIT', 'scanner ACQUIRING')]
     # Accepted operator command -> confirmation; the refused one is only an event.
     assert [(c.payload['operator_id'], c.payload['what']) for c in of_kind(record_dir, 'confirmation')] == \
         [('dr_a', 'motion resumed by dr_a')]

@@ -73,8 +73,8 @@ def test_summary_extracts_every_section(tmp_path):
     assert s.dose.ct_scan_count == 2 and s.dose.mr_scan_count == 1
     assert s.dose.total_dlp_mgy_cm == pytest.approx(152.0)
     assert s.interlocks == [(20.0, 'SCAN_HOLD', 'scanner ACQUIRING')]
-    assert [(who, what) for _, who, what in s.confirmations] == [('dr_a', 'confirm_plan at CONFIRM_PLAN'),
-                                                                  ('dr_b', 'resume after scan')]
+    assert [(who, what) for _, who, what in s.confirmations] == [
+        ('dr_a', 'confirm_plan at CONFIRM_PLAN'), ('dr_b', 'resume after scan')]
     assert s.motion_intervals == [(13.0, 20.0), (28.0, 35.0)]
     assert [(a, b) for a, b, _ in s.scan_intervals] == [(1.0, 6.0), (20.0, 25.0), (40.0, 44.0)]
     assert s.scan_intervals[1][2] == 'control scan'

@@ -467,6 +467,7 @@ def test_supervisor_ticks_on_a_steady_clock_when_ros_time_steps_back(graph):
     clock_pub = clock_node.create_publisher(Clock, '/clock', 10)
     clock_pub.publish(Clock(clock=rclpy.time.Time(seconds=1000).to_msg()))
     node = start_supervisor(graph, 'use_sim_time:=true', 'publish_rate_hz:=5.0')
+
     def at(clock, seconds):
         return clock.now().nanoseconds == seconds * 10**9
     testing.wait_for(lambda: (at(node.get_clock(), 1000) and at(inputs.node.get_clock(), 1000)) or
