@@ -181,8 +181,10 @@ def test_fair_lock_serves_a_waiting_safety_command_before_the_loop_reacquires():
 
 
 def test_safety_commands_and_the_watchdog_feed_go_ahead_of_queued_ordinary_requests():
-    """Inhibit, stop, e-stop and the watchdog feed wait behind the transaction on the line only, never behind
-    a queue of streaming/state requests; releasing the inhibit is ordinary and keeps its place."""
+    """Inhibit, stop, e-stop and the watchdog feed wait behind the transaction on the line only.
+
+    Never behind a queue of streaming/state requests; releasing the inhibit is ordinary and keeps its place.
+    """
     hw = SharedHardware(RecordingBackend())
     order = []
     release_holder = threading.Event()
