@@ -31,6 +31,7 @@ from bench_report import info, percentiles, report  # noqa: E402
 from igt_robot.hardware.emulator import EmulatorProcess  # noqa: E402
 from igt_robot.hardware.interface import PvtPoint  # noqa: E402
 from igt_robot.hardware.serial_driver import SerialHardware  # noqa: E402
+from igt_robot.waiting import wait_for  # noqa: E402
 
 MOVE = 0.003          # m of stage_x travel per trial
 DURATION = 1.0        # s of a full move (cosine velocity profile, 6 mm/s peak)
@@ -49,31 +50,21 @@ def _move(start: np.ndarray, sign: float):
     return points
 
 
-def _wait(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f'timed out waiting for {what}')
-
-
 def trial(hw, emu, sign: float) -> float:
     """One trigger edge during a streamed move; returns edge -> first ramp tick, ms."""
     start = hw.read().positions
     sid = hw.begin_stream(start)
     points = _move(start, sign)
     hw.push_points(sid, [p for p in points if p.time <= 0.6])
-    _wait(lambda: hw.stream_status().executed_time >= 0.3, 5.0, 'the move to be under way')
+    wait_for(lambda: hw.stream_status().executed_time >= 0.3, 5.0, 'the move to be under way')
     before = emu.state()['ramp_start_wall']
     sent = time.monotonic()
     emu.control('trigger 1')
-    ramp = _wait(lambda: (s := emu.state()['ramp_start_wall']) != before and s, 5.0, 'the stop ramp')
+    ramp = wait_for(lambda: (s := emu.state()['ramp_start_wall']) != before and s, 5.0, 'the stop ramp')
     state = hw.read()
     if state.stream.stop_cause != 'TRIGGER':
         raise RuntimeError(f'stream stopped by {state.stream.stop_cause!r}, not the trigger')
-    _wait(lambda: not hw.read().moving, 5.0, 'the axes to stop')
+    wait_for(lambda: not hw.read().moving, 5.0, 'the axes to stop')
     emu.control('trigger 0')
     hw.set_motion_inhibit(False)
     return (ramp - sent) * 1e3

@@ -230,24 +230,28 @@ def _quadratic_centre_line(line, u):
     return at
 
 
-def _tip_along_curve(volume, enhanced, curve, lo, hi, step_m=0.2 * _MM):
-    """Half-maximum crossing of the enhanced profile along the centre line beyond its far end ``hi``."""
+def _half_max_crossing(volume, enhanced, points_at, lo, hi, step_m):
+    """Arc length where the enhanced profile along ``points_at(s)`` falls to half its plateau beyond ``hi``.
+
+    The plateau is the profile's median 3-20 mm before ``hi``; ``hi`` itself when no crossing is found.
+    """
     s = np.arange(lo, hi + 8.0 * _MM, step_m)
-    pts = curve(s)
-    idx = volume.scanner_to_index(pts)
+    idx = volume.scanner_to_index(points_at(s))
     profile = ndimage.map_coordinates(enhanced, [idx[:, 2], idx[:, 1], idx[:, 0]], order=1, mode='constant',
                                       cval=0.0)
     inner = (s >= hi - 20.0 * _MM) & (s <= hi - 3.0 * _MM)
     if inner.sum() < 3:
         inner = s <= hi
-    plateau = float(np.median(profile[inner]))
-    half = 0.5 * plateau
-    start = int(np.nonzero(inner)[0][-1])
-    s_tip = hi
-    for n in range(start, len(s) - 1):
+    half = 0.5 * float(np.median(profile[inner]))
+    for n in range(int(np.nonzero(inner)[0][-1]), len(s) - 1):
         if profile[n] >= half > profile[n + 1]:
-            s_tip = s[n] + (profile[n] - half) / (profile[n] - profile[n + 1]) * step_m
-            break
+            return s[n] + (profile[n] - half) / (profile[n] - profile[n + 1]) * step_m
+    return hi
+
+
+def _tip_along_curve(volume, enhanced, curve, lo, hi, step_m=0.2 * _MM):
+    """Half-maximum crossing of the enhanced profile along the centre line beyond its far end ``hi``."""
+    s_tip = _half_max_crossing(volume, enhanced, curve, lo, hi, step_m)
     tip = curve(s_tip)[0]
     return tip, curve.tangent(s_tip), curve(np.linspace(lo, s_tip, 20))
 
@@ -313,19 +317,6 @@ def _mask_fraction(volume, mask, point, radius_m):
 
 def _tip_from_profile(volume, enhanced, centroid, u, lo, hi, step_m=0.2 * _MM):
     """Half-maximum crossing of the line profile beyond the far end ``hi``."""
-    s = np.arange(lo, hi + 8.0 * _MM, step_m)
-    pts = centroid[None, :] + s[:, None] * u[None, :]
-    idx = volume.scanner_to_index(pts)
-    profile = ndimage.map_coordinates(enhanced, [idx[:, 2], idx[:, 1], idx[:, 0]], order=1, mode='constant',
-                                      cval=0.0)
-    inner = (s >= hi - 20.0 * _MM) & (s <= hi - 3.0 * _MM)
-    if inner.sum() < 3:
-        inner = s <= hi
-    plateau = float(np.median(profile[inner]))
-    half = 0.5 * plateau
-    start = int(np.nonzero(inner)[0][-1])
-    for n in range(start, len(s) - 1):
-        if profile[n] >= half > profile[n + 1]:
-            frac = (profile[n] - half) / (profile[n] - profile[n + 1])
-            return centroid + (s[n] + frac * step_m) * u
-    return centroid + hi * u
+    s_tip = _half_max_crossing(volume, enhanced, lambda s: centroid[None, :] + np.atleast_1d(s)[:, None] * u[None, :],
+                               lo, hi, step_m)
+    return centroid + s_tip * u
