@@ -32,6 +32,7 @@ from rclpy.time import Time as RclpyTime
 from std_msgs.msg import Header
 
 from igt_robot.record import procedure_id
+from igt_robot.safety import operator_session
 from igt_robot.scanner.phases import ScannerPhase
 from igt_robot_msgs.msg import ProcedureEvent, SafetyFault, ScannerState
 
@@ -83,6 +84,16 @@ def create_steady_timer(node, period: float, callback, callback_group=None):
 
 
 # --------------------------------------------------------------------- identity
+
+def operator_secret(node) -> str:
+    """The operator's session secret from the file named by ``node.p['operator_session_file']`` (empty = the
+    default per-user file); '' when it cannot be read, which every check_token then refuses (logged)."""
+    try:
+        return operator_session.read_session(node.p['operator_session_file'] or None)
+    except operator_session.OperatorSessionError as exc:
+        node.get_logger().error(str(exc), throttle_duration_sec=5.0)
+        return ''
+
 
 def gid_key(gid) -> bytes:
     """A publisher GID as bytes, from a MessageInfo's ``publisher_gid`` dict or a ``TopicEndpointInfo``

@@ -525,12 +525,7 @@ class HardwareNode(LifecycleNode):
         """RESET_FAULTS to the drive for the operator's acknowledge (forwarded by the supervisor with the
         operator's secret). The drive refuses while a cause persists (e.g. the e-stop button still pressed);
         the faults it still reports after the reset are the ones whose cause has not gone."""
-        try:
-            expected = operator_session.read_session(self.p['operator_session_file'] or None)
-        except operator_session.OperatorSessionError as exc:
-            expected = ''
-            self.get_logger().error(str(exc), throttle_duration_sec=5.0)
-        ok, why = operator_session.check_token(expected, req.operator_token)
+        ok, why = operator_session.check_token(common.operator_secret(self), req.operator_token)
         shared = self.shared
         if not ok:
             resp.success, resp.message = False, f'drive fault reset refused: {why}'

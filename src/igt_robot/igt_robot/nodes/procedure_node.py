@@ -233,11 +233,7 @@ class ProcedureNode(Node):
 
     def _operator_token(self) -> str:
         """The operator's secret (this node acts as the operator in demo mode, and says so in the record)."""
-        try:
-            return operator_session.read_session(self.p['operator_session_file'] or None)
-        except operator_session.OperatorSessionError as exc:
-            self.get_logger().error(str(exc), throttle_duration_sec=5.0)
-            return ''
+        return common.operator_secret(self)
 
     def _on_registration(self, msg):
         if msg.accepted:

@@ -350,12 +350,7 @@ class ScannerInterfaceNode(Node):
         if phase is ScannerPhase.IDLE:
             # Saying "not imaging" is the operator's override: it needs the operator's session secret.
             # An imaging phase only stops motion and is honoured from anyone.
-            try:
-                expected = operator_session.read_session(self.p['operator_session_file'] or None)
-            except operator_session.OperatorSessionError as exc:
-                expected = ''
-                self.get_logger().error(str(exc), throttle_duration_sec=5.0)
-            ok, why = operator_session.check_token(expected, req.operator_token)
+            ok, why = operator_session.check_token(common.operator_secret(self), req.operator_token)
             if not ok:
                 resp.accepted, resp.message = False, f'scanner IDLE override refused: {why}'
                 self.get_logger().warning(resp.message)
