@@ -299,6 +299,70 @@ def test_a_connection_dropped_mid_series_loses_nothing(receiver, tmp_path):
     assert series.usable and series.instance_count == SLICES
 
 
+def test_each_instance_is_on_disk_under_its_final_name_before_its_success(receiver, tmp_path, monkeypatch):
+    """Nothing acknowledged is lost: the C-STORE success of an instance follows the fdatasync of its file and
+    the fsync of the folder holding its final name (checked from the sender's side, instance by instance)."""
+    import igt_robot.acquisition.dicom_receiver as rx_module
+    flushed_files, flushed_folders = [], []
+    real_fdatasync, real_fsync_dir = rx_module.os.fdatasync, rx_module.fsync_dir
+
+    def fdatasync(fd):
+        real_fdatasync(fd)
+        flushed_files.append(pathlib.Path(f'/proc/self/fd/{fd}').resolve().name)
+
+    def fsync_dir(folder):
+        real_fsync_dir(folder)
+        flushed_folders.append(sorted(p.name for p in pathlib.Path(folder).iterdir()))
+    monkeypatch.setattr(rx_module.os, 'fdatasync', fdatasync)
+    monkeypatch.setattr(rx_module, 'fsync_dir', fsync_dir)
+    _, paths = write_ct(tmp_path / 'a')
+    datasets = read(paths)
+    for n, path in enumerate(paths):           # one association per instance: check after each success
+        assert store_files([path], '127.0.0.1', receiver.port, calling_ae='SIM_CT') == [STATUS_SUCCESS]
+        final = f'{datasets[n].SOPInstanceUID}.dcm'
+        assert flushed_files[-1].startswith(final) and flushed_files[-1].endswith('.part')   # data, then rename
+        assert final in flushed_folders[-1] and not any(f.endswith('.part') for f in flushed_folders[-1])
+    assert len(flushed_files) == SLICES and len(stored_files(receiver)) == SLICES
+    for path, stored in zip(sorted(paths, key=lambda p: str(pydicom.dcmread(p).SOPInstanceUID)),
+                            sorted(stored_files(receiver))):
+        original, received = pydicom.dcmread(path), pydicom.dcmread(stored)
+        assert received.SOPInstanceUID == original.SOPInstanceUID and received.PixelData == original.PixelData
+        assert received.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+
+
+def test_a_full_disk_refuses_the_instance_and_leaves_no_partial_file(receiver, tmp_path, monkeypatch):
+    import errno
+
+    import igt_robot.acquisition.dicom_receiver as rx_module
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(rx_module.os, 'fdatasync', no_space)
+    _, paths = write_ct(tmp_path / 'a')
+    assert store_files(paths[:2], '127.0.0.1', receiver.port, calling_ae='SIM_CT') == \
+        [STATUS_OUT_OF_RESOURCES] * 2
+    assert 'No space left on device' in receiver.refusals[-1]
+    assert list(receiver.storage_dir.rglob('*')) == [p for p in receiver.storage_dir.rglob('*') if p.is_dir()]
+    assert receiver.assembler.pending_count() == 0      # refused instances are not part of any series
+
+
+@pytest.mark.parametrize('allocated,stored,signed', [(16, 16, 0), (16, 12, 0), (16, 12, 1), (16, 16, 1),
+                                                     (8, 8, 0), (8, 6, 1), (32, 20, 0)])
+def test_received_slices_decode_exactly_as_pydicom_decodes_them(tmp_path, allocated, stored, signed):
+    from igt_robot.imaging.io import decode_slice
+    _, paths = write_ct(tmp_path / 'a')
+    ds = read(paths)[0]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, stored, stored - 1, signed
+    ds.RescaleSlope, ds.RescaleIntercept = 0.5, -1024
+    count = int(ds.Rows) * int(ds.Columns)
+    ds.PixelData = np.random.default_rng(3).integers(0, 256, count * allocated // 8, dtype=np.uint8).tobytes()
+    expected = ds.pixel_array.astype(np.float64) * 0.5 - 1024         # pydicom's general decoder
+    np.testing.assert_array_equal(decode_slice(ds), expected.astype(np.float32))
+    ds.PixelData = ds.PixelData[:-2]            # short pixel data: pydicom's decoder says why
+    with pytest.raises(Exception, match='pixel data'):
+        decode_slice(ds)
+
+
 # ---------------------------------------------------------------- a watched folder
 def test_a_watched_folder_takes_settled_files_once(tmp_path):
     volume, paths = write_ct(tmp_path / 'export_src')

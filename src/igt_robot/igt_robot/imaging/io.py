@@ -108,15 +108,51 @@ def _instance_name(ds) -> str:
     return f'instance {getattr(ds, "InstanceNumber", "?")} ({getattr(ds, "SOPInstanceUID", "no UID")})'
 
 
+_NATIVE_LITTLE_ENDIAN = ('1.2.840.10008.1.2', '1.2.840.10008.1.2.1')     # Implicit / Explicit VR Little Endian
+
+
+def _native_pixels(ds) -> Optional[np.ndarray]:
+    """The stored values of an uncompressed little-endian single-frame greyscale image, read straight from its
+    bytes (a tenth of the time of pydicom's general decoder, which the scanner's ~200 slices/s need); unused
+    high bits masked (unsigned) or sign-extended (signed) as pydicom does. None for anything else: pydicom
+    decodes it (or says why it cannot)."""
+    meta = getattr(ds, 'file_meta', None)
+    try:
+        if (str(getattr(meta, 'TransferSyntaxUID', '')) not in _NATIVE_LITTLE_ENDIAN
+                or int(ds.SamplesPerPixel) != 1 or int(getattr(ds, 'NumberOfFrames', 1) or 1) != 1):
+            return None
+        allocated, stored, signed = int(ds.BitsAllocated), int(ds.BitsStored), int(ds.PixelRepresentation) == 1
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        data = ds.PixelData
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if allocated not in (8, 16, 32) or not 0 < stored <= allocated or not isinstance(data, bytes):
+        return None
+    dtype = np.dtype(f'<{"i" if signed else "u"}{allocated // 8}')
+    if len(data) < rows * columns * dtype.itemsize:
+        return None
+    pixels = np.frombuffer(data, dtype, rows * columns).reshape(rows, columns)
+    unused = allocated - stored
+    if unused and signed:
+        pixels = (pixels << unused) >> unused           # sign extension from the highest stored bit
+    elif unused:
+        pixels = pixels & dtype.type((1 << stored) - 1)
+    return pixels
+
+
 def decode_slice(ds) -> np.ndarray:
     """One image's stored values -> float32 real-world values (RescaleSlope/Intercept; CT -> HU)."""
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:
-        raise ImageError(f'cannot decode pixel data of {_instance_name(ds)}: {exc}') from exc
+    pixels = _native_pixels(ds)
+    if pixels is None:
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:
+            raise ImageError(f'cannot decode pixel data of {_instance_name(ds)}: {exc}') from exc
     slope = float(getattr(ds, 'RescaleSlope', 1.0) or 1.0)
     intercept = float(getattr(ds, 'RescaleIntercept', 0.0) or 0.0)
-    out = np.multiply(pixels, np.float32(slope), dtype=np.float32)
+    out = pixels.astype(np.float32)         # a plain cast: several times faster than a casting multiply
+    if slope != 1.0:
+        out *= np.float32(slope)
     out += np.float32(intercept)
     return out
 

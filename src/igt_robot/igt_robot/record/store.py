@@ -246,7 +246,7 @@ def _utc_iso(epoch_s: float) -> str:
         '%Y-%m-%dT%H:%M:%S.%fZ')
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -402,7 +402,7 @@ class ProcedureRecord:
         if not os.path.isdir(self.directory):
             os.makedirs(self.directory, exist_ok=True)
             if fsync:
-                _fsync_dir(parent)  # make the new directory entry itself durable
+                fsync_dir(parent)  # make the new directory entry itself durable
         created = not os.path.exists(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -413,7 +413,7 @@ class ProcedureRecord:
                                         'ProcedureRecord') from exc
             if created and fsync:
                 os.fsync(fd)
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
             self._fd = fd
             self._validate_and_repair()
         except BaseException:
@@ -444,7 +444,7 @@ class ProcedureRecord:
                 if self._fsync:
                     os.fsync(side.fileno())
             if self._fsync:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
             os.ftruncate(fd, offset)
             if self._fsync:
                 os.fsync(fd)
