@@ -29,6 +29,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -91,17 +92,31 @@ def send(paths, receiver_port: int, workdir: pathlib.Path, sender: str) -> str:
 
 
 def receive(paths, workdir: pathlib.Path, sender: str, then=lambda series: None):
-    """Send ``paths`` to a fresh receiver and run ``then(series)`` while it still runs (as the procedure
-    would); (the series, the receiver's dose events, who sent, what ``then`` returned)."""
+    """Send ``paths`` to a fresh receiver and, as soon as the series is complete, run ``then(series)`` (as the
+    procedure would, while the sender still sends the dose report and closes); (the series, the receiver's dose
+    events, who sent, what ``then`` returned)."""
     receiver = DicomReceiver(workdir / f'received_{sender}', port=0, modalities=('CT',), quiet_period_s=5.0,
                              on_event=lambda kind, text, values: None)
     receiver.start()
+    outcome = {}
+
+    def sending():
+        try:
+            outcome['sender'] = send(paths, receiver.port, workdir, sender)
+        except Exception as exc:  # noqa: BLE001 -- reported by the main thread
+            outcome['error'] = exc
+    thread = threading.Thread(target=sending, name='sender')
     try:
         requested = time.monotonic()
-        who = send(paths, receiver.port, workdir, sender)
+        thread.start()
         series = receiver.wait_for_series(ScanRequest('planning', 'CT', requested, ('planning',)), 120)
-        return series, receiver.rdsr_events(), who, then(series)
+        result = then(series)
+        thread.join()
+        if 'error' in outcome:
+            raise outcome['error']
+        return series, receiver.rdsr_events(), outcome['sender'], result
     finally:
+        thread.join()
         receiver.stop()
 
 
