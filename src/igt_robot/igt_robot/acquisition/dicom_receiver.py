@@ -14,6 +14,7 @@ network thread and put in the inbox; the volume stays in memory.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import logging
@@ -21,6 +22,7 @@ import os
 import pathlib
 import re
 import socket
+import tempfile
 import threading
 from typing import Callable, List, Optional, Sequence
 
@@ -73,6 +75,8 @@ class DicomReceiver(AcquisitionSource):
         self._stop = threading.Event()
         self._count = 0
         self._durable_folders = set()
+        self._staging = self.storage_dir / '.incoming'
+        self._writer: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.instances_received = 0
         self.refusals: List[str] = []
 
@@ -82,6 +86,7 @@ class DicomReceiver(AcquisitionSource):
             return
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
         self.storage_dir.mkdir(parents=True, exist_ok=True)
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix='dicom-store')
         ae = AE(ae_title=self.ae_title)
         for sop_class in ACCEPTED_SOP_CLASSES:
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
@@ -104,6 +109,7 @@ class DicomReceiver(AcquisitionSource):
             return
         self._server.shutdown()
         self._server = None
+        self._writer.shutdown(wait=True)
         self._stop.set()
         if self._worker is not None:
             self._worker.join(5.0)
@@ -132,8 +138,20 @@ class DicomReceiver(AcquisitionSource):
             return self._refuse(STATUS_OUT_OF_RESOURCES, f'instance of {size} bytes from {calling} exceeds the '
                                 f'limit of {self.assembler.max_instance_bytes} bytes', values)
         try:
+            file_meta = event.file_meta
+            staged = self._writer.submit(self._stage, raw, file_meta, str(event.request.AffectedSOPInstanceUID))
+        except Exception as exc:  # noqa: BLE001 -- a malformed request is refused, not fatal
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, f'unreadable request from {calling}: {exc}', values)
+        try:
+            return self._take(event, raw, file_meta, staged, calling, size, values)
+        finally:
+            self._discard(staged)       # refused or not stored: no staged file stays behind
+
+    def _take(self, event, raw, file_meta, staged, calling, size, values) -> int:
+        """Parse and check the instance while its bytes are being written and flushed (``staged``)."""
+        try:
             ds = event.dataset          # pydicom defers converting values until they are read
-            ds.file_meta = event.file_meta
+            ds.file_meta = file_meta
         except Exception as exc:  # noqa: BLE001 -- a malformed dataset is refused, not fatal
             return self._refuse(STATUS_CANNOT_UNDERSTAND, f'unreadable dataset from {calling}: {exc}', values)
         verdict = self.assembler.check(ds, size)
@@ -142,24 +160,23 @@ class DicomReceiver(AcquisitionSource):
                       'modality': STATUS_NOT_MATCHING_SOP_CLASS}.get(verdict.problem, STATUS_CANNOT_UNDERSTAND)
             return self._refuse(status, f'{verdict.reason} (from {calling})', values)
         if verdict.kind == 'rdsr':
-            return self._store_rdsr(raw, ds, calling, values)
+            return self._store_rdsr(staged, ds, calling, values)
         folder = self.storage_dir / _safe_name(verdict.series_instance_uid)
         try:
-            self._write(raw, ds.file_meta, folder / f'{_safe_name(str(ds.SOPInstanceUID))}.dcm')
+            self._commit(staged, folder / f'{_safe_name(str(ds.SOPInstanceUID))}.dcm')
         except OSError as exc:
             return self._refuse(STATUS_OUT_OF_RESOURCES, f'cannot store the instance: {exc}', values)
         self.assembler.add(ds, calling, size, verdict)
         self.instances_received += 1
         return STATUS_SUCCESS
 
-    def _store_rdsr(self, raw, ds, calling, values) -> int:
+    def _store_rdsr(self, staged, ds, calling, values) -> int:
         try:
             events = read_rdsr(ds)
         except DoseReportError as exc:
             return self._refuse(STATUS_CANNOT_UNDERSTAND, f'dose report from {calling} unreadable: {exc}', values)
         try:
-            self._write(raw, ds.file_meta,
-                        self.storage_dir / 'dose_reports' / f'{_safe_name(str(ds.SOPInstanceUID))}.dcm')
+            self._commit(staged, self.storage_dir / 'dose_reports' / f'{_safe_name(str(ds.SOPInstanceUID))}.dcm')
         except OSError as exc:
             return self._refuse(STATUS_OUT_OF_RESOURCES, f'cannot store the dose report: {exc}', values)
         with self._events_lock:
@@ -170,31 +187,49 @@ class DicomReceiver(AcquisitionSource):
                       f'event(s), {len(fresh)} new', dict(values, events=len(events)))
         return STATUS_SUCCESS
 
-    def _write(self, raw, file_meta, path: pathlib.Path) -> None:
-        """The instance as a DICOM file, durable before the C-STORE is answered: the bytes as received (never
-        decoded and re-encoded) after the file meta, written under a temporary name, flushed to the disk
-        (fdatasync), renamed, and the rename flushed (fsync of the folder). A crash never leaves a half file
-        under the final name; an instance answered with success survives a crash or a power loss."""
-        self._durable_folder(path.parent)
+    # Durable storage, before the C-STORE is answered. The bytes as received (never decoded and re-encoded)
+    # after the file meta go to a staging file, flushed to the disk (fdatasync) by a writer thread while the
+    # network thread parses and checks the instance (the two overlap: ~1 ms of the ~5 ms an instance may take
+    # at 200 instances/s); an accepted instance is then renamed into its series folder and that folder flushed
+    # (fsync). A crash never leaves a half file under a final name; an instance answered with success survives
+    # a crash or a power loss; a refused one leaves nothing.
+    def _stage(self, raw, file_meta, sop_instance_uid: str) -> pathlib.Path:
+        self._durable_folder(self._staging)
         header = io.BytesIO()
         header.write(b'\x00' * 128 + b'DICM')
         write_file_meta_info(header, file_meta)
-        tmp = path.with_name(f'{path.name}.{threading.get_ident()}.part')     # concurrent resends stay apart
+        fd, name = tempfile.mkstemp(suffix='.part', prefix=f'{_safe_name(sop_instance_uid)}.dcm.',
+                                    dir=self._staging)       # a unique name: concurrent resends stay apart
+        tmp = pathlib.Path(name)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
+                os.fchmod(fd, 0o644)
                 with raw.getbuffer() as body:
                     _write_all(fd, header.getbuffer())
                     _write_all(fd, body)
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)          # a full disk keeps no partial file
             raise
+        return tmp
+
+    def _commit(self, staged, path: pathlib.Path) -> None:
+        tmp = staged.result()           # OSError: not stored
+        self._durable_folder(path.parent)
+        os.replace(tmp, path)
         fsync_dir(path.parent)
+
+    @staticmethod
+    def _discard(staged) -> None:
+        try:
+            tmp = staged.result()
+        except OSError:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)          # committed ones were renamed away
 
     def _durable_folder(self, folder: pathlib.Path) -> None:
         """Create ``folder`` (once per series) with its entry in the parent flushed to the disk."""
