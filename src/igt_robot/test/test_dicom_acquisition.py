@@ -269,7 +269,7 @@ def test_wrong_modality_oversized_and_non_image_instances_are_refused(receiver, 
         [STATUS_NOT_MATCHING_SOP_CLASS]
     reasons = ' | '.join(receiver.refusals)
     assert 'exceeds the limit' in reasons and 'Modality US does not match' in reasons
-    assert stored_files(receiver) == []
+    assert stored_files(receiver) == [] and not list(receiver.storage_dir.rglob('*.part'))   # nothing staged
 
 
 def test_mr_for_a_ct_procedure_and_a_pdf_are_refused(receiver, tmp_path):
