@@ -360,6 +360,17 @@ def control_process(pty: str, env, work_dir, executor: str = 'multi', source_nod
     return proc
 
 
+def permit_motion(node):
+    """Play the supervisor's permission as safety_supervisor publishes it: latched, True, republished at
+    10 Hz (its publish_rate_hz)."""
+    from std_msgs.msg import Bool
+
+    from igt_robot.nodes import qos
+    publisher = node.create_publisher(Bool, '/safety/motion_permitted', qos.SAFETY_LATCHED)
+    publisher.publish(Bool(data=True))
+    return node.create_timer(0.1, lambda: publisher.publish(Bool(data=True)))
+
+
 def drive_reset(node, work_dir):
     """A callable resetting the drive's latched faults as the operator would (the hardware node's service)."""
     from igt_robot import testing
@@ -424,19 +435,16 @@ def main() -> int:
 
         import rclpy
         from rclpy.action import ActionClient
-        from std_msgs.msg import Bool
 
-        from igt_robot.nodes import qos
         from igt_robot_msgs.action import InsertNeedle
         graph = testing.SpinningGraph()
         node = rclpy.create_node('interlock_bench', context=graph.context)
         insert = ActionClient(node, InsertNeedle, '/motion/insert_needle')
-        permitted = node.create_publisher(Bool, '/safety/motion_permitted', qos.SAFETY_LATCHED)
         scanner = ScannerSource(node)
         diagnostics = LoopDiagnostics(node)
         log.recover = drive_reset(node, work_dir)
         graph.add(node)            # after the ActionClient: rclpy's rule for clients on a spun node
-        permitted.publish(Bool(data=True))
+        permit_motion(node)
         scanner.start()
         log.wait_released(60)                # the node is up, has seen the permission and a fresh IDLE
         if emulator.state()['faults']:

@@ -59,3 +59,43 @@ class BackgroundSpinner:
             self.executor.wake()
         self._thread.join(timeout_sec)
         shutdown_executor(self.executor, timeout_sec)
+
+
+class SteadyPeriodicThread:
+    """Calls ``callback()`` every ``period`` s of CLOCK_MONOTONIC in a thread of its own, outside any executor.
+
+    For a publication the safety chain times (the scanner state heartbeat): an rclpy timer fires only
+    when its executor gets round to it, and a loaded process's executor does so late (its other timers,
+    subscriptions and Python dispatch come first). Deadlines advance by whole periods (no drift); after a
+    stall longer than a period the next call is made at once and the schedule restarts from there (no
+    burst of catch-up calls). An exception from ``callback`` goes to ``on_error`` and the thread goes on.
+    """
+
+    def __init__(self, period: float, callback, name: str, on_error=None):
+        if not (period > 0.0):
+            raise ValueError(f'period must be > 0 s, got {period!r}')
+        self.period = float(period)
+        self._callback = callback
+        self._on_error = on_error or (lambda exc: None)
+        self._stop = threading.Event()
+        self.late_max = 0.0             # s, worst lateness of a call against its deadline
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.period
+        while not self._stop.wait(max(0.0, deadline - time.monotonic())):
+            late = time.monotonic() - deadline
+            self.late_max = max(self.late_max, late)
+            try:
+                self._callback()
+            except Exception as exc:  # noqa: BLE001 - reported; the heartbeat must go on
+                self._on_error(exc)
+            deadline += self.period
+            if late > self.period:
+                deadline = time.monotonic() + self.period
+
+    def stop(self, timeout_sec: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_sec)
