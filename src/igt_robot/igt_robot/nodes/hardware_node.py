@@ -60,7 +60,7 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool
 
 from igt_robot import frames
-from igt_robot.hardware import create_backend
+from igt_robot.hardware import create_backend, import_backend
 from igt_robot.hardware import shared as shared_hardware
 from igt_robot.hardware.interface import HardwareError, HardwareFault, HardwareState
 from igt_robot.kinematics import NeedleGuideKinematics
@@ -146,6 +146,7 @@ class HardwareNode(LifecycleNode):
     def __init__(self, context=None, cli_args=None, **kwargs):
         super().__init__(NODE_NAME, context=context, cli_args=cli_args, **kwargs)
         self.p = declare(self, PARAMS, read_only=True)
+        import_backend(self.p['backend'])   # before anything spins (see import_backend)
         self.interlock_config = self._interlock_config()
         common.register_interlock_config(self.get_name(), self.interlock_config)
         self.model = load_robot_model()

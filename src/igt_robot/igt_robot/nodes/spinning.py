@@ -15,6 +15,7 @@ every shutdown. The order here avoids it:
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import time
 from typing import Optional
@@ -31,6 +32,19 @@ def shutdown_executor(executor, timeout_sec: float = 3.0) -> None:
         for thread in list(getattr(pool, '_threads', ())):
             thread.join(max(0.0, deadline - time.monotonic()))
     executor.shutdown(timeout_sec=timeout_sec)
+
+
+def freeze_start_up_heap() -> None:
+    """Collect once, then keep everything allocated so far (modules, nodes, models) out of later collections.
+
+    A process entry point calls this after building its nodes and before spinning. A full collection
+    walks every object alive, and a control process holds hundreds of thousands from its imports
+    (rclpy, numpy, MuJoCo): full collections of 100-184 ms were measured under the stress load, each
+    one stopping every thread of the process (the GIL), the interlock's included. Frozen objects are
+    still freed by reference counting; only cycles among them would wait for ever, and start-up
+    objects live as long as the process anyway."""
+    gc.collect()
+    gc.freeze()
 
 
 class BackgroundSpinner:
