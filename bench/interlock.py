@@ -40,7 +40,6 @@ Usage: python bench/interlock.py [--events 1000] [--silence-trials 20] [--floor-
 ``start_stack`` and the measurement functions are reused by bench/stress.py (the same figures under load).
 """
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -340,8 +339,10 @@ def raise_priority(proc, nice: int = -10) -> None:
     """Run ``proc`` (a testing.ManagedProcess) at a higher CPU priority where allowed, as `make demo` runs its
     control process: the emulator stands in for the controller's real-time firmware, the control process for
     the lean control process; on a loaded machine a starved stand-in would measure itself, not the stack."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, proc.proc.pid, nice)
+    from igt_robot import cpu_priority
+    why = cpu_priority.raise_priority(proc.proc.pid, nice)
+    if why:
+        print(f'# note: priority of {proc.name} not raised ({why})', flush=True)
 
 
 def control_process(pty: str, env, work_dir, executor: str = 'multi', source_node: str = '/interlock_bench'):
