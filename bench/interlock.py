@@ -40,7 +40,6 @@ Usage: python bench/interlock.py [--events 1000] [--silence-trials 20] [--floor-
 ``start_stack`` and the measurement functions are reused by bench/stress.py (the same figures under load).
 """
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -340,8 +339,10 @@ def raise_priority(proc, nice: int = -10) -> None:
     """Run ``proc`` (a testing.ManagedProcess) at a higher CPU priority where allowed, as `make demo` runs its
     control process: the emulator stands in for the controller's real-time firmware, the control process for
     the lean control process; on a loaded machine a starved stand-in would measure itself, not the stack."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, proc.proc.pid, nice)
+    from igt_robot import cpu_priority
+    why = cpu_priority.raise_priority(proc.proc.pid, nice)
+    if why:
+        print(f'# note: priority of {proc.name} not raised ({why})', flush=True)
 
 
 def control_process(pty: str, env, work_dir, executor: str = 'multi', source_node: str = '/interlock_bench'):
@@ -358,6 +359,17 @@ def control_process(pty: str, env, work_dir, executor: str = 'multi', source_nod
     proc = testing.python_process('igt_robot.bringup', args, env, work_dir / 'control.log', name='control')
     raise_priority(proc)
     return proc
+
+
+def permit_motion(node):
+    """Play the supervisor's permission as safety_supervisor publishes it: latched, True, republished at
+    10 Hz (its publish_rate_hz)."""
+    from std_msgs.msg import Bool
+
+    from igt_robot.nodes import qos
+    publisher = node.create_publisher(Bool, '/safety/motion_permitted', qos.SAFETY_LATCHED)
+    publisher.publish(Bool(data=True))
+    return node.create_timer(0.1, lambda: publisher.publish(Bool(data=True)))
 
 
 def drive_reset(node, work_dir):
@@ -424,19 +436,16 @@ def main() -> int:
 
         import rclpy
         from rclpy.action import ActionClient
-        from std_msgs.msg import Bool
 
-        from igt_robot.nodes import qos
         from igt_robot_msgs.action import InsertNeedle
         graph = testing.SpinningGraph()
         node = rclpy.create_node('interlock_bench', context=graph.context)
         insert = ActionClient(node, InsertNeedle, '/motion/insert_needle')
-        permitted = node.create_publisher(Bool, '/safety/motion_permitted', qos.SAFETY_LATCHED)
         scanner = ScannerSource(node)
         diagnostics = LoopDiagnostics(node)
         log.recover = drive_reset(node, work_dir)
         graph.add(node)            # after the ActionClient: rclpy's rule for clients on a spun node
-        permitted.publish(Bool(data=True))
+        permit_motion(node)
         scanner.start()
         log.wait_released(60)                # the node is up, has seen the permission and a fresh IDLE
         if emulator.state()['faults']:

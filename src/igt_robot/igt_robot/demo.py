@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from igt_robot import fastdds_shm, paths
+from igt_robot import cpu_priority, fastdds_shm, paths
 from igt_robot.bringup import PARENT_PIPE_ENV, PROFILES, Bringup, available_nodes
 from igt_robot.record import procedure_id as procedure_identity
 
@@ -106,8 +106,7 @@ def _control_child_setup():
     """In the control process before exec: die with the parent; control before image processing."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)   # SIGTERM: the control process stops the robot
-    with contextlib.suppress(OSError):
-        os.nice(-10)   # needs CAP_SYS_NICE (root); elsewhere both processes share the CPU equally
+    cpu_priority.raise_priority(0, -10)   # needs CAP_SYS_NICE (root); elsewhere the CPU is shared equally
 
 
 class ControlProcess:

@@ -288,6 +288,18 @@ def test_inhibit_released_only_when_permission_and_fresh_idle_scanner_are_both_s
     assert node.interlock_changes[-1][1:] == (False, 'motion permitted and scanner idle', 'permission')
 
 
+def test_a_latched_permission_received_before_configure_still_counts(graph, probe):
+    # A latched topic's last value is current: a permission that arrived while the node was still
+    # unconfigured (a supervisor that publishes it once) must not be forgotten by configure.
+    node = make_node(graph)
+    probe.permission_pub.publish(Bool(data=True))        # once, never repeated
+    testing.wait_for(lambda: node._permission is True, 10, 'the permission before configure')
+    assert node.trigger_configure() == SUCCESS, node.last_failure
+    assert node.trigger_activate() == SUCCESS, node.last_failure
+    probe.send_scanner(ScannerState.PHASE_IDLE)
+    wait_inhibit(node, False, 'the release with the permission from before configure')
+
+
 @pytest.mark.parametrize('phase, name', [(ScannerState.PHASE_ACQUIRING, 'ACQUIRING'),
                                          (ScannerState.PHASE_PREPARING, 'PREPARING'),
                                          (ScannerState.PHASE_UNKNOWN, 'UNKNOWN'),

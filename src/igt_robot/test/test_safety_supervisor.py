@@ -133,7 +133,9 @@ def test_scanner_silence_latches_fault_until_link_back_and_acknowledged():
     for t in np.arange(0.1, 1.5, 0.1):
         feed.inputs(t, scanner=False)
     assert sup.state is SafetyState.READY                      # 1.4 s of silence < 1.5 s timeout
-    events = feed.inputs(1.6, scanner=False)
+    feed.inputs(1.6, scanner=False)
+    assert sup.state is SafetyState.READY                      # first tick past the timeout: suspected
+    events = feed.inputs(1.62, scanner=False)                  # the next tick confirms it
     assert sup.state is SafetyState.FAULT
     assert any(e.kind is EventKind.FAULT_RAISED and e.code == 'SCANNER_SILENT' for e in events)
     st = sup.status()
@@ -145,6 +147,21 @@ def test_scanner_silence_latches_fault_until_link_back_and_acknowledged():
     assert sup.acknowledge(1.9).accepted
     assert sup.state is SafetyState.HOLD
     assert sup.resume(2.0).accepted
+
+
+def test_messages_queued_during_a_stall_are_judged_before_silence_is_declared():
+    # A stalled host runs the due tick before the messages that queued meanwhile: the first tick past a
+    # timeout only suspects; what arrives before the next tick clears it; a second tick confirms.
+    sup, feed = ready()
+    sup.tick(2.0)                                              # 2 s stall: every input past its timeout
+    assert sup.state is SafetyState.READY and sup.motion_permitted
+    feed.inputs(2.01)                                          # the queued messages, then the next tick
+    assert sup.state is SafetyState.READY and not sup.status().faults
+    sup.tick(4.0)
+    events = sup.tick(4.02)                                    # nothing arrived between two ticks: silent
+    assert sup.state is SafetyState.FAULT
+    codes = {e.code for e in events if e.kind is EventKind.FAULT_RAISED}
+    assert codes == {'SCANNER_SILENT', 'HEARTBEAT_LOST'}
 
 
 def test_repeated_scanner_heartbeat_does_not_count_as_alive():
@@ -173,14 +190,16 @@ def test_heartbeat_loss_faults_with_operator_readable_reason():
     sup.update_scanner('IDLE', 0.3, 99, 0.3)
     sup.tick(0.305)
     assert sup.state is SafetyState.READY                      # 0.295 s < 0.3 s
-    events = sup.tick(0.36)
+    sup.tick(0.36)
+    assert sup.state is SafetyState.READY                      # suspected at the first tick past it
+    events = sup.tick(0.38)
     assert sup.state is SafetyState.FAULT
-    assert sup.status().reason.startswith('Fault HEARTBEAT_LOST: motion_controller silent for 0.35 s')
+    assert sup.status().reason.startswith('Fault HEARTBEAT_LOST: motion_controller silent for 0.37 s')
     tr = [e for e in events if e.kind is EventKind.TRANSITION][0]
-    assert (tr.from_state, tr.to_state, tr.stamp) == (SafetyState.READY, SafetyState.FAULT, 0.36)
+    assert (tr.from_state, tr.to_state, tr.stamp) == (SafetyState.READY, SafetyState.FAULT, 0.38)
     fault = sup.status().faults[0]
     assert (fault.code, fault.source, fault.since, fault.condition_active) == \
-        ('HEARTBEAT_LOST', 'motion_controller', 0.36, True)
+        ('HEARTBEAT_LOST', 'motion_controller', 0.38, True)
     ack = sup.acknowledge(0.4)
     assert not ack.accepted and 'cause still present' in ack.message
     sup.heartbeat('motion_controller', 0.45)
@@ -376,7 +395,8 @@ def test_events_record_every_transition_in_history():
 def test_time_never_runs_backwards_inside_the_supervisor():
     sup, feed = ready()
     sup.tick(0.5)
-    assert sup.state is SafetyState.FAULT                      # heartbeats timed out at 0.5 s
+    sup.tick(0.5)
+    assert sup.state is SafetyState.FAULT                      # heartbeats timed out at 0.5 s (two ticks)
     sup.heartbeat('motion_controller', 0.1)                    # stale caller time clamps to 0.5
     assert sup.status().stamp == 0.5
     with pytest.raises(ValueError, match='finite'):

@@ -334,3 +334,20 @@ def test_idle_override_needs_the_operator_secret_imaging_does_not(graph):
     testing.wait_for(lambda: 'scanner_override_refused' in probe.kinds(), 10, 'the refusal recorded')
     assert probe.set_state(IDLE).accepted
     probe.wait_phase(IDLE)
+
+
+def test_the_state_heartbeat_goes_on_while_the_executor_is_busy(graph):
+    # The heartbeat every interlock times must not wait for the node's executor: here nobody spins the
+    # node at all (as if every executor thread were busy), and /scanner/state still arrives, counting.
+    probe = Probe(graph)
+    node = ScannerInterfaceNode(context=graph.context, cli_args=[
+        '--ros-args', '-p', 'sources:=[simulated]', '-p', 'publish_rate_hz:=20.0',
+        '-p', f'operator_session_file:={SESSION}'])
+    try:
+        testing.wait_for(lambda: len(probe.states) >= 5, 10, 'five heartbeats from a node nobody spins')
+        with probe.lock:
+            counters = [m.heartbeat for m in probe.states]
+        assert counters == sorted(counters) and len(set(counters)) == len(counters)
+        assert all(m.phase == ScannerState.PHASE_IDLE for m in probe.states)
+    finally:
+        node.destroy_node()

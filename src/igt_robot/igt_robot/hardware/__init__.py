@@ -8,6 +8,19 @@ from igt_robot.hardware.interface import HardwareInterface
 BACKENDS = ('mujoco', 'serial')
 
 
+def import_backend(kind: str) -> None:
+    """Import a backend's module now (an unknown kind is left to :func:`create_backend` to refuse).
+
+    A node calls this before its executors spin: importing MuJoCo holds the interpreter for a few
+    hundred ms, and inside a configure that runs while the interlock thread is already receiving it
+    stalled that thread past the scanner staleness limit."""
+    name = str(kind).strip().lower()
+    if name == 'mujoco':
+        import igt_robot.hardware.mujoco_backend  # noqa: F401
+    elif name == 'serial':
+        import igt_robot.hardware.serial_driver  # noqa: F401
+
+
 def create_backend(kind: str, **params) -> HardwareInterface:
     """Construct a hardware backend (not yet connected).
 

@@ -60,7 +60,7 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool
 
 from igt_robot import frames
-from igt_robot.hardware import create_backend
+from igt_robot.hardware import create_backend, import_backend
 from igt_robot.hardware import shared as shared_hardware
 from igt_robot.hardware.interface import HardwareError, HardwareFault, HardwareState
 from igt_robot.kinematics import NeedleGuideKinematics
@@ -146,6 +146,7 @@ class HardwareNode(LifecycleNode):
     def __init__(self, context=None, cli_args=None, **kwargs):
         super().__init__(NODE_NAME, context=context, cli_args=cli_args, **kwargs)
         self.p = declare(self, PARAMS, read_only=True)
+        import_backend(self.p['backend'])   # before anything spins (see import_backend)
         self.interlock_config = self._interlock_config()
         common.register_interlock_config(self.get_name(), self.interlock_config)
         self.model = load_robot_model()
@@ -173,6 +174,8 @@ class HardwareNode(LifecycleNode):
         self.interlock = Interlock(self.interlock_config)
         self.interlock.set_active(False)
         self._scanner_heartbeat = None      # counter of the last scanner message (any publisher)
+        self._scanner_arrival: Optional[float] = None
+        self.scanner_gap_max = (0.0, 0.0)   # (s) longest arrival gap and the stamp age of the message ending it
         self._permission: Optional[bool] = None
         self._unnamed_permission = None     # (publisher gid, permitted) received before the graph named it
         self._scanner_names = common.PublisherNames(self, topics.SCANNER_STATE)
@@ -254,9 +257,12 @@ class HardwareNode(LifecycleNode):
                     self.get_logger().warning(f'closing the backend after the failure: {close_exc}')
             return TransitionCallbackReturn.FAILURE
         with self._interlock_lock:
-            self.interlock = Interlock(self.interlock_config)
+            # The interlock keeps what it heard before this configure: the permission is a latched topic
+            # whose last value stays current (a fresh Interlock here lost one that arrived while the node
+            # was configuring, and kept the inhibit asserted until the supervisor changed its mind). The
+            # drive's inputs are the new connection's: cleared, re-read by the state timer.
             self.interlock.set_active(False)
-            self._scanner_heartbeat, self._permission = None, None
+            self.interlock.on_drive()
             self._inhibit_commanded, self._inhibit_command_time = True, time.monotonic()
             self.interlock_reason = 'hardware node not active'
             self.shared = shared
@@ -462,12 +468,29 @@ class HardwareNode(LifecycleNode):
         phase = common.phase_from_msg(msg.phase)
         stamp_time = common.monotonic_from_stamp(self, msg.header.stamp)
         publisher, name = self._scanner_names.lookup(info)
+        stamp_age = None if stamp_time is None else now - stamp_time
+        self._note_scanner_gap(now, stamp_age)
         with self._interlock_lock:
             self._scanner_heartbeat = msg.heartbeat
-            findings = self.interlock.on_scanner(publisher, name, phase, msg.heartbeat, now,
-                                                 stamp_age=None if stamp_time is None else now - stamp_time)
+            findings = self.interlock.on_scanner(publisher, name, phase, msg.heartbeat, now, stamp_age=stamp_age)
         self._update_interlock('scanner')
         self._report(findings)
+
+    def _note_scanner_gap(self, now: float, stamp_age: Optional[float]) -> None:
+        """Track the longest gap between scanner messages and say who was late: a message ending a long gap
+        with a fresh stamp was published late (the source's host stalled); an old stamp means the
+        delivery or this node was late."""
+        last, self._scanner_arrival = self._scanner_arrival, now
+        if last is None:
+            return
+        gap = now - last
+        if gap > self.scanner_gap_max[0]:
+            self.scanner_gap_max = (gap, stamp_age if stamp_age is not None else math.nan)
+            if gap > self.interlock_config.scanner_timeout:
+                self.get_logger().warning(
+                    f'scanner state gap {gap * 1e3:.0f} ms (limit {self.interlock_config.scanner_timeout * 1e3:.0f} '
+                    f'ms); the message ending it was {stamp_age * 1e3 if stamp_age is not None else math.nan:.0f} '
+                    f'ms old on arrival')
 
     @_guarded(interlock=True)
     def _on_permitted(self, msg: Bool, info) -> None:
@@ -792,6 +815,8 @@ class HardwareNode(LifecycleNode):
                           read_age_s=f'{time.monotonic() - read_time:.4f}' if read_time is not None else 'inf',
                           own_reads=self.own_reads, motion_inhibit=self._inhibit_text(),
                           watchdog_feed_gap_max_s=f'{self.feed_gap_max:.4f}',
+                          scanner_gap_max_s=f'{self.scanner_gap_max[0]:.4f}',
+                          scanner_gap_max_stamp_age_s=f'{self.scanner_gap_max[1]:.4f}',
                           interlock_reason=self.interlock_reason, faults=','.join(sorted(faults)),
                           **{f'shared_{k}': v for k, v in shared.stats.items()})
             if state is not None:

@@ -45,6 +45,7 @@ from igt_robot_msgs.srv import SetScannerState
 
 from . import common, qos, topics
 from .params import Param, declare
+from .spinning import SteadyPeriodicThread
 
 SOURCES = ('service', 'igtl', 'trigger', 'simulated')
 # Combination order: the most restrictive phase wins; UNKNOWN is below PREPARING/ACQUIRING only
@@ -200,6 +201,7 @@ class ScannerInterfaceNode(Node):
         self._stop = threading.Event()
         self._igtl = None
         self._trigger_thread = None
+        self._publisher_thread: Optional[SteadyPeriodicThread] = None
         try:
             self._setup(serial_factory)
         except Exception:
@@ -240,13 +242,20 @@ class ScannerInterfaceNode(Node):
             self._schedule = SimulatedScannerSchedule(self._parse_schedule(self.p['simulated_schedule']))
             self._sim_t0 = time.monotonic()
             self._poll_simulated()
-            common.create_steady_timer(self, 1.0 / SIMULATED_POLL_HZ, self._poll_simulated)
+            if self._schedule.events:           # an empty schedule says IDLE for ever: nothing to poll
+                common.create_steady_timer(self, 1.0 / SIMULATED_POLL_HZ, self._poll_simulated)
         if 'igtl' in sources:
             self._start_igtl()
         if 'trigger' in sources:
             self._start_trigger(serial_factory)
 
-        common.create_steady_timer(self, 1.0 / self.p['publish_rate_hz'], lambda: self._refresh(force=True))
+        # The heartbeat every interlock times runs in a thread of its own: as an executor timer it was
+        # published up to 100 ms late at load 2 (the process's other callbacks first), and the receivers'
+        # staleness limits tripped on those gaps (docs/safety.md, "Timeouts").
+        self._publisher_thread = SteadyPeriodicThread(
+            1.0 / self.p['publish_rate_hz'], lambda: self._refresh(force=True), name='scanner-state-heartbeat',
+            on_error=lambda exc: self.get_logger().error(f'scanner state heartbeat failed: {exc}',
+                                                         throttle_duration_sec=1.0))
         common.create_steady_timer(self, 1.0, self._publish_diagnostics)
         self.heartbeat = common.HeartbeatPublisher(self, self.p['heartbeat_period_s'])
         self._refresh(force=True)
@@ -473,6 +482,8 @@ class ScannerInterfaceNode(Node):
             values = {f'{s}_phase': self._effective(s, now).phase.value for s in self.sources}
             values.update({f'{s}_note': self._effective(s, now).note for s in self.sources})
             values['heartbeat'] = self._heartbeat
+        if self._publisher_thread is not None:
+            values['heartbeat_late_max_s'] = f'{self._publisher_thread.late_max:.4f}'
             values['ionising_scans'] = self._ledger.totals().ct_scan_count
         if self._igtl is not None:
             values['igtl_connected'] = self.igtl_connected
@@ -487,6 +498,8 @@ class ScannerInterfaceNode(Node):
 
     def destroy_node(self):
         self._stop.set()
+        if self._publisher_thread is not None:
+            self._publisher_thread.stop()
         if self._trigger_thread is not None:
             self._trigger_thread.join(2.0)
         if self._igtl is not None:

@@ -22,6 +22,12 @@ Motion is never resumed implicitly. The single exception is the configured
 policy ``auto_resume_after_scan``: a hold caused *only* by a scan ends by itself
 when the scanner returns to IDLE.
 
+Silence (a heartbeat or the scanner state not arriving for longer than its timeout) is decided by
+``tick`` only, and only when two consecutive ticks both see it with nothing arriving in between: the
+host's executor runs a due timer before the messages that queued during a stall of the process, so
+the first tick after a stall would otherwise judge messages that are already there. Detection bound:
+timeout + two tick periods.
+
 Units/frames: joint positions in the robot's joint order (m / rad); the needle
 tip workspace box is in ``base_link`` metres.
 """
@@ -37,6 +43,8 @@ import numpy as np
 from ..scanner.phases import ScannerPhase, is_imaging, parse_phase
 from .faults import (CommandResult, EventKind, FaultCode, FaultInfo, SafetyEvent, SafetyState,
                      SafetyStatus, normalise_code)
+
+_SCANNER = ('scanner',)     # the scanner state among the timed inputs (heartbeat sources are names)
 
 NeedleTipFn = Callable[[np.ndarray], np.ndarray]
 
@@ -189,8 +197,11 @@ class SafetySupervisor:
         self._scanner_phase: Optional[ScannerPhase] = None
         self._scanner_protocol = ''
         self._scanner_stamp: Optional[float] = None
+        self._scanner_late: Optional[float] = None   # age of the last message's stamp at arrival, if too old
         self._scanner_alive: Optional[float] = None
         self._scanner_heartbeat = None
+        self._silence_suspected: set = set()    # inputs seen silent at the last tick (SCANNER or a source)
+        self._silent: set = set()               # inputs silent at two consecutive ticks: acted upon
         self._joint_seen = False
         self._max_insertion = config.max_insertion_depth
         self._insertion_index = (config.joint_names.index(config.insertion_joint)
@@ -215,8 +226,13 @@ class SafetySupervisor:
         self._scanner_phase = parse_phase(phase)
         self._scanner_protocol = str(protocol or '')
         self._scanner_stamp = None if stamp is None else float(stamp)
+        # Judged at arrival: between messages, silence is the rule (tick).
+        age = None if stamp is None else abs(now - float(stamp))
+        self._scanner_late = age if age is not None and age > self._scanner_max_age() else None
         if heartbeat is None or heartbeat != self._scanner_heartbeat or self._scanner_alive is None:
             self._scanner_alive = now
+            self._silence_suspected.discard(_SCANNER)
+            self._silent.discard(_SCANNER)
             self._set_condition(FaultCode.SCANNER_SILENT.value, '', False)
         self._scanner_heartbeat = heartbeat
         return self._finish(now)
@@ -228,6 +244,8 @@ class SafetySupervisor:
             raise KeyError(f'heartbeat from unconfigured source {source!r}; '
                            f'configured: {sorted(self._hb_last)}')
         self._hb_last[source] = now
+        self._silence_suspected.discard(source)
+        self._silent.discard(source)
         self._set_condition(FaultCode.HEARTBEAT_LOST.value, source, False)
         return self._finish(now)
 
@@ -350,21 +368,28 @@ class SafetySupervisor:
         return self._finish(now)
 
     def tick(self, now: float) -> List[SafetyEvent]:
-        """Periodic timeout checks: node heartbeats, scanner silence, scanner staleness."""
+        """Periodic timeout checks: node heartbeats, scanner silence, scanner staleness.
+
+        An input is silent when this tick and the previous one both found it past its timeout with
+        nothing arriving in between (module docstring)."""
         now = self._clock(now)
+        over = {source for source, last in self._hb_last.items()
+                if last is not None and now - last > self.config.heartbeat_timeouts[source]}
+        if self._scanner_alive is not None and now - self._scanner_alive > self.config.scanner_timeout:
+            over.add(_SCANNER)
+        self._silent |= over & self._silence_suspected
+        self._silence_suspected = over
         for source, last in self._hb_last.items():
-            if last is None or source in self.config.motion_heartbeats:
+            if source not in self._silent or source in self.config.motion_heartbeats:
                 continue        # never seen: INIT covers it; motion-only sources: _target_state holds
             silence = now - last
-            if silence > self.config.heartbeat_timeouts[source]:
-                self._raise(FaultCode.HEARTBEAT_LOST.value, f'{source} silent for {silence:.2f} s',
-                            now, source, True)
-        if self._scanner_alive is not None:
+            self._raise(FaultCode.HEARTBEAT_LOST.value, f'{source} silent for {silence:.2f} s',
+                        now, source, True)
+        if _SCANNER in self._silent:
             silence = now - self._scanner_alive
-            if silence > self.config.scanner_timeout:
-                self._raise(FaultCode.SCANNER_SILENT.value,
-                            f'no scanner state for {silence:.2f} s (timeout {self.config.scanner_timeout:.2f} s)',
-                            now, '', True)
+            self._raise(FaultCode.SCANNER_SILENT.value,
+                        f'no scanner state for {silence:.2f} s (timeout {self.config.scanner_timeout:.2f} s)',
+                        now, '', True)
         return self._finish(now)
 
     # -------------------------------------------------------- operator commands
@@ -478,7 +503,7 @@ class SafetySupervisor:
         """The scanner phase the supervisor acts on: UNKNOWN if never seen, silent or stale."""
         if self._scanner_phase is None or self._scanner_alive is None:
             return ScannerPhase.UNKNOWN
-        if now - self._scanner_alive > self.config.scanner_timeout:
+        if _SCANNER in self._silent:
             return ScannerPhase.UNKNOWN
         if self._scanner_stale(now):
             return ScannerPhase.UNKNOWN
@@ -499,7 +524,7 @@ class SafetySupervisor:
             else self.config.scanner_timeout
 
     def _scanner_stale(self, now: float) -> bool:
-        return self._scanner_stamp is not None and abs(now - self._scanner_stamp) > self._scanner_max_age()
+        return self._scanner_late is not None
 
     def _require_resume(self, why: str) -> None:
         self._awaiting_resume = True
@@ -583,7 +608,7 @@ class SafetySupervisor:
 
     def _silent_motion_heartbeats(self, now: float) -> List[str]:
         return [s for s in self.config.motion_heartbeats
-                if self._hb_last[s] is None or now - self._hb_last[s] > self.config.heartbeat_timeouts[s]]
+                if self._hb_last[s] is None or s in self._silent]
 
     def _finish(self, now: float, cause: Optional[str] = None) -> List[SafetyEvent]:
         """Update the state, then hand out every event queued since the last call."""
@@ -626,7 +651,7 @@ class SafetySupervisor:
                 return 'Motion halted: scanner state UNKNOWN (none received)'
             if self._scanner_stale(now):
                 return (f'Motion halted: scanner state stale '
-                        f'({now - self._scanner_stamp:.2f} s old, {self._scanner_phase.value})')
+                        f'({self._scanner_late:.2f} s old on arrival, {self._scanner_phase.value})')
             phase = self.effective_scanner_phase(now)
             proto = f" (protocol '{self._scanner_protocol}')" if self._scanner_protocol else ''
             return f'Motion halted: scanner {phase.value}{proto}'
