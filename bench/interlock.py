@@ -361,6 +361,18 @@ def control_process(pty: str, env, work_dir, executor: str = 'multi', source_nod
     return proc
 
 
+def close_rig(scanner, graph, processes, emulator) -> None:
+    """Stop what a bench started, newest first (each may be None / empty when start-up failed early)."""
+    if scanner is not None:
+        scanner.stop()
+    if graph is not None:
+        graph.close()
+    for proc in reversed(processes):
+        proc.stop()
+    if emulator is not None:
+        emulator.close()
+
+
 def permit_motion(node):
     """Play the supervisor's permission as safety_supervisor publishes it: latched, True, republished at
     10 Hz (its publish_rate_hz)."""
@@ -519,14 +531,7 @@ def main() -> int:
               f"overruns {end['overruns']}")
         return 0
     finally:
-        if scanner is not None:
-            scanner.stop()
-        if graph is not None:
-            graph.close()
-        for proc in reversed(processes):
-            proc.stop()
-        if emulator is not None:
-            emulator.close()
+        close_rig(scanner, graph, processes, emulator)
         testing.remove_stale_fastdds_shm(shm_before, ignore_pids=[os.getpid()])
 
 

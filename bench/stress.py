@@ -144,14 +144,7 @@ def measure_interlock_stressed(events: int, work_dir: pathlib.Path):
         info('drive fault resets needed under load', log.recoveries, 'resets')
         return latencies, gaps
     finally:
-        if scanner is not None:
-            scanner.stop()
-        if graph is not None:
-            graph.close()
-        for proc in reversed(processes):
-            proc.stop()
-        if emulator is not None:
-            emulator.close()
+        bench.close_rig(scanner, graph, processes, emulator)
 
 
 def record_findings(record_dir: pathlib.Path):

@@ -265,7 +265,8 @@ def test_motion_heartbeats_hold_motion_only():
     sup.tick(1.1)
     assert sup.state is SafetyState.READY
     sup.heartbeat('hw', 1.5)
-    sup.tick(1.25)                                        # recorder silent 1.05 s while READY: motion stops
+    sup.tick(1.25)                                        # recorder silent while READY: suspected ...
+    sup.tick(1.27)                                        # ... and confirmed at the next tick: motion stops
     assert sup.state is SafetyState.HOLD and not sup.motion_permitted
     assert 'no heartbeat from recorder_node' in sup.reason
     assert not sup.status().faults                        # a hold, not a fault
