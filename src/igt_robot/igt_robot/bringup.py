@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 import rclpy
 
 from igt_robot import fastdds_shm, paths
-from igt_robot.nodes.spinning import BackgroundSpinner, freeze_start_up_heap, shutdown_executor
+from igt_robot.nodes.spinning import BackgroundSpinner, settle_for_spinning, shutdown_executor
 
 # Set by a parent that starts this process as its child (igt_robot.demo): the read end of a pipe only the
 # parent writes to. End-of-file = the parent is gone: shut down (the robot stops), never run as an orphan.
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     if removed:
         print(f'[bringup] removed {len(removed)} Fast DDS shared-memory file(s) of dead processes', flush=True)
     bringup = Bringup(names, args.config_dir, overrides, executor=args.executor)
-    freeze_start_up_heap()
+    settle_for_spinning()
     with bringup:
         print(f'[bringup] running {len(names)} node(s): {", ".join(names)}', flush=True)
         deadline = time.monotonic() + args.duration if args.duration > 0 else None

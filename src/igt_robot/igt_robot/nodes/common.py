@@ -324,7 +324,7 @@ def run_node(node_factory, args=None, threads: Optional[int] = None, executor_ki
         nodes = list(built) if isinstance(built, (list, tuple)) else [built]
         for node in nodes:
             executor.add_node(node)
-        spinning.freeze_start_up_heap()
+        spinning.settle_for_spinning()
         while not stop.is_set() and rclpy.ok():
             executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
