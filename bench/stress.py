@@ -67,14 +67,19 @@ os.unlink(path)
 
 
 class Load:
-    """Two busy loops and one fsync-heavy writer, each ending by itself at ``duration`` s at the latest."""
+    """Two busy loops and one fsync-heavy writer, each ending by itself at ``duration`` s at the latest.
+
+    Each runs in a session of its own, as the other programs of a shared workstation do: with the
+    kernel's scheduler autogroups, load started inside this bench's session would share the CPU slice
+    of this process (which hosts the workflow nodes) instead of competing with it as a neighbour."""
 
     def __init__(self, duration: float, work_dir: pathlib.Path):
         self.procs = []
         for _ in range(2):
-            self.procs.append(subprocess.Popen([sys.executable, '-c', BUSY.format(d=duration)]))
+            self.procs.append(subprocess.Popen([sys.executable, '-c', BUSY.format(d=duration)],
+                                               start_new_session=True))
         self.procs.append(subprocess.Popen([sys.executable, '-c', WRITER.format(
-            d=duration, path=str(work_dir / 'fsync_load.bin'))]))
+            d=duration, path=str(work_dir / 'fsync_load.bin'))], start_new_session=True))
 
     def alive(self) -> int:
         return sum(p.poll() is None for p in self.procs)
