@@ -29,11 +29,9 @@ Figures:
 2. scanner-silence detection: the scanner source stops (at a random point of its heartbeat
    period, as a crash would) -> MOTION_INHIBIT(1) received, over >= 20 trials. Target: max <=
    3 heartbeat periods (300 ms at 10 Hz).
-3. (while the motion controller still runs a host loop) control-loop period error p99 at 1 kHz from
-   the motion controller's /diagnostics
-   (``period_error_p99_s``, a percentile over the loop's last 10000 cycles), once holding still
-   and once while moving; each phase runs until that window holds only its own cycles (or a
-   time cap; the coverage is printed). Target <= 0.5 ms.
+3. the host stream loop's period error p99 (50 Hz; the servo loop runs in the controller) from
+   the motion controller's /diagnostics (``period_error_p99_s``), once holding still and once
+   while moving; reported only: bench/streaming.py judges the stream loop against its period.
 
 Usage: python bench/interlock.py [--events 1000] [--silence-trials 20] [--floor-count 1000] [--executor events]
 
@@ -488,7 +486,7 @@ def main() -> int:
         report('scanner_silence_detection_max', smax * 1e3, 'ms', '<=', 3.0 / SCANNER_RATE_HZ * 1e3)
         info('scanner_silence_detection_max_from_last_message', max(from_last) * 1e3, 'ms')
 
-        # 4. Control-loop period error, holding and moving (only while a host loop exists).
+        # 4. Host stream-loop period error, holding and moving (reported; targets in bench/streaming.py).
         try:
             diagnostics.fresh(timeout=5.0)
         except testing.ConditionTimeout:
@@ -498,10 +496,12 @@ def main() -> int:
             print('# --executor events: the moving phase needs blocking goal callbacks; loop phase skipped')
             return 0
         idle_p99, idle_cov, idle_rate, idle_over = measure_jitter(diagnostics)
-        report('control_loop_period_error_p99_idle', idle_p99 * 1e3, 'ms', '<=', 0.5)
-        info('control_loop_idle: cycles per second (nominal 1000)', idle_rate, 'Hz')
-        info('control_loop_idle: overruns in the phase', idle_over, 'cycles')
-        info('control_loop_idle: share of the p99 window from this phase', idle_cov, '')
+        # The servo loop runs in the controller; the host loop streams at 50 Hz and is judged in
+        # bench/streaming.py (period error against its period, look-ahead, underruns): reported here only.
+        info('host_stream_loop_period_error_p99_idle', idle_p99 * 1e3, 'ms')
+        info('host_stream_loop_idle: cycles per second', idle_rate, 'Hz')
+        info('host_stream_loop_idle: overruns in the phase', idle_over, 'cycles')
+        info('host_stream_loop_idle: share of the p99 window from this phase', idle_cov, '')
         if not insert.wait_for_server(timeout_sec=10.0):
             raise RuntimeError('insert_needle action server not available')
         target = [0.04]
@@ -520,10 +520,12 @@ def main() -> int:
             handle = testing.wait_for(lambda: send.done() and send.result(), 10, 'goal response')
             pending.append(handle.get_result_async())
         moving_p99, moving_cov, moving_rate, moving_over = measure_jitter(diagnostics, keep_moving)
-        report('control_loop_period_error_p99_moving', moving_p99 * 1e3, 'ms', '<=', 0.5)
-        info('control_loop_moving: cycles per second (nominal 1000)', moving_rate, 'Hz')
-        info('control_loop_moving: overruns in the phase', moving_over, 'cycles')
-        info('control_loop_moving: share of the p99 window from this phase', moving_cov, '')
+        # The servo loop runs in the controller; the host loop streams at 50 Hz and is judged in
+        # bench/streaming.py (period error against its period, look-ahead, underruns): reported here only.
+        info('host_stream_loop_period_error_p99_moving', moving_p99 * 1e3, 'ms')
+        info('host_stream_loop_moving: cycles per second', moving_rate, 'Hz')
+        info('host_stream_loop_moving: overruns in the phase', moving_over, 'cycles')
+        info('host_stream_loop_moving: share of the p99 window from this phase', moving_cov, '')
         if failures:
             print(f'# {len(failures)} motion goal(s) failed during the moving phase; first: {failures[0]}')
         end = emulator.state()
