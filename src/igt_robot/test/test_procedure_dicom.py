@@ -99,6 +99,20 @@ def test_stop_withdraws_a_scan_request(graph, tmp_path):
     assert not outcome['r'].accepted and 'withdrawn' in outcome['r'].message
 
 
+def test_abort_takes_effect_while_a_scan_request_is_pending(graph, tmp_path):
+    node = procedure_node(graph, tmp_path, scan_wait_timeout=600.0)
+    node.command('start', '', 'op')
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(r=node.command('load_planning_scan', '', 'op')))
+    worker.start()
+    testing.wait_for(lambda: node._scan_wait.is_set(), 10, 'the scan to be awaited')
+    aborted = node.command('abort', 'patient moved', 'op')
+    assert aborted.accepted and aborted.step == 'ABORTED', aborted.message
+    assert 'scan request withdrawn' in aborted.message
+    worker.join(10)
+    assert not outcome['r'].accepted and 'withdrawn' in outcome['r'].message
+
+
 def test_manual_dose_entry_is_recorded_and_flagged(graph, tmp_path):
     probe = Probe(graph)
     node = procedure_node(graph, tmp_path)

@@ -273,7 +273,12 @@ class ProcedureNode(Node):
             return self._result(True, self._cancel_motion() + ('; scan request withdrawn' if withdrawn else ''))
         if self.control_lost:
             return self._result(False, f'{name} refused: {self.control_lost}')
-        if not self.lock.acquire(timeout=1.0):
+        withdrawn = name == 'abort' and self._scan_wait.is_set()
+        if withdrawn:
+            # An abort must not wait for a scan the operator will no longer take: the request is withdrawn,
+            # and the waiting step ends at its next check (<= 0.5 s, SeriesInbox.wait_for), freeing the lock.
+            self._scan_wait.clear()
+        if not self.lock.acquire(timeout=3.0 if withdrawn else 1.0):
             return self._result(False, f'{name} refused: another command is being carried out')
         try:
             handler = getattr(self, f'_cmd_{name}', None)
@@ -288,6 +293,8 @@ class ProcedureNode(Node):
             self._flush_workflow_events()
         if not outcome.accepted:
             self.get_logger().warning(f'{name} refused: {outcome.message}')
+        elif withdrawn:
+            outcome = outcome._replace(message=f'{outcome.message}; scan request withdrawn')
         return outcome
 
     def _result(self, accepted, message) -> workflow.CommandResult:
