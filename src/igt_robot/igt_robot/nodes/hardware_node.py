@@ -215,7 +215,7 @@ class HardwareNode(LifecycleNode):
         self._fast_executor = SingleThreadedExecutor(context=self.context)
         self._fast_executor.add_node(self._fast_node)
         self._fast_spinner = BackgroundSpinner(self._fast_executor, name='hardware-interlock-executor')
-        self._fast_timers = []     # watchdog feed and staleness check, in the interlock executor
+        self._feed_timer = None
         self._last_feed: Optional[float] = None     # monotonic start of the last controller heartbeat
         self.feed_gap_max = 0.0                      # s, longest interval between two feeds (host stall)
         self.create_subscription(Bool, topics.SAFETY_MOTION_PERMITTED, self._on_permitted, qos.SAFETY_LATCHED,
@@ -281,16 +281,11 @@ class HardwareNode(LifecycleNode):
         self._hw_timers = [
             steady(self, 1.0 / self.p['publish_rate'], self._publish_state, callback_group=self._state_group),
             steady(self, 1.0 / self.p['heartbeat_rate'], self._beat, callback_group=self._state_group),
+            steady(self, 1.0 / self.p['interlock_rate'], self._interlock_tick, callback_group=self._interlock_group),
         ]
         self._last_feed = None
-        # The staleness check runs beside the scanner callback in the interlock's own executor: in the
-        # shared one its 100 Hz wake-ups added to the Python dispatch the interlock thread waits behind.
-        self._fast_timers = [
-            steady(self._fast_node, 1.0 / self.p['hardware_heartbeat_rate'], self._feed_watchdog,
-                   callback_group=self._watchdog_group),
-            steady(self._fast_node, 1.0 / self.p['interlock_rate'], self._interlock_tick,
-                   callback_group=self._watchdog_group),
-        ]
+        self._feed_timer = steady(self._fast_node, 1.0 / self.p['hardware_heartbeat_rate'], self._feed_watchdog,
+                                  callback_group=self._watchdog_group)
         self._fast_executor.wake()
         # A configure from outside the executor (bringup's autostart) must not leave the new timers out of a
         # wait already under way: the watchdog feed would start up to one wait timeout late (a WATCHDOG trip).
@@ -438,9 +433,9 @@ class HardwareNode(LifecycleNode):
         for timer in self._hw_timers:
             self.destroy_timer(timer)
         self._hw_timers = []
-        for timer in self._fast_timers:
-            self._fast_node.destroy_timer(timer)
-        self._fast_timers = []
+        if self._feed_timer is not None:
+            self._fast_node.destroy_timer(self._feed_timer)
+            self._feed_timer = None
         with self._interlock_lock:
             shared, self.shared = self.shared, None
             self._active = False
