@@ -34,5 +34,7 @@ def generate_launch_description():
         # record_root and procedure_id: igt_stack.launch.py's defaults unless given on the command line.
         IncludeLaunchDescription(
             PythonLaunchDescriptionSource(stack),
-            launch_arguments=[('backend', 'serial'), ('demo', 'false')] + [(name, arg(name)) for name in passed_on]),
+            # Dose figures typed in at a console are MANUAL (flagged); there is no simulated scanner here.
+            launch_arguments=[('backend', 'serial'), ('demo', 'false'), ('service_dose_source', 'MANUAL')]
+            + [(name, arg(name)) for name in passed_on]),
     ])

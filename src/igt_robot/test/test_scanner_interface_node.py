@@ -144,6 +144,27 @@ def test_ionising_scans_give_dose_records_with_running_totals(graph):
     assert len(probe.doses) == 2
 
 
+def test_an_ionising_scan_without_dose_figures_gets_no_dose_record_here(graph):
+    """The scanner-state source knows the tube is on, not the dose: a zero record here was the scan's second
+    (unverified) entry beside the one from its images (RDSR / headers, procedure node)."""
+    probe = Probe(graph)
+    start(graph, 'sources:=[service]', 'service_initial_phase:=IDLE')
+    probe.wait_phase(IDLE)
+    assert probe.set_state(ACQUIRING, protocol_name='control scan', is_ionising=True).accepted
+    probe.wait_phase(ACQUIRING, is_ionising=True)
+    assert probe.set_state(IDLE).accepted
+    testing.wait_for(lambda: 'scan_ended' in probe.kinds(), 10, 'the scan_ended event')
+    with probe.lock:
+        note = next(e for e in probe.events if e.kind == 'dose_not_reported')
+    assert 'from its images' in note.description
+    assert not probe.doses
+    # With figures (the simulated scanner through the service): one record naming its source.
+    assert probe.set_state(ACQUIRING, protocol_name='planning CT', is_ionising=True, ctdi_vol_mgy=8.0,
+                           dlp_mgy_cm=120.0, kv=120.0, mas=100.0).accepted
+    dose = testing.wait_for(lambda: probe.doses and probe.doses[0], 10, 'the dose record')
+    assert (dose.source, dose.scan_count, dose.dlp_mgy_cm) == (DoseRecord.SOURCE_MANUAL, 1, 120.0)
+
+
 def test_igtl_server_start_and_stop_sequence_from_a_pyigtl_peer(graph):
     probe = Probe(graph)
     node = start(graph, 'sources:=[igtl]', 'igtl_mode:=server', 'igtl_port:=0', 'igtl_device:=SCANNER')
@@ -185,8 +206,9 @@ def test_igtl_client_connects_to_a_bridge_and_notices_its_loss(graph):
             testing.wait_for(lambda: node.igtl_connected, 10, 'the node to connect')
             conn.sendall(pyigtl.StringMessage('start_sequence  helical CT', device_name='ScannerBridge').pack())
             probe.wait_phase(ACQUIRING, protocol_name='helical CT', is_ionising=True)
-            testing.wait_for(lambda: probe.doses, 10, 'a dose record for the CT scan (figures not reported)')
-            assert probe.doses[0].scan_count == 1 and probe.doses[0].dlp_mgy_cm == 0.0
+            # A CT acquisition without figures: no zero dose record (the scan's record comes from its images).
+            testing.wait_for(lambda: 'dose_not_reported' in probe.kinds(), 10, 'the dose_not_reported event')
+            assert not probe.doses
             conn.sendall(StatusMessage(StatusCode.OK, error_name='STOP_SEQUENCE', device_name='x').pack())
             probe.wait_phase(IDLE)
             conn.sendall(StatusMessage(StatusCode.HARDWARE_FAILURE, status_string='STOP_SEQUENCE').pack())
@@ -281,6 +303,7 @@ def test_simulated_ct_schedule_gives_phases_and_a_dose_record(graph, run_dir):
     testing.wait_for(lambda: probe.doses, 10, 'the dose record')
     dose = probe.doses[0]
     assert (dose.ctdi_vol_mgy, dose.dlp_mgy_cm, dose.kv, dose.mas, dose.scan_count) == (6.0, 90.0, 100.0, 80.0, 1)
+    assert dose.source == DoseRecord.SOURCE_SIMULATED
     phases = [m.phase for m in probe.states]
     assert phases.index(PREPARING) < phases.index(ACQUIRING) < len(phases) - 1 - phases[::-1].index(IDLE)
 

@@ -16,9 +16,15 @@ so motion is possible only when every configured source positively says IDLE.
 
 Publishes ScannerState at ``publish_rate_hz`` and at once on every change (the
 heartbeat counter increments with each message), a DoseRecord on /scanner/dose
-when an ionising acquisition starts (the tube is on from then; running totals
-from ``record.dose.DoseLedger``), and ProcedureEvents ``scan_started`` /
-``scan_ended`` / ``scanner_unknown``.
+when an ionising acquisition starts *with dose figures from its source* (the
+simulated schedule, or /scanner/set_state; running totals from
+``record.dose.DoseLedger``), and ProcedureEvents ``scan_started`` / ``scan_ended``
+/ ``scanner_unknown`` / ``dose_not_reported``.
+
+A source that only says a CT acquisition runs (igtl, trigger, a set_state without
+figures) writes no dose record: that scan's one record comes from its images
+(Radiation Dose SR or image headers, procedure node) or from the operator
+(``enter_dose``, flagged MANUAL). A zero record here listed every such scan twice.
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ from rclpy.node import Node
 
 from igt_robot.igtl.server import FramingError, IgtlServer, ServerSettings, StreamReader
 from igt_robot.record import procedure_id
-from igt_robot.record.dose import MODALITY_CT, DoseFactors, DoseLedger, DoseValueError, ScanDose
+from igt_robot.record.dose import (MODALITY_CT, SOURCE_MANUAL, SOURCE_SIMULATED, DoseFactors, DoseLedger,
+                                   DoseValueError, ScanDose)
 from igt_robot.scanner import (MODEM_LINES, ModemTriggerInterpreter, ScannerPhase, SimulatedScannerSchedule,
                                StalenessGuard, phase_from_igtl_status, phase_from_igtl_text)
 from igt_robot.safety import operator_session
@@ -77,8 +84,11 @@ PARAMS = [
     Param('igtl_device', '', 'accept STATUS/STRING only from this device name (empty = any device)'),
     Param('igtl_timeout_s', 0.0, 'igtl phase becomes UNKNOWN without a message for this long (s); '
           '0 = keep the last phase while connected (bridges that send only on change)', 0.0, 3600.0),
-    Param('scanner_is_ct', False, 'the scanner behind igtl/trigger is a CT: each acquisition gets a '
-          'DoseRecord (dose figures 0 = not reported by that source)'),
+    Param('scanner_is_ct', False, 'the scanner behind igtl/trigger is a CT: its acquisitions are ionising (the '
+          'scan events say so; their dose records come from the images or the operator, not from here)'),
+    Param('service_dose_source', SOURCE_MANUAL, 'what dose figures given through /scanner/set_state are recorded '
+          'as: MANUAL (typed in at a console; flagged) or SIMULATED (the simulated scanner of the demo and tests)',
+          choices=(SOURCE_MANUAL, SOURCE_SIMULATED)),
     Param('trigger_port', '/dev/ttyUSB1', 'serial device whose modem-status line carries the trigger'),
     Param('trigger_line', 'CTS', 'modem-status line carrying the trigger', choices=MODEM_LINES),
     Param('trigger_active_high', True, 'true: line asserted = imaging; false: line asserted = idle'),
@@ -225,6 +235,7 @@ class ScannerInterfaceNode(Node):
         self._scan = None                     # (source, scan_key) of the acquisition in progress
         self._scan_started = 0.0
         self._ledger = DoseLedger()
+        self._ionising_scans = 0              # with or without dose figures (the ledger has those with)
         self._session = time.strftime('%Y%m%d-%H%M%S')
         self.igtl_connected = False
         self.igtl_port = None
@@ -336,15 +347,26 @@ class ScannerInterfaceNode(Node):
             self, 'scan_started', f"scan {scan_id} started ('{reading.protocol}', from {source})",
             values={'scan_id': scan_id, 'protocol': reading.protocol, 'source': source,
                     'is_ionising': reading.is_ionising}))
-        if reading.is_ionising:
-            scan_dose = ScanDose(scan_id=scan_id, modality=MODALITY_CT, protocol_name=reading.protocol,
-                                 ctdi_vol_mgy=reading.ctdi_vol_mgy, dlp_mgy_cm=reading.dlp_mgy_cm,
-                                 kv=reading.kv, mas=reading.mas, stamp=time.time())
-            self._ledger.add(scan_dose)
-            record = DoseRecord(**self._ledger.dose_record_fields(scan_dose))
-            record.procedure_id = procedure_id.current()   # the recorder keeps only its own procedure's doses
-            record.header.stamp = common.stamp_now(self)
-            self._dose_pub.publish(record)
+        if not reading.is_ionising:
+            return
+        self._ionising_scans += 1
+        factors = DoseFactors(reading.ctdi_vol_mgy, reading.dlp_mgy_cm, reading.kv, reading.mas)
+        if not factors.reported:
+            # The source knows the tube is on, not the dose: one record per scan, from its images or the operator.
+            self._event_pub.publish(common.make_event(
+                self, 'dose_not_reported', f'scan {scan_id}: ionising, no dose figures from {source}; its dose '
+                'record comes from its images (RDSR or headers) or the operator (enter_dose)',
+                values={'scan_id': scan_id, 'source': source}))
+            return
+        scan_dose = ScanDose(scan_id=scan_id, modality=MODALITY_CT, protocol_name=reading.protocol,
+                             ctdi_vol_mgy=reading.ctdi_vol_mgy, dlp_mgy_cm=reading.dlp_mgy_cm,
+                             kv=reading.kv, mas=reading.mas, stamp=time.time(),
+                             source=SOURCE_SIMULATED if source == 'simulated' else self.p['service_dose_source'])
+        self._ledger.add(scan_dose)
+        record = DoseRecord(**self._ledger.dose_record_fields(scan_dose))
+        record.procedure_id = procedure_id.current()   # the recorder keeps only its own procedure's doses
+        record.header.stamp = common.stamp_now(self)
+        self._dose_pub.publish(record)
 
     def _scan_id(self, key: int) -> str:
         return f'{self._session}-{key:03d}'
@@ -484,7 +506,7 @@ class ScannerInterfaceNode(Node):
             values['heartbeat'] = self._heartbeat
         if self._publisher_thread is not None:
             values['heartbeat_late_max_s'] = f'{self._publisher_thread.late_max:.4f}'
-            values['ionising_scans'] = self._ledger.totals().ct_scan_count
+            values['ionising_scans'] = self._ionising_scans
         if self._igtl is not None:
             values['igtl_connected'] = self.igtl_connected
         level = DiagnosticStatus.WARN if reading.phase is ScannerPhase.UNKNOWN else DiagnosticStatus.OK
@@ -494,7 +516,7 @@ class ScannerInterfaceNode(Node):
     def describe_state(self) -> str:
         source, reading = self.combined()
         return (f'scanner {reading.phase.value} from {source} (sources {", ".join(self.sources)}), '
-                f'{self._heartbeat} messages, {self._ledger.totals().ct_scan_count} ionising scans')
+                f'{self._heartbeat} messages, {self._ionising_scans} ionising scans')
 
     def destroy_node(self):
         self._stop.set()
