@@ -9,6 +9,14 @@ Four phases (the ProcedureEvent ``phase`` values) with steps inside them::
                                                       --done--> CONFIRMATION_SCAN -> REPORT -> DONE
   any step   --abort--> ABORTED (terminal)
 
+Patient motion: when a control or confirmation scan shows the target moved
+beyond the node's tolerance against the planning scan (or the check could not
+tell), the node reports ``target_moved``. The step is kept, but nothing that
+advances on the plan (motion, ``confirm_next``, ``done``, ``report``) is
+accepted until the operator either accepts the displacement (``accept_motion``,
+a confirmation with the operator's id) or aborts: the robot never moves on a
+stale plan without a person having decided so.
+
 Commands and the step(s) that accept them are in :data:`COMMANDS`. Operator
 confirmations (``confirm_plan``, ``confirm_alignment``, ``confirm_next``,
 ``done``, ``abort`` and the generic ``confirm``) need an operator id. Commands
@@ -83,9 +91,15 @@ COMMANDS: Dict[str, frozenset] = {
     'replan': frozenset({S.ALIGN, S.CONFIRM_ALIGNMENT, S.INSERT}),  # INSERT only before the first step
     'abort': frozenset(set(Step) - TERMINAL_STEPS),
     'confirm': frozenset({S.CONFIRM_PLAN, S.CONFIRM_ALIGNMENT, S.CONFIRM_NEXT}),
+    # the node's report after a later scan; the step is kept, advancing waits for the operator
+    'target_moved': frozenset({S.CHECK_TIP, S.CONFIRMATION_SCAN}),
+    'accept_motion': frozenset(set(Step) - TERMINAL_STEPS),
 }
 MOTION_COMMANDS = frozenset({'align', 'insert_step'})
-CONFIRMATIONS = frozenset({'confirm_plan', 'confirm_alignment', 'confirm_next', 'done', 'abort', 'confirm'})
+CONFIRMATIONS = frozenset({'confirm_plan', 'confirm_alignment', 'confirm_next', 'done', 'abort', 'confirm',
+                           'accept_motion'})
+# What a reported target motion holds until the operator decides (accept_motion or abort).
+HELD_BY_TARGET_MOTION = MOTION_COMMANDS | {'confirm_next', 'done', 'report'}
 _GENERIC_CONFIRM = {S.CONFIRM_PLAN: 'confirm_plan', S.CONFIRM_ALIGNMENT: 'confirm_alignment',
                     S.CONFIRM_NEXT: 'confirm_next'}
 
@@ -195,6 +209,8 @@ class ProcedureContext:
     confirmation_scan: str = ''
     report_path: str = ''
     abort_reason: str = ''
+    motion_hold: str = ''               # why advancing waits for the operator (target moved); '' = no hold
+    motion_accepted_by: str = ''        # the operator who last accepted a reported target motion
 
 
 class WorkflowError(ValueError):
@@ -240,7 +256,9 @@ class Workflow:
 
     def allowed_commands(self) -> List[str]:
         """Commands accepted in the current step (motion ones may still be refused by safety)."""
-        return sorted(c for c, steps in COMMANDS.items() if self.step in steps)
+        held = self.context.motion_hold
+        return sorted(c for c, steps in COMMANDS.items() if self.step in steps
+                      and not (held and c in HELD_BY_TARGET_MOTION) and (c != 'accept_motion' or held))
 
     def drain_events(self) -> List[WorkflowEvent]:
         """Events since the last drain, oldest first (for the record / ProcedureEvent)."""
@@ -294,6 +312,13 @@ class Workflow:
                 return problem
             if depth is not None and not 0.0 < depth <= self.max_step_m:
                 return f'insert_step depth {depth:g} m is outside (0, {self.max_step_m:g}] m'
+        if effective in HELD_BY_TARGET_MOTION and self.context.motion_hold:
+            return (f'{name} refused: {self.context.motion_hold}; the plan may be stale: accept_motion '
+                    '(operator) to go on with it, or abort')
+        if effective == 'accept_motion' and not self.context.motion_hold:
+            return 'accept_motion refused: no target motion has been reported'
+        if effective == 'target_moved' and not arg:
+            return 'target_moved needs an argument (what moved, by how much)'
         if effective == 'replan' and self.context.insertion_steps > 0:
             # Re-aligning with the needle in the patient would lever it through tissue.
             return (f'replan refused: the needle has been advanced {self.context.insertion_steps} step(s); '
@@ -448,6 +473,16 @@ class Workflow:
         self.context.alignment_confirmed_by = ''
         self.step = S.PLAN
         return f're-planning{(" (" + arg + ")") if arg else ""}: the previous plan is void', SEVERITY_WARN
+
+    def _do_target_moved(self, arg, op):
+        self.context.motion_hold = arg
+        return f'{arg}: the plan may be stale; accept_motion (operator) or abort', SEVERITY_ERROR
+
+    def _do_accept_motion(self, arg, op):
+        held, self.context.motion_hold = self.context.motion_hold, ''
+        self.context.motion_accepted_by = op
+        why = f' ({arg})' if arg else ''
+        return f'{op} accepts the reported motion{why} and goes on with the current plan: {held}', SEVERITY_WARN
 
     def _do_abort(self, arg, op):
         self._before_abort = self.step

@@ -10,15 +10,16 @@ from pydicom.uid import generate_uid
 from rclpy.parameter import Parameter
 from test_dicom_acquisition import dose_event, write_ct
 
-from igt_robot import testing
+from igt_robot import frames, testing
 from igt_robot.acquisition import memory as image_memory
 from igt_robot.imaging.io import write_dicom_series
-from igt_robot.imaging.phantom import make_phantom, registration_case
+from igt_robot.imaging.phantom import PhantomSpec, make_phantom, registration_case, rotation_from_euler_deg
 from igt_robot.nodes import qos
 from igt_robot.nodes.procedure_node import ProcedureNode
 from igt_robot.nodes.registration_node import RegistrationNode
 from igt_robot.simulation.dicom_peer import store_files
 from igt_robot.simulation.rdsr import write_rdsr
+from igt_robot.workflow import Step
 from igt_robot_msgs.msg import DoseRecord, ProcedureEvent
 
 
@@ -139,3 +140,102 @@ def test_the_registration_node_takes_the_volume_from_memory(graph, tmp_path):
         image_memory.clear()
     assert reply.success, reply.message            # ... the in-memory volume is what was registered
     assert time.monotonic() - started < 60
+
+
+# ---------------------------------------------------------------- the target motion check on a control scan
+READY = {'state': 'READY', 'motion_permitted': True}
+GRID = dict(spacing_m=(0.002, 0.002, 0.002), shape_kji=(40, 70, 70), center_m=(0.0, -0.06, 0.0))  # coarse: fast
+
+
+def at_control_scan(node):
+    """The node's workflow after one insertion step (the steps before are not what is tested here)."""
+    for name, arg, safety in (('start', '', None), ('load_planning_scan', 'CT-1', None), ('register', 'z', None),
+                              ('plan', 'p1', None), ('confirm_plan', '', None), ('align', '', READY),
+                              ('motion_done', '', None), ('confirm_alignment', '', None),
+                              ('insert_step', '', READY), ('motion_done', '', None)):
+        assert node.workflow.command(name, arg, safety, operator_id='op').accepted, name
+    assert node.workflow.step is Step.CONTROL_SCAN
+
+
+def control_scan_of(graph, tmp_path, T_anatomy, **params):
+    """Run control_scan on a node whose planning scan is a phantom; the control scan arrives over DICOM with
+    the phantom's anatomy moved by ``T_anatomy``. Returns (node, probe, outcome)."""
+    probe = Probe(graph)
+    node = procedure_node(graph, tmp_path, dose_report_wait_s=0.0, **params)
+    planning, truth = make_phantom(PhantomSpec(modality='CT', seed=1, **GRID))
+    node.state.planning_volume, node.target = planning, truth.target_center_m.copy()
+    at_control_scan(node)
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(r=node.command('control_scan', '', 'op')))
+    worker.start()
+    testing.wait_for(lambda: node._scan_wait.is_set(), 10, 'the control scan to be awaited')
+    spec = PhantomSpec(modality='CT', seed=2, **GRID)
+    spec.T_anatomy = T_anatomy
+    later, _ = make_phantom(spec)
+    paths = write_dicom_series(later, tmp_path / 'control', series_description='igt_robot control',
+                               extra_attributes={'ProtocolName': 'control scan', 'ImagesInAcquisition': 40,
+                                                 'CTDIvol': 4.0, 'KVP': '100', 'Exposure': 60})
+    store_files(paths, '127.0.0.1', node.source.port, calling_ae='SIM_CT')
+    worker.join(120)
+    assert not worker.is_alive()
+    return node, probe, outcome['r']
+
+
+def test_a_control_scan_showing_the_target_moved_holds_the_workflow_for_the_operator(graph, tmp_path):
+    moved = frames.make_transform(rotation_from_euler_deg(1.0, -1.5, 2.0), (0.002, 0.0015, -0.001))
+    node, probe, outcome = control_scan_of(graph, tmp_path, moved, motion_tolerance_m=0.002)
+    assert outcome.accepted and 'HELD: target moved' in outcome.message, outcome.message
+    checked = testing.wait_for(lambda: [e for e in probe.events if e.kind == 'motion_checked'], 10, 'the check')
+    values = {kv.key: kv.value for kv in checked[0].values}
+    assert values['moved'] == 'true' and float(values['displacement_m']) > 0.002
+    assert 'target_moved' in probe.kinds()
+    # Nothing advances on the stale plan until the operator decides; the decision is recorded.
+    refused = node.command('confirm_next', '', 'op')
+    assert not refused.accepted and 'accept_motion' in refused.message
+    assert not node.command('done', '', 'op').accepted
+    assert node.command('accept_motion', 'margin is enough', 'op').accepted
+    assert node.command('confirm_next', '', 'op').accepted
+
+
+def test_a_control_scan_without_motion_does_not_hold(graph, tmp_path):
+    node, probe, outcome = control_scan_of(graph, tmp_path, np.eye(4))
+    assert outcome.accepted and 'HELD' not in outcome.message, outcome.message
+    checked = testing.wait_for(lambda: [e for e in probe.events if e.kind == 'motion_checked'], 10, 'the check')
+    assert {kv.key: kv.value for kv in checked[0].values}['moved'] == 'false'
+    assert not node.workflow.context.motion_hold
+    assert node.command('confirm_next', '', 'op').accepted
+
+
+# ---------------------------------------------------------------- abort during a motion
+class MotionUnderWay:
+    """A motion step holding the command lock until its goal is cancelled (what _run_action does)."""
+
+    def __init__(self, node):
+        self.node, self.cancelled = node, threading.Event()
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._step)
+
+    def cancel_goal_async(self):
+        self.cancelled.set()
+
+    def _step(self):
+        with self.node.lock:
+            self.node._active_goal = self
+            self.started.set()
+            self.cancelled.wait(30)
+            self.node._active_goal = None
+
+
+def test_abort_during_a_motion_cancels_it_at_once_and_is_recorded(graph, tmp_path):
+    probe = Probe(graph)
+    node = procedure_node(graph, tmp_path)
+    assert node.command('start', '', 'op').accepted
+    motion = MotionUnderWay(node)
+    motion.thread.start()
+    motion.started.wait(10)
+    aborted = node.command('abort', 'patient coughs', 'op')
+    assert motion.cancelled.is_set()
+    assert aborted.accepted and aborted.step == 'ABORTED', aborted.message
+    assert 'motion cancel requested' in aborted.message
+    motion.thread.join(10)
+    testing.wait_for(lambda: 'workflow_confirmation' in probe.kinds(), 10, 'the abort in the record')

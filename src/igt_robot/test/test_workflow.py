@@ -248,3 +248,46 @@ def test_allowed_commands_match_table_and_config_validation():
         Workflow(max_step_m=0.0)
     r = wf.command('start', '', None, now=1.0)
     assert r.accepted and r.message and wf.drain_events()[0].stamp == 1.0
+
+
+def test_a_moved_target_holds_the_workflow_until_the_operator_decides():
+    wf = Workflow()
+    to_insert(wf)
+    run(wf, ('insert_step', '', READY), ('motion_done', '', None), ('control_scan_done', 'scan03', None))
+    moved = 'target moved 3.4 mm (tolerance 2.0 mm) between the planning scan and scan03'
+    r = wf.command('target_moved', moved, None)
+    assert r.accepted and r.step == 'CHECK_TIP' and 'accept_motion' in r.message
+    assert wf.drain_events()[-1].severity == 2                    # recorded as an error
+    run(wf, ('tip_checked', '0.004', None))
+    # Nothing advances on the stale plan: no next step, no "done", no motion.
+    for name in ('confirm_next', 'confirm', 'done'):
+        r = wf.command(name, '', READY, operator_id=OP)
+        assert not r.accepted and moved in r.message and 'accept_motion' in r.message, name
+    assert wf.step is Step.CONFIRM_NEXT
+    assert not wf.command('accept_motion', '', None).accepted     # the operator's decision, with an id
+    r = wf.command('accept_motion', 'target within the lesion margin', None, operator_id=OP)
+    assert r.accepted and wf.context.motion_accepted_by == OP and not wf.context.motion_hold
+    assert wf.drain_events()[-1].kind == 'command'
+    run(wf, ('confirm_next', '', None), ('insert_step', '', READY), ('motion_done', '', None),
+        ('control_scan_done', 'scan04', None), ('tip_checked', '0.001', None), ('done', '', None))
+    # At the confirmation scan: the report waits for the operator too; abort is always possible.
+    run(wf, ('target_moved', 'target motion at scan05 not known: the motion check failed', None),
+        ('confirmation_scan_done', 'scan05', None))
+    r = wf.command('report', '/tmp/report.html', None)
+    assert not r.accepted and 'not known' in r.message
+    r = wf.command('abort', 'patient moved', None, operator_id=OP)
+    assert r.accepted and r.step == 'ABORTED'
+
+
+def test_accept_motion_needs_a_reported_motion_and_target_moved_a_reason():
+    wf = Workflow()
+    to_insert(wf)
+    r = wf.command('accept_motion', '', None, operator_id=OP)
+    assert not r.accepted and 'no target motion has been reported' in r.message
+    run(wf, ('insert_step', '', READY), ('motion_done', '', None), ('control_scan_done', 'scan03', None))
+    r = wf.command('target_moved', '', None)
+    assert not r.accepted and 'needs an argument' in r.message
+    r = wf.command('target_moved', 'x', None)     # only after a later scan
+    assert r.accepted
+    run(wf, ('tip_checked', '', None))
+    assert not wf.command('target_moved', 'again', None).accepted   # CONFIRM_NEXT: not a scan step

@@ -12,8 +12,11 @@ motion controller) and reports back. Commands beyond the workflow's own:
   register               register the robot from the planning scan's Z-frame
   plan                   plan the path to the target (the simulated lesion, or /procedure/target)
   align / insert_step    move (after the supervisor permits motion)
-  control_scan           acquire a control scan, find the needle tip, compare with the target
-  confirmation_scan      the final scan, tip found and tip-to-target error reported
+  control_scan           acquire a control scan, check the target has not moved, find the needle tip,
+                         compare with the target
+  confirmation_scan      the final scan, target motion checked, tip found and tip-to-target error reported
+  accept_motion          after a scan showed the target moved beyond motion_tolerance_m (or the check could
+                         not tell): go on with the current plan; the operator's decision, recorded (else abort)
   report                 write the HTML report (record + pictures)
   enter_dose             ARG = "scan_id ctdi_vol_mgy dlp_mgy_cm kv mas": dose figures typed in by the operator
                          when the scanner sent none (recorded as MANUAL, a flagged fallback)
@@ -56,6 +59,7 @@ from igt_robot import frames, paths, workflow
 from igt_robot.acquisition import memory as image_memory
 from igt_robot.acquisition.dose import series_dose
 from igt_robot.imaging.io import read_dicom_series
+from igt_robot.imaging.motion_check import check_motion
 from igt_robot.imaging.needle import find_needle
 from igt_robot.imaging.reformat import oblique_slice, plane_axes, project
 from igt_robot.kinematics import NeedleGuideKinematics
@@ -106,6 +110,9 @@ PARAMS = [
     Param('igtl_image_port', 18945, 'OpenIGTLink IMAGE source port (acquisition igtl)', 0, 65535),
     Param('watch_dir', '', 'folder the scanner exports DICOM files into (acquisition folder)'),
     Param('scan_wait_timeout', 900.0, 'how long a requested scan may take to arrive, s', 1.0, 7200.0),
+    Param('motion_tolerance_m', 0.002, 'target motion against the planning scan (rigid registration of the '
+          'anatomy around the target) beyond which a control or confirmation scan holds the workflow until the '
+          'operator accepts the motion or aborts, m', 0.0005, 0.02),
     Param('dose_report_wait_s', 5.0, 'after a CT series, wait this long for its Radiation Dose SR before '
           'using the image headers, s', 0.0, 120.0),
     Param('demo_dicom_peer', '', 'demo only: REST URL of the DICOM node (Orthanc) the simulated scanner stores '
@@ -273,13 +280,20 @@ class ProcedureNode(Node):
             return self._result(True, self._cancel_motion() + ('; scan request withdrawn' if withdrawn else ''))
         if self.control_lost:
             return self._result(False, f'{name} refused: {self.control_lost}')
-        withdrawn = name == 'abort' and self._scan_wait.is_set()
-        if withdrawn:
-            # An abort must not wait for a scan the operator will no longer take: the request is withdrawn,
-            # and the waiting step ends at its next check (<= 0.5 s, SeriesInbox.wait_for), freeing the lock.
-            self._scan_wait.clear()
-        if not self.lock.acquire(timeout=3.0 if withdrawn else 1.0):
-            return self._result(False, f'{name} refused: another command is being carried out')
+        stopped = ''
+        if name == 'abort':
+            # An abort takes effect before it waits for the step under way: the scan request is withdrawn (the
+            # waiting step ends at its next check, <= 0.5 s, SeriesInbox.wait_for) and the motion is cancelled
+            # (the motion step ends with its result); either frees the lock for the abort to be recorded.
+            stopped = self._cancel_motion()
+            if self._scan_wait.is_set():
+                self._scan_wait.clear()
+                stopped += '; scan request withdrawn'
+        if not self.lock.acquire(timeout=5.0 if name == 'abort' else 1.0):
+            message = f'{name} refused: another command is being carried out' + (f' ({stopped})' if stopped else '')
+            if name == 'abort':
+                self._event('abort_refused', message, severity=ProcedureEvent.ERROR, operator_id=operator_id)
+            return self._result(False, message)
         try:
             handler = getattr(self, f'_cmd_{name}', None)
             if handler is None:
@@ -293,8 +307,8 @@ class ProcedureNode(Node):
             self._flush_workflow_events()
         if not outcome.accepted:
             self.get_logger().warning(f'{name} refused: {outcome.message}')
-        elif withdrawn:
-            outcome = outcome._replace(message=f'{outcome.message}; scan request withdrawn')
+        elif name == 'abort':
+            outcome = outcome._replace(message=f'{outcome.message}; {stopped}')
         return outcome
 
     def _result(self, accepted, message) -> workflow.CommandResult:
@@ -423,6 +437,7 @@ class ProcedureNode(Node):
         self._check_allowed('control_scan_done')
         acquisition = self._acquire('control')
         self._wf('control_scan_done', acquisition.scan_id, operator_id)
+        moved = self._check_target_motion(acquisition, operator_id)
         try:
             check = self._check_tip(acquisition)
         except StepFailed as not_found:
@@ -430,13 +445,49 @@ class ProcedureNode(Node):
             # step (the confirmation scan must find it).
             self._event('tip_not_found', str(not_found), severity=ProcedureEvent.WARN, scan_id=acquisition.scan_id)
             outcome = self._wf('tip_checked', '', operator_id)
-            return outcome._replace(message=f'{not_found}; {outcome.message}')
+            return outcome._replace(message=f'{not_found}; {outcome.message}' + (f'; HELD: {moved}' if moved else ''))
         outcome = self._wf('tip_checked', f'{check.error:.5f}', operator_id)
+        if moved:
+            # No advice on a plan the patient has moved away from: the operator decides first.
+            return outcome._replace(message=f'{outcome.message}; HELD: {moved}; accept_motion or abort')
         try:
             advice = self._closed_loop_step(acquisition, check)
         except Exception as exc:  # noqa: BLE001 -- the closed loop advises; it never fails the scan
             advice = f'closed loop unavailable ({exc}); plan unchanged'
         return outcome._replace(message=f'{outcome.message}; next: {advice}')
+
+    def _check_target_motion(self, acquisition, operator_id) -> str:
+        """Compare a later scan with the planning scan around the target (rigid registration, both in memory).
+
+        Returns '' when the target is within ``motion_tolerance_m`` of where it was planned; otherwise the reason,
+        after the workflow has been told (``target_moved``: nothing advances on the plan until the operator
+        accepts the motion or aborts). A check that cannot tell holds the workflow too."""
+        tolerance = self.p['motion_tolerance_m']
+        planning, scan_id = self.state.planning_volume, acquisition.scan_id
+        started = time.monotonic()
+        if planning is None or self.target is None:
+            reason = f'target motion at {scan_id} not checked: no planning scan or target to compare with'
+        else:
+            try:
+                result = check_motion(planning, acquisition.volume, self.target, threshold_m=tolerance)
+            except Exception as exc:  # noqa: BLE001 -- any failure means "not known", which holds the workflow
+                reason = f'target motion at {scan_id} not known: the motion check failed ({exc})'
+            else:
+                moved_mm = result.displacement_m * 1e3
+                self._event('motion_checked', f'{scan_id}: target {moved_mm:.2f} mm from where it was planned '
+                            f'(tolerance {tolerance * 1e3:.1f} mm), rotation {result.rotation_deg:.2f} deg',
+                            scan_id=scan_id, displacement_m=f'{result.displacement_m:.6f}',
+                            displacement_vector_m=json.dumps(np.round(result.displacement_vector_m, 6).tolist()),
+                            rotation_deg=f'{result.rotation_deg:.3f}', tolerance_m=f'{tolerance:.6f}',
+                            moved=str(result.moved).lower(), check_s=f'{time.monotonic() - started:.2f}')
+                if not result.moved:
+                    return ''
+                reason = (f'target moved {moved_mm:.1f} mm (tolerance {tolerance * 1e3:.1f} mm) between the '
+                          f'planning scan and {scan_id}')
+        self._event('target_moved', reason, severity=ProcedureEvent.ERROR, scan_id=scan_id)
+        self.get_logger().error(f'{reason}: the workflow holds until the operator accepts the motion or aborts')
+        self._wf('target_moved', reason, operator_id)
+        return reason
 
     def _closed_loop_step(self, acquisition, check) -> str:
         """Closed loop (igt_robot.procedure.closed_loop): the target is found again, the rest of the insertion
@@ -479,8 +530,11 @@ class ProcedureNode(Node):
     def _cmd_confirmation_scan(self, arg, operator_id):
         self._check_allowed('confirmation_scan_done')
         acquisition = self._acquire('confirmation')
+        moved = self._check_target_motion(acquisition, operator_id)
         check = self._check_tip(acquisition)
-        return self._wf('confirmation_scan_done', f'{acquisition.scan_id}: {check.describe()}', operator_id)
+        outcome = self._wf('confirmation_scan_done', f'{acquisition.scan_id}: {check.describe()}', operator_id)
+        return outcome._replace(message=f'{outcome.message}; HELD: {moved}; accept_motion or abort') if moved \
+            else outcome
 
     def _cmd_start(self, arg, operator_id):
         """Preflight: no procedure without the free space its record needs (docs/record.md, "Disk space")."""
