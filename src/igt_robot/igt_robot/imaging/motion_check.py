@@ -82,7 +82,8 @@ def anatomy_mask(volume: Volume, margin_m: float = ANATOMY_MARGIN_M):
 def check_motion(planning: Volume, later: Volume, target_scanner, *,
                  threshold_m: float = DEFAULT_MOTION_THRESHOLD_M, roi_half_size_m: float = 0.06,
                  max_motion_m: float = 0.02, mask: Optional[Volume] = None, use_body_mask: bool = True,
-                 sampling_fraction: float = 0.2, seed: int = 1) -> MotionCheckResult:
+                 sampling_fraction: float = 0.2, seed: int = 1,
+                 pyramid_shrink_factors=(4, 2), pyramid_smoothing_mm=(2.0, 1.0)) -> MotionCheckResult:
     """Register ``later`` to ``planning`` (rigid) and report the target displacement.
 
     Only a cube of half-size ``roi_half_size_m`` around the target is used from
@@ -93,6 +94,11 @@ def check_motion(planning: Volume, later: Volume, target_scanner, *,
     without one, :func:`anatomy_mask` is used when ``use_body_mask`` (body plus
     a 20 mm margin, minus bright things outside the body such as the Z-frame).
     ``moved`` is True when the displacement exceeds ``threshold_m`` (default 2 mm).
+
+    The pyramid stops at half resolution by default: the check decides about
+    millimetres, and the full-resolution level tripled its time (2.6 s against
+    0.8 s for a 1 x 1 x 1.5 mm CT around the target) for no gain in accuracy
+    (errors 0.06-0.12 mm either way, on simulated motion of 2-3 mm).
     """
     import SimpleITK as sitk
     validate_intensities(planning)
@@ -131,8 +137,8 @@ def check_motion(planning: Volume, later: Volume, target_scanner, *,
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=150,
                                                  relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([2, 1])
-    reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+    reg.SetShrinkFactorsPerLevel(list(pyramid_shrink_factors))
+    reg.SetSmoothingSigmasPerLevel(list(pyramid_smoothing_mm))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(euler, inPlace=False)
     try:
