@@ -230,8 +230,38 @@ def test_publishes_joint_states_and_robot_state_with_the_needle_tip(active_node,
     assert rs.insertion_depth == pytest.approx(insertion)
 
 
-def test_publishes_from_the_control_loop_cache_when_it_is_fresh(graph, probe):
-    """While another thread reads the hardware fast, the node publishes cached states (no own reads)."""
+class CachedReadings:
+    """Stands in for the shared hardware handle: a cached reading of a given age, and a counted own read."""
+
+    def __init__(self, age_s):
+        self.last_state = 'cached state'
+        self.last_read_time = time.monotonic() - age_s
+        self.reads = 0
+
+    def read(self):
+        self.reads += 1
+        self.last_read_time = time.monotonic()
+        return 'own state'
+
+
+def test_the_published_state_comes_from_the_control_loop_cache_only_while_it_is_fresh(graph):
+    """The decision itself, free of thread timing: fresher than two publish periods and newer than the node's own
+    last read -> the cache; otherwise the node reads the hardware."""
+    node = make_node(graph, publish_rate=20.0)       # two periods: 0.1 s
+    fresh = CachedReadings(age_s=0.01)
+    state, _ = node._current_state(fresh)
+    assert (state, fresh.reads, node.own_reads) == ('cached state', 0, 0)
+    stale = CachedReadings(age_s=0.5)
+    state, _ = node._current_state(stale)
+    assert (state, stale.reads, node.own_reads) == ('own state', 1, 1)
+    # the cache now holds the node's own read: not a control-loop reading, so the next publication reads again
+    state, _ = node._current_state(stale)
+    assert (state, stale.reads, node.own_reads) == ('own state', 2, 2)
+
+
+def test_publishes_from_the_control_loop_cache_when_a_loop_runs(graph, probe):
+    """With a real loop reading the same handle, some publications use its readings (how many depends on how the
+    machine schedules the loop thread: the exact rule is tested above), and the node reads itself once it stops."""
     import threading
     node = make_node(graph, publish_rate=20.0)
     assert node.trigger_configure() == SUCCESS
@@ -249,11 +279,11 @@ def test_publishes_from_the_control_loop_cache_when_it_is_fresh(graph, probe):
         testing.wait_for(lambda: node.shared.stats['reads'] > node.own_reads + 50, 10, 'the loop to run')
         own_before, published_before = node.own_reads, len(probe.joint_states)
         testing.wait_for(lambda: len(probe.joint_states) >= published_before + 20, 20, '20 more joint states')
-        own_during = node.own_reads - own_before
+        own_during, published_during = node.own_reads - own_before, len(probe.joint_states) - published_before
     finally:
         stop.set()
         loop.join(5)
-    assert own_during <= 10, f'{own_during} own reads while the loop kept the cache fresh'
+    assert own_during < published_during, f'{own_during} own reads for {published_during} publications'
     testing.wait_for(lambda: node.own_reads > own_before + own_during + 3, 10,
                      'the node to read itself again once the loop stopped')
     assert node.trigger_cleanup() == SUCCESS
