@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from igt_robot.acquisition import AcquisitionError, ScanRequest, Series, match_series
 from igt_robot.acquisition.assembler import SeriesAssembler, build_series
 from igt_robot.acquisition.dicom_receiver import (STATUS_NOT_MATCHING_SOP_CLASS, STATUS_OUT_OF_RESOURCES,
-                                                  STATUS_SUCCESS, DicomReceiver)
+                                                  STATUS_SUCCESS, DicomReceiver, part10_header)
 from igt_robot.acquisition.dose import DoseReportError, read_rdsr, series_dose
 from igt_robot.acquisition.folder import WatchedFolder
 from igt_robot.imaging.io import write_dicom_series
@@ -328,6 +328,40 @@ def test_each_instance_is_on_disk_under_its_final_name_before_its_success(receiv
         original, received = pydicom.dcmread(path), pydicom.dcmread(stored)
         assert received.SOPInstanceUID == original.SOPInstanceUID and received.PixelData == original.PixelData
         assert received.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+
+
+def test_the_handler_stages_the_instance_itself_when_it_was_not_staged_as_it_arrived(tmp_path, monkeypatch):
+    """The flush normally starts as the last fragment arrives; without that (or for another message) the handler
+    stages the bytes pynetdicom assembled: the same files, nothing left staged."""
+    monkeypatch.setattr(DicomReceiver, '_stage_early', lambda self, assoc, arriving: None)
+    rx = DicomReceiver(tmp_path / 'rx', port=0, modalities=('CT',), on_event=lambda kind, text, values: None)
+    rx.start()
+    try:
+        _, paths = write_ct(tmp_path / 'a')
+        assert store_files(paths, '127.0.0.1', rx.port) == [STATUS_SUCCESS] * SLICES
+    finally:
+        rx.stop()
+    stored = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in stored_files(rx)}
+    for original in read(paths):
+        received = stored[original.SOPInstanceUID]
+        assert received.PixelData == original.PixelData and received.file_meta.TransferSyntaxUID == \
+            original.file_meta.TransferSyntaxUID
+    assert not list(rx.storage_dir.rglob('*.part'))
+
+
+@pytest.mark.parametrize('instance_uid', ['1.2.3.4', '1.2.826.0.1.3680043.8.498.12345678901234567890123'])
+@pytest.mark.parametrize('transfer_syntax', ['1.2.840.10008.1.2.1', '1.2.840.10008.1.2', '1.2.840.10008.1.2.4.90'])
+def test_the_part10_header_is_what_pydicom_writes_for_pynetdicoms_file_meta(instance_uid, transfer_syntax):
+    import io
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+    meta = create_file_meta(sop_class_uid='1.2.840.10008.5.1.4.1.1.2', sop_instance_uid=instance_uid,
+                            transfer_syntax=transfer_syntax)
+    expected = io.BytesIO()
+    expected.write(b'\x00' * 128 + b'DICM')
+    write_file_meta_info(expected, meta)
+    assert part10_header('1.2.840.10008.5.1.4.1.1.2', instance_uid, transfer_syntax) == expected.getvalue()
 
 
 def test_a_full_disk_refuses_the_instance_and_leaves_no_partial_file(receiver, tmp_path, monkeypatch):

@@ -24,11 +24,10 @@ import os
 import pathlib
 import re
 import socket
+import struct
 import tempfile
 import threading
 from typing import Callable, List, Optional, Sequence
-
-from pydicom.filewriter import write_file_meta_info
 
 from igt_robot.record.store import fsync_dir
 
@@ -146,7 +145,9 @@ class DicomReceiver(AcquisitionSource):
         try:
             file_meta = event.file_meta
             staged = self._early_stage(assoc, event.request, size) or \
-                self._writer.submit(self._stage, raw, file_meta, str(event.request.AffectedSOPInstanceUID))
+                self._writer.submit(self._stage, raw, part10_header(
+                    file_meta.MediaStorageSOPClassUID, file_meta.MediaStorageSOPInstanceUID,
+                    file_meta.TransferSyntaxUID), str(event.request.AffectedSOPInstanceUID))
         except Exception as exc:  # noqa: BLE001 -- a malformed request is refused, not fatal
             return self._refuse(STATUS_CANNOT_UNDERSTAND, f'unreadable request from {calling}: {exc}', values)
         try:
@@ -200,20 +201,17 @@ class DicomReceiver(AcquisitionSource):
     # at 200 instances/s); an accepted instance is then renamed into its series folder and that folder flushed
     # (fsync). A crash never leaves a half file under a final name; an instance answered with success survives
     # a crash or a power loss; a refused one leaves nothing.
-    def _stage(self, body, file_meta, sop_instance_uid: str) -> pathlib.Path:
+    def _stage(self, body, header: bytes, sop_instance_uid: str) -> pathlib.Path:
         """The staging file of one instance: ``body`` is the dataset as received (a BytesIO, or the list of its
-        fragments as they arrived)."""
+        fragments as they arrived), ``header`` its preamble and file meta (:func:`part10_header`)."""
         self._durable_folder(self._staging)
-        header = io.BytesIO()
-        header.write(b'\x00' * 128 + b'DICM')
-        write_file_meta_info(header, file_meta)
         fd, name = tempfile.mkstemp(suffix='.part', prefix=f'{_safe_name(sop_instance_uid)}.dcm.',
                                     dir=self._staging)       # a unique name: concurrent resends stay apart
         tmp = pathlib.Path(name)
         try:
             try:
                 os.fchmod(fd, 0o644)
-                _write_all(fd, header.getbuffer())
+                _write_all(fd, header)
                 if isinstance(body, io.BytesIO):
                     with body.getbuffer() as view:
                         _write_all(fd, view)
@@ -291,11 +289,8 @@ class DicomReceiver(AcquisitionSource):
         context = next((c for c in assoc.accepted_contexts if c.context_id == arriving.context_id), None)
         if context is None:
             return                  # refused by pynetdicom itself
-        from pynetdicom.dsutils import create_file_meta
-        file_meta = create_file_meta(sop_class_uid=arriving.sop_class_uid,
-                                     sop_instance_uid=arriving.sop_instance_uid,
-                                     transfer_syntax=context.transfer_syntax[0])
-        staged = self._writer.submit(self._stage, arriving.dataset, file_meta, arriving.sop_instance_uid)
+        header = part10_header(arriving.sop_class_uid, arriving.sop_instance_uid, context.transfer_syntax[0])
+        staged = self._writer.submit(self._stage, arriving.dataset, header, arriving.sop_instance_uid)
         with self._early_lock:
             self._early[(assoc, arriving.message_id)] = _EarlyStage(staged, arriving.sop_instance_uid,
                                                                     arriving.size)
@@ -394,6 +389,28 @@ class _EarlyStage:
     staged: concurrent.futures.Future
     sop_instance_uid: str
     size: int
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """The DICOM file's preamble, prefix and File Meta Information (PS3.10 7.1; explicit VR little endian) for a
+    received dataset, with the elements pynetdicom's ``event.file_meta`` carries. Encoded directly: pydicom's
+    writer takes ~0.15 ms per instance on the path to the success answer."""
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    def element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+        if len(value) % 2:
+            value += pad
+        if vr == b'OB':
+            return struct.pack('<HH2s2xI', 0x0002, element, vr, len(value)) + value
+        return struct.pack('<HH2sH', 0x0002, element, vr, len(value)) + value
+    body = b''.join((
+        element(0x0001, b'OB', b'\x00\x01', b'\x00'),
+        element(0x0002, b'UI', str(sop_class_uid).encode('ascii'), b'\x00'),
+        element(0x0003, b'UI', str(sop_instance_uid).encode('ascii'), b'\x00'),
+        element(0x0010, b'UI', str(transfer_syntax_uid).encode('ascii'), b'\x00'),
+        element(0x0012, b'UI', str(PYNETDICOM_IMPLEMENTATION_UID).encode('ascii'), b'\x00'),
+        element(0x0013, b'SH', str(PYNETDICOM_IMPLEMENTATION_VERSION).encode('ascii'), b' ')))
+    return b'\x00' * 128 + b'DICM' + struct.pack('<HH2sHI', 0x0002, 0x0000, b'UL', 4, len(body)) + body
 
 
 def _tune_association(event) -> None:
