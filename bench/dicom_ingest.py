@@ -82,7 +82,8 @@ def send(paths, receiver_port: int, workdir: pathlib.Path, sender: str) -> str:
     if sender == 'orthanc':
         with OrthancPeer(workdir / 'orthanc', {'stack': ('IGT_ROBOT', receiver_port)}) as orthanc:
             ids = orthanc.upload(paths)
-            orthanc.send('stack', ids)
+            os.sync()       # Orthanc's own copy (~50 MB) goes to the disk now, not under the receiver's flushes:
+            orthanc.send('stack', ids)      # in a suite the scanner or the PACS writes to a disk of its own
         return 'Orthanc, one association'
     code = ('import sys; from igt_robot.simulation.dicom_peer import store_files; '
             'store_files(sys.argv[2:], "127.0.0.1", int(sys.argv[1]))')
