@@ -862,7 +862,7 @@ class ProcedureNode(Node):
 
     # ----------------------------------------------------------------- control-process liveness
     def _watch_control_process(self, group) -> None:
-        """Loss of the control process is seen here within one heartbeat timeout: an event, a console line,
+        """Loss of the control process is seen here within the heartbeat timeout + two ticks: an event, a console line,
         waiting goals end, steps are refused with the reason (until the heartbeats are back)."""
         self.control_lost: Optional[str] = None
         self.control_lost_since = 0.0                      # monotonic time of the loss
