@@ -358,6 +358,20 @@ def test_stale_scanner_asserts_the_inhibit_from_the_timer(active_node, probe):
     wait_inhibit(node, False, 'the release when fresh states return')
 
 
+def test_the_staleness_check_runs_while_the_shared_executor_does_not_spin_the_node(active_node, probe, graph):
+    """The check is a thread of its own on the steady clock: a busy or stalled executor cannot delay it."""
+    node = active_node
+    release_interlock(node, probe)
+    graph.executor.remove_node(node)                      # nobody spins the node's timers and callbacks now
+    try:
+        probe.permission = None
+        probe.phase = None
+        wait_inhibit(node, True, 'the inhibit on a stale scanner state, from the check thread')
+        assert node.interlock_changes[-1][3] == 'staleness timer'
+    finally:
+        graph.executor.add_node(node)
+
+
 def test_frozen_scanner_heartbeat_counts_as_stale(active_node, probe):
     node = active_node
     release_interlock(node, probe)
