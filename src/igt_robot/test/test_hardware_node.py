@@ -692,3 +692,13 @@ def test_operator_acknowledge_resets_drive_faults(graph, active_node, probe, tmp
     assert not state.estopped and not state.faults and state.enabled
     testing.wait_for(lambda: any(f.code == 'HARDWARE_ESTOP' and not f.cause_active for f in probe.faults), 10,
                      'the e-stop cause reported gone')
+
+
+def test_publishers_and_subscriptions_carry_no_default_qos_event_handlers(graph):
+    """rclpy's default handlers (a log line on incompatible QoS or type) are waitables its executor walks in
+    Python at every wake-up (nodes/common.LeanQosEvents); handlers the node asks for itself stay."""
+    node = make_node(graph)
+    assert node.robot_state_pub.event_handlers == []
+    assert all(sub.event_handlers == [] for sub in node._fast_node.subscriptions)
+    permission = next(sub for sub in node.subscriptions if sub.topic_name == '/safety/motion_permitted')
+    assert permission.event_handlers                      # the supervisor's liveliness, asked for explicitly

@@ -136,11 +136,15 @@ def _guarded(interlock: bool = False):
     return wrap
 
 
+class _InterlockNode(common.LeanQosEvents, Node):
+    """The hardware node's second node: the scanner subscription and the watchdog feed, in their own executor."""
+
+
 class ConfigureError(Exception):
     """A configure step failed; the message is the operator-readable reason."""
 
 
-class HardwareNode(LifecycleNode):
+class HardwareNode(common.LeanQosEvents, LifecycleNode):
     """Lifecycle node owning the hardware backend (see the module docstring)."""
 
     def __init__(self, context=None, cli_args=None, **kwargs):
@@ -208,8 +212,8 @@ class HardwareNode(LifecycleNode):
         # reads, diagnostics, graph checks) the scanner callback started p50 2.7 ms / max 360 ms after the
         # publication on a quiet machine (rclpy's Python dispatch over every entity of the process), and the
         # watchdog feed waited the same way (WATCHDOG trips at load 1). See docs/safety.md.
-        self._fast_node = Node(f'{self.get_name()}_interlock', namespace=self.get_namespace(),
-                               context=self.context, start_parameter_services=False)
+        self._fast_node = _InterlockNode(f'{self.get_name()}_interlock', namespace=self.get_namespace(),
+                                         context=self.context, start_parameter_services=False)
         self._fast_node.create_subscription(ScannerState, topics.SCANNER_STATE, self._on_scanner,
                                             qos.SCANNER_STATE, callback_group=MutuallyExclusiveCallbackGroup())
         self._fast_executor = SingleThreadedExecutor(context=self.context)
