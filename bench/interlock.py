@@ -246,16 +246,25 @@ class ScannerSource:
 
 # ============================================================ measurements
 
-def measure_interlock(scanner: ScannerSource, log: InhibitLog, events: int, warmup: int = 20):
+SCAN_GAP_S = (0.02, 0.1)             # a scan starts this long (uniform) after the previous release at the drive
+
+
+def measure_interlock(scanner: ScannerSource, log: InhibitLog, events: int, warmup: int = 20, seed: int = 2):
     """Seconds from ACQUIRING published to MOTION_INHIBIT(1) at the drive, ``events`` times.
     Returns (latencies, skipped): an event is skipped when the inhibit was asserted for another
     reason (e.g. a late heartbeat made the state stale) just before the scan started -- an
-    inhibit already asserted is not sent again, so there is nothing to time."""
+    inhibit already asserted is not sent again, so there is nothing to time.
+
+    Each scan starts a random ``SCAN_GAP_S`` after the previous release reached the drive, as real
+    scans are apart: started at once, it landed while the control process was still handling that
+    release (log line, event), and at a fixed phase of the process's periodic work."""
     from igt_robot import testing
     from igt_robot_msgs.msg import ScannerState
+    rng = random.Random(seed)
     latencies, skipped = [], 0
     while len(latencies) < events:
         log.wait_released()
+        time.sleep(rng.uniform(*SCAN_GAP_S))
         log.clear()
         start = scanner.set_phase(ScannerState.PHASE_ACQUIRING)
         try:

@@ -37,6 +37,7 @@ from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
 from igt_robot.launch_support import default_record_root, end_launch_with, installed, optional_node
+from igt_robot.nodes.topics import WORKFLOW_HEARTBEAT_NODES
 
 
 def generate_launch_description():
@@ -85,6 +86,9 @@ def generate_launch_description():
         DeclareLaunchArgument('use_security', default_value='false',
                               description='enforce SROS2 with the keystore of tools/sros2_keystore.sh'),
         DeclareLaunchArgument('keystore', default_value='build/sros2/keystore', description='SROS2 keystore'),
+        # Every event and dose of the procedure carries its id (igt_robot.record.procedure_id): the recorder
+        # keeps only its own procedure's.
+        SetEnvironmentVariable('IGT_PROCEDURE_ID', arg('procedure_id')),
         SetEnvironmentVariable('ROS_SECURITY_ENABLE', 'true', condition=use_security),
         SetEnvironmentVariable('ROS_SECURITY_STRATEGY', 'Enforce', condition=use_security),
         SetEnvironmentVariable('ROS_SECURITY_KEYSTORE', arg('keystore'), condition=use_security),
@@ -102,7 +106,9 @@ def generate_launch_description():
         node('igt_robot', 'scanner_interface', 'safety.yaml',
              extra={'igtl_port': ParameterValue(arg('scanner_igtl_port'), value_type=int),
                     'service_dose_source': arg('service_dose_source')}),
-        node('igt_robot', 'safety_supervisor', 'safety.yaml'),
+        # The full stack: no motion without the record and the workflow alive (config/safety.yaml).
+        node('igt_robot', 'safety_supervisor', 'safety.yaml',
+             extra={'motion_heartbeats': list(WORKFLOW_HEARTBEAT_NODES)}),
         node('igt_robot', 'registration_node', 'registration.yaml'),
         node('igt_planner', 'planner_node', 'planner.yaml'),
         node('igt_robot', 'igtl_bridge', 'procedure.yaml',

@@ -24,11 +24,12 @@ import time
 
 from igt_robot import cpu_priority, fastdds_shm, paths
 from igt_robot.bringup import PARENT_PIPE_ENV, PROFILES, Bringup, available_nodes
+from igt_robot.nodes import topics
 from igt_robot.record import procedure_id as procedure_identity
 
 # Nodes of this (workflow) process whose heartbeat the supervisor requires for motion: without the workflow
 # or the recorder nothing moves. Only for motion: image work may starve this process while nothing moves.
-WORKFLOW_HEARTBEATS = ['recorder_node', 'procedure_node']
+WORKFLOW_HEARTBEATS = list(topics.WORKFLOW_HEARTBEAT_NODES)
 PR_SET_PDEATHSIG = 1
 
 

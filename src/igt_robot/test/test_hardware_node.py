@@ -358,6 +358,20 @@ def test_stale_scanner_asserts_the_inhibit_from_the_timer(active_node, probe):
     wait_inhibit(node, False, 'the release when fresh states return')
 
 
+def test_the_staleness_check_runs_while_the_shared_executor_does_not_spin_the_node(active_node, probe, graph):
+    """The check is a thread of its own on the steady clock: a busy or stalled executor cannot delay it."""
+    node = active_node
+    release_interlock(node, probe)
+    graph.executor.remove_node(node)                      # nobody spins the node's timers and callbacks now
+    try:
+        probe.permission = None
+        probe.phase = None
+        wait_inhibit(node, True, 'the inhibit on a stale scanner state, from the check thread')
+        assert node.interlock_changes[-1][3] == 'staleness timer'
+    finally:
+        graph.executor.add_node(node)
+
+
 def test_frozen_scanner_heartbeat_counts_as_stale(active_node, probe):
     node = active_node
     release_interlock(node, probe)
@@ -678,3 +692,13 @@ def test_operator_acknowledge_resets_drive_faults(graph, active_node, probe, tmp
     assert not state.estopped and not state.faults and state.enabled
     testing.wait_for(lambda: any(f.code == 'HARDWARE_ESTOP' and not f.cause_active for f in probe.faults), 10,
                      'the e-stop cause reported gone')
+
+
+def test_publishers_and_subscriptions_carry_no_default_qos_event_handlers(graph):
+    """rclpy's default handlers (a log line on incompatible QoS or type) are waitables its executor walks in
+    Python at every wake-up (nodes/common.LeanQosEvents); handlers the node asks for itself stay."""
+    node = make_node(graph)
+    assert node.robot_state_pub.event_handlers == []
+    assert all(sub.event_handlers == [] for sub in node._fast_node.subscriptions)
+    permission = next(sub for sub in node.subscriptions if sub.topic_name == '/safety/motion_permitted')
+    assert permission.event_handlers                      # the supervisor's liveliness, asked for explicitly

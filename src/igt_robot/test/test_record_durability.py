@@ -142,11 +142,26 @@ def test_heartbeat_watch():
     assert watch.tick(0.9) is None
     watch.beat('a', 1.0)
     assert watch.tick(1.05) is None                # one node silent: the supervisor's matter, process alive
-    change = watch.tick(2.05)
+    assert watch.tick(2.05) is None                # all silent at one tick: suspected, not yet lost
+    change = watch.tick(2.15)                      # ... and at the next, nothing having arrived in between
     assert change.lost and 'a (' in change.reason and 'b (' in change.reason
     assert watch.tick(2.2) is None                 # reported once
     watch.beat('b', 2.3)
     assert watch.tick(2.3).lost is False
+
+
+def test_heartbeat_watch_judges_heartbeats_queued_during_a_stall_before_declaring_a_loss():
+    """After this process stalled, the first tick sees old heartbeats while newer ones wait in the queue: they
+    are taken before the next tick, and no loss is declared."""
+    watch = HeartbeatWatch(['a', 'b'], timeout=1.0)
+    watch.beat('a', 0.0)
+    watch.beat('b', 0.0)
+    assert watch.tick(1.5) is None                 # the stall's first tick: both look silent
+    watch.beat('a', 1.52)                          # the queued heartbeats are taken
+    watch.beat('b', 1.52)
+    assert watch.tick(1.6) is None
+    assert watch.lost_reason is None
+    assert watch.tick(2.6) is None and watch.tick(2.7).lost   # a real silence is still declared
 
 
 # ------------------------------------------------------------------ the recorder node

@@ -66,7 +66,7 @@ from igt_robot.hardware.interface import HardwareError, HardwareFault, HardwareS
 from igt_robot.kinematics import NeedleGuideKinematics
 from igt_robot.nodes import common, qos, topics
 from igt_robot.nodes.params import Param, declare
-from igt_robot.nodes.spinning import BackgroundSpinner
+from igt_robot.nodes.spinning import BackgroundSpinner, SteadyPeriodicThread
 from igt_robot.robot_model import load_robot_model
 from igt_robot.safety import operator_session
 from igt_robot.safety.interlock import Interlock, InterlockConfig, InterlockConfigError
@@ -136,11 +136,15 @@ def _guarded(interlock: bool = False):
     return wrap
 
 
+class _InterlockNode(common.LeanQosEvents, Node):
+    """The hardware node's second node: the scanner subscription and the watchdog feed, in their own executor."""
+
+
 class ConfigureError(Exception):
     """A configure step failed; the message is the operator-readable reason."""
 
 
-class HardwareNode(LifecycleNode):
+class HardwareNode(common.LeanQosEvents, LifecycleNode):
     """Lifecycle node owning the hardware backend (see the module docstring)."""
 
     def __init__(self, context=None, cli_args=None, **kwargs):
@@ -208,14 +212,15 @@ class HardwareNode(LifecycleNode):
         # reads, diagnostics, graph checks) the scanner callback started p50 2.7 ms / max 360 ms after the
         # publication on a quiet machine (rclpy's Python dispatch over every entity of the process), and the
         # watchdog feed waited the same way (WATCHDOG trips at load 1). See docs/safety.md.
-        self._fast_node = Node(f'{self.get_name()}_interlock', namespace=self.get_namespace(),
-                               context=self.context, start_parameter_services=False)
+        self._fast_node = _InterlockNode(f'{self.get_name()}_interlock', namespace=self.get_namespace(),
+                                         context=self.context, start_parameter_services=False)
         self._fast_node.create_subscription(ScannerState, topics.SCANNER_STATE, self._on_scanner,
                                             qos.SCANNER_STATE, callback_group=MutuallyExclusiveCallbackGroup())
         self._fast_executor = SingleThreadedExecutor(context=self.context)
         self._fast_executor.add_node(self._fast_node)
         self._fast_spinner = BackgroundSpinner(self._fast_executor, name='hardware-interlock-executor')
         self._feed_timer = None
+        self._staleness_thread: Optional[SteadyPeriodicThread] = None
         self._last_feed: Optional[float] = None     # monotonic start of the last controller heartbeat
         self.feed_gap_max = 0.0                      # s, longest interval between two feeds (host stall)
         self.create_subscription(Bool, topics.SAFETY_MOTION_PERMITTED, self._on_permitted, qos.SAFETY_LATCHED,
@@ -281,8 +286,12 @@ class HardwareNode(LifecycleNode):
         self._hw_timers = [
             steady(self, 1.0 / self.p['publish_rate'], self._publish_state, callback_group=self._state_group),
             steady(self, 1.0 / self.p['heartbeat_rate'], self._beat, callback_group=self._state_group),
-            steady(self, 1.0 / self.p['interlock_rate'], self._interlock_tick, callback_group=self._interlock_group),
         ]
+        # The staleness check is a thread of its own on CLOCK_MONOTONIC, outside every executor: as a 100 Hz
+        # timer in the shared executor its wake-ups were most of the Python dispatch the scanner callback waits
+        # behind (the GIL; docs/safety.md), and in the interlock executor it sometimes did not run for a second.
+        self._staleness_thread = SteadyPeriodicThread(1.0 / self.p['interlock_rate'], self._interlock_tick,
+                                                      name='hardware-staleness-check')
         self._last_feed = None
         self._feed_timer = steady(self._fast_node, 1.0 / self.p['hardware_heartbeat_rate'], self._feed_watchdog,
                                   callback_group=self._watchdog_group)
@@ -433,6 +442,9 @@ class HardwareNode(LifecycleNode):
         for timer in self._hw_timers:
             self.destroy_timer(timer)
         self._hw_timers = []
+        if self._staleness_thread is not None:
+            self._staleness_thread.stop()       # before the interlock lock below: a tick may be waiting for it
+            self._staleness_thread = None
         if self._feed_timer is not None:
             self._fast_node.destroy_timer(self._feed_timer)
             self._feed_timer = None
@@ -510,6 +522,10 @@ class HardwareNode(LifecycleNode):
         with self._interlock_lock:
             self.interlock.on_supervisor_liveliness(info.alive_count > 0)
         self._update_interlock('supervisor liveliness')
+
+    def _staleness_late_max(self) -> float:
+        thread = self._staleness_thread
+        return thread.late_max if thread is not None else 0.0
 
     @_guarded(interlock=True)
     def _interlock_tick(self) -> None:
@@ -817,6 +833,7 @@ class HardwareNode(LifecycleNode):
                           watchdog_feed_gap_max_s=f'{self.feed_gap_max:.4f}',
                           scanner_gap_max_s=f'{self.scanner_gap_max[0]:.4f}',
                           scanner_gap_max_stamp_age_s=f'{self.scanner_gap_max[1]:.4f}',
+                          staleness_check_late_max_s=f'{self._staleness_late_max():.4f}',
                           interlock_reason=self.interlock_reason, faults=','.join(sorted(faults)),
                           **{f'shared_{k}': v for k, v in shared.stats.items()})
             if state is not None:

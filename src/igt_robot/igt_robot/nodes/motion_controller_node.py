@@ -159,7 +159,7 @@ class GoalRefused(Exception):
         self.code = code
 
 
-class MotionControllerNode(Node):
+class MotionControllerNode(common.LeanQosEvents, Node):
     def __init__(self, context=None, cli_args=None, **kwargs):
         super().__init__(NODE_NAME, context=context, cli_args=cli_args, **kwargs)
         self.p = declare(self, PARAMS)

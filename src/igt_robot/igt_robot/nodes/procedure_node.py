@@ -447,14 +447,14 @@ class ProcedureNode(Node):
             outcome = self._wf('tip_checked', '', operator_id)
             return outcome._replace(message=f'{not_found}; {outcome.message}' + (f'; HELD: {moved}' if moved else ''))
         outcome = self._wf('tip_checked', f'{check.error:.5f}', operator_id)
-        if moved:
-            # No advice on a plan the patient has moved away from: the operator decides first.
-            return outcome._replace(message=f'{outcome.message}; HELD: {moved}; accept_motion or abort')
         try:
+            # Also after a reported motion: where the target is now and the expected error are what the
+            # operator decides on (accept_motion or abort); nothing advances until then.
             advice = self._closed_loop_step(acquisition, check)
         except Exception as exc:  # noqa: BLE001 -- the closed loop advises; it never fails the scan
             advice = f'closed loop unavailable ({exc}); plan unchanged'
-        return outcome._replace(message=f'{outcome.message}; next: {advice}')
+        held = f'; HELD: {moved}; accept_motion or abort' if moved else ''
+        return outcome._replace(message=f'{outcome.message}; next: {advice}{held}')
 
     def _check_target_motion(self, acquisition, operator_id) -> str:
         """Compare a later scan with the planning scan around the target (rigid registration, both in memory).
@@ -862,7 +862,7 @@ class ProcedureNode(Node):
 
     # ----------------------------------------------------------------- control-process liveness
     def _watch_control_process(self, group) -> None:
-        """Loss of the control process is seen here within one heartbeat timeout: an event, a console line,
+        """Loss of the control process is seen here within the heartbeat timeout + two ticks: an event, a console line,
         waiting goals end, steps are refused with the reason (until the heartbeats are back)."""
         self.control_lost: Optional[str] = None
         self.control_lost_since = 0.0                      # monotonic time of the loss

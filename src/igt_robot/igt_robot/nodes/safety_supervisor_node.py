@@ -91,7 +91,7 @@ _EVENT_KINDS = {EventKind.TRANSITION: 'safety_transition', EventKind.FAULT_RAISE
 _STOPPED_HARD = (SafetyState.FAULT, SafetyState.ESTOP)
 
 
-class SafetySupervisorNode(Node):
+class SafetySupervisorNode(common.LeanQosEvents, Node):
     """Thin rclpy adapter of :class:`igt_robot.safety.SafetySupervisor`; see the module docstring."""
 
     def __init__(self, context=None, cli_args=None, **kwargs):

@@ -199,7 +199,7 @@ class IgtlClientLink:
                 self._on_message(message)
 
 
-class ScannerInterfaceNode(Node):
+class ScannerInterfaceNode(common.LeanQosEvents, Node):
     """Publishes the scanner phase; see the module docstring.
 
     ``serial_factory(port_name)`` opens the trigger port (default

@@ -36,3 +36,9 @@ PROCEDURE_EVENTS = '/procedure/events'
 PROCEDURE_COMMAND = '/procedure/command'
 PROCEDURE_TARGET = '/procedure/target'
 PROCEDURE_ENTRY = '/procedure/entry'
+
+# Nodes of the full stack whose /heartbeat the supervisor requires for motion (safety_supervisor
+# motion_heartbeats): no motion without the record (recorder_node) and the workflow (procedure_node).
+# Set by every launcher of the full stack (igt_robot.demo, launch/igt_stack.launch.py); the control nodes
+# alone (tests, `--profile safety`) move without them.
+WORKFLOW_HEARTBEAT_NODES = ('recorder_node', 'procedure_node')

@@ -5,7 +5,9 @@ demo operator gives the confirmations (each recorded with its operator id, which
 says it was automatic) and the explicit resume after every scan. One unexpected
 scan arrives in the middle of an insertion step: the interlock stops the needle,
 the step is reported interrupted, a control scan locates the tip, and the
-insertion continues only after the operator resumes.
+insertion continues only after the operator resumes. When a scan shows the
+lesion moved beyond the motion tolerance (breathing, the needle's push), the
+demo operator accepts the motion (recorded) and the closed loop follows it.
 """
 from __future__ import annotations
 
@@ -50,6 +52,13 @@ def run_demo(node) -> dict:
             _say(f'resume               ok  (operator resumes motion: {reply.message})')
         _wait(lambda: _settled(node.safety) and node.safety.motion_permitted, 30, 'motion permission')
 
+    def accept_reported_motion():
+        """The simulated lesion moves between breath-holds and ahead of the needle: beyond the motion
+        tolerance the workflow holds, and the demo operator goes on, the closed loop having found the
+        lesion again (a real operator may abort instead)."""
+        if node.workflow.context.motion_hold:
+            step('accept_motion', 'demo: the closed loop follows the moved lesion')
+
     _say(f'simulated {node.p["modality"]} procedure {node.procedure_id}: target '
          f'{np.round(node.target * 1e3, 1).tolist()} mm (scanner LPS), record in {node.record_dir}')
     _wait(lambda: node.robot is not None and _settled(node.safety), 60,
@@ -83,6 +92,7 @@ def run_demo(node) -> dict:
         if not outcome.accepted and 'interrupted' not in outcome.message:
             raise DemoFailed(f'insert_step: {outcome.message}')
         step('control_scan')
+        accept_reported_motion()
         if node._insertion() >= full - 0.0003:
             step('done')
             break
@@ -90,6 +100,7 @@ def run_demo(node) -> dict:
             raise DemoFailed('the insertion did not reach its planned depth')
         step('confirm_next')
     step('confirmation_scan')
+    accept_reported_motion()
     step('report')
     final = node.state.tips[-1][1]
     summary = {

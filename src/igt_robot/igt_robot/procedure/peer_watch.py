@@ -2,10 +2,13 @@
 
 The procedure node feeds every /heartbeat (frame_id = node name) and ticks with its monotonic time.
 The control process counts as lost when every watched node that has been seen is silent for longer
-than ``timeout`` (the supervisor's heartbeat timeout): a dead process silences all of them at once,
-while one silent node in a live process is the supervisor's HEARTBEAT_LOST fault (shown in its status),
-not a lost process. The workflow then ends waiting goals and refuses steps with the reason, and
-reports the loss once (and the return once).
+than ``timeout`` (the supervisor's heartbeat timeout) at two consecutive ticks with no heartbeat
+arriving in between (the supervisor's rule, ``safety/supervisor.py``: after a stall of this process
+its executor runs the due tick before the heartbeats that queued meanwhile; the first tick would
+judge messages that are already there). Detection bound: timeout + two tick periods. A dead
+process silences all of them at once, while one silent node in a live process is the supervisor's
+HEARTBEAT_LOST fault (shown in its status), not a lost process. The workflow then ends waiting goals
+and refuses steps with the reason, and reports the loss once (and the return once).
 """
 from __future__ import annotations
 
@@ -28,10 +31,13 @@ class HeartbeatWatch:
         self.timeout = float(timeout)
         self._last: Dict[str, Optional[float]] = {str(n): None for n in names}
         self.lost_reason: Optional[str] = None
+        self._suspected = False              # the last tick saw every seen node silent
+        self._beats_since_tick = 0
 
     def beat(self, name: str, now: float) -> None:
         if name in self._last:
             self._last[name] = now
+            self._beats_since_tick += 1
 
     def silent(self, now: float) -> Tuple[Tuple[str, float], ...]:
         return tuple((n, now - t) for n, t in self._last.items() if t is not None and now - t > self.timeout)
@@ -42,7 +48,9 @@ class HeartbeatWatch:
         silent = self.silent(now)
         if len(silent) < seen or not seen:
             silent = ()
-        if silent and self.lost_reason is None:
+        confirmed = bool(silent) and self._suspected and self._beats_since_tick == 0
+        self._suspected, self._beats_since_tick = bool(silent), 0
+        if confirmed and self.lost_reason is None:
             names = ', '.join(f'{n} ({s:.1f} s)' for n, s in silent)
             self.lost_reason = f'control process lost: no heartbeat from {names} (timeout {self.timeout:g} s)'
             return LivenessChange(True, self.lost_reason)
