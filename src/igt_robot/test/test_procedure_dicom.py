@@ -88,25 +88,27 @@ def test_a_requested_scan_that_never_arrives_fails_the_step_with_the_reason(grap
     assert outcome.step == 'LOAD_PLANNING_SCAN'
 
 
-def test_stop_withdraws_a_scan_request(graph, tmp_path):
+def awaiting_the_planning_scan(graph, tmp_path):
+    """A node whose load_planning_scan (in a thread) waits for a series that does not come: (node, outcome, thread);
+    ``outcome['r']`` is the step's result once the thread has ended."""
     node = procedure_node(graph, tmp_path, scan_wait_timeout=600.0)
     node.command('start', '', 'op')
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.update(r=node.command('load_planning_scan', '', 'op')))
     worker.start()
     testing.wait_for(lambda: node._scan_wait.is_set(), 10, 'the scan to be awaited')
+    return node, outcome, worker
+
+
+def test_stop_withdraws_a_scan_request(graph, tmp_path):
+    node, outcome, worker = awaiting_the_planning_scan(graph, tmp_path)
     assert 'scan request withdrawn' in node.command('stop', '', 'op').message
     worker.join(10)
     assert not outcome['r'].accepted and 'withdrawn' in outcome['r'].message
 
 
 def test_abort_takes_effect_while_a_scan_request_is_pending(graph, tmp_path):
-    node = procedure_node(graph, tmp_path, scan_wait_timeout=600.0)
-    node.command('start', '', 'op')
-    outcome = {}
-    worker = threading.Thread(target=lambda: outcome.update(r=node.command('load_planning_scan', '', 'op')))
-    worker.start()
-    testing.wait_for(lambda: node._scan_wait.is_set(), 10, 'the scan to be awaited')
+    node, outcome, worker = awaiting_the_planning_scan(graph, tmp_path)
     aborted = node.command('abort', 'patient moved', 'op')
     assert aborted.accepted and aborted.step == 'ABORTED', aborted.message
     assert 'scan request withdrawn' in aborted.message
