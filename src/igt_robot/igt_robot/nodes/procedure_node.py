@@ -445,7 +445,7 @@ class ProcedureNode(Node):
             # step (the confirmation scan must find it).
             self._event('tip_not_found', str(not_found), severity=ProcedureEvent.WARN, scan_id=acquisition.scan_id)
             outcome = self._wf('tip_checked', '', operator_id)
-            return outcome._replace(message=f'{not_found}; {outcome.message}' + (f'; HELD: {moved}' if moved else ''))
+            return outcome._replace(message=f'{not_found}; {outcome.message}{_held(moved)}')
         outcome = self._wf('tip_checked', f'{check.error:.5f}', operator_id)
         try:
             # Also after a reported motion: where the target is now and the expected error are what the
@@ -453,8 +453,7 @@ class ProcedureNode(Node):
             advice = self._closed_loop_step(acquisition, check)
         except Exception as exc:  # noqa: BLE001 -- the closed loop advises; it never fails the scan
             advice = f'closed loop unavailable ({exc}); plan unchanged'
-        held = f'; HELD: {moved}; accept_motion or abort' if moved else ''
-        return outcome._replace(message=f'{outcome.message}; next: {advice}{held}')
+        return outcome._replace(message=f'{outcome.message}; next: {advice}{_held(moved)}')
 
     def _check_target_motion(self, acquisition, operator_id) -> str:
         """Compare a later scan with the planning scan around the target (rigid registration, both in memory).
@@ -533,8 +532,7 @@ class ProcedureNode(Node):
         moved = self._check_target_motion(acquisition, operator_id)
         check = self._check_tip(acquisition)
         outcome = self._wf('confirmation_scan_done', f'{acquisition.scan_id}: {check.describe()}', operator_id)
-        return outcome._replace(message=f'{outcome.message}; HELD: {moved}; accept_motion or abort') if moved \
-            else outcome
+        return outcome._replace(message=f'{outcome.message}{_held(moved)}')
 
     def _cmd_start(self, arg, operator_id):
         """Preflight: no procedure without the free space its record needs (docs/record.md, "Disk space")."""
@@ -895,6 +893,11 @@ class ProcedureNode(Node):
     def destroy_node(self):
         self.source.stop()      # closes the DICOM port / folder watch; what arrived stays on disk
         return super().destroy_node()
+
+
+def _held(moved: str) -> str:
+    """What a scan's answer adds when the target moved (``moved``: the reason, '' when it did not)."""
+    return f'; HELD: {moved}; accept_motion or abort' if moved else ''
 
 
 def exit_code(node: Optional['ProcedureNode']) -> int:
