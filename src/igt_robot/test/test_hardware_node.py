@@ -372,6 +372,41 @@ def test_the_staleness_check_runs_while_the_shared_executor_does_not_spin_the_no
         graph.executor.add_node(node)
 
 
+def test_the_watchdog_feed_runs_while_no_executor_spins_the_node(active_node, graph):
+    """The controller watchdog feed is a thread of its own: not a timer in the interlock executor, where a
+    scanner message arriving during a feed waited for its serial transaction (docs/safety.md)."""
+    node = active_node
+    feeds = []
+    real_heartbeat = node.shared.heartbeat
+    node.shared.heartbeat = lambda: (feeds.append(time.monotonic()), real_heartbeat())
+    graph.executor.remove_node(node)
+    node._fast_spinner.stop()                             # the interlock executor does not spin either
+    try:
+        testing.wait_for(lambda: len(feeds) >= 5, 10, 'five watchdog feeds with no executor spinning')
+    finally:
+        graph.executor.add_node(node)
+    assert list(node._fast_node.timers) == []             # the interlock executor has only the scanner
+
+
+def test_scanner_samples_reach_the_relay_after_the_drive_was_commanded(active_node, probe):
+    """The motion controller's interlock gets the hardware node's samples in-process (safety.scanner_relay),
+    after the hardware node has acted on them: the relay never delays the inhibit."""
+    node = active_node
+    release_interlock(node, probe)
+    seen = []
+
+    def listener(sample):
+        seen.append((sample.phase.name, sample.node, hw_inhibited(node)))
+    node.scanner_relay.subscribe(listener)
+    try:
+        probe.send_scanner(ScannerState.PHASE_ACQUIRING)
+        testing.wait_for(lambda: any(phase == 'ACQUIRING' for phase, _, _ in seen), 10, 'the relayed ACQUIRING')
+    finally:
+        node.scanner_relay.unsubscribe(listener)
+    phase, source, inhibited_then = next(entry for entry in seen if entry[0] == 'ACQUIRING')
+    assert source == '/probe' and inhibited_then
+
+
 def test_frozen_scanner_heartbeat_counts_as_stale(active_node, probe):
     node = active_node
     release_interlock(node, probe)

@@ -14,8 +14,9 @@ results -> action results, tracking and hardware faults -> /safety/faults,
 stream status -> action feedback and /diagnostics.
 
 Motion permission (one method, :meth:`_create_permission_inputs`): the
-supervisor's latched gate, the scanner not imaging, and the drive's own inhibit
-released. When it drops, the executor sends STOP (the controller ramps each axis
+supervisor's latched gate, the scanner not imaging (the samples the hardware node
+receives, relayed in-process: :mod:`igt_robot.safety.scanner_relay`), and the drive's
+own inhibit released. When it drops, the executor sends STOP (the controller ramps each axis
 down at its own deceleration limit) and the goal ends with INTERLOCK. One goal
 at a time: a second goal is rejected while one is active (``goal_policy:
 reject``) or preempts it (``preempt``), explicitly.
@@ -50,10 +51,12 @@ from igt_robot.kinematics import NeedleGuideKinematics
 from igt_robot.nodes import common, qos, topics
 from igt_robot.nodes.params import Param, declare
 from igt_robot.robot_model import load_robot_model
+from igt_robot.safety import scanner_relay
 from igt_robot.safety.interlock import Interlock, InterlockConfig
+from igt_robot.safety.scanner_relay import ScannerSample
 from igt_robot.trajectory import JointLimits
 from igt_robot_msgs.action import InsertNeedle, MoveGuide
-from igt_robot_msgs.msg import ProcedureEvent, RegistrationResult, SafetyStatus, ScannerState
+from igt_robot_msgs.msg import ProcedureEvent, RegistrationResult, SafetyStatus
 
 NODE_NAME = 'motion_controller'
 GIL_SWITCH_INTERVAL = 0.001     # s, see _attach_hardware_locked
@@ -230,8 +233,11 @@ class MotionControllerNode(common.LeanQosEvents, Node):
                                  callback_group=permission_group)
         self.create_subscription(SafetyStatus, topics.SAFETY_STATUS, self._on_status, qos.SAFETY_LATCHED,
                                  callback_group=permission_group)
-        self.create_subscription(ScannerState, topics.SCANNER_STATE, self._on_scanner, qos.SCANNER_STATE,
-                                 callback_group=permission_group)
+        # The scanner state comes from the hardware node this controller drives (same process, its interlock
+        # thread, after it has commanded the drive): a second subscription here woke the shared executor at the
+        # moment that thread needed the interpreter lock (igt_robot.safety.scanner_relay).
+        self._scanner_relay = scanner_relay.relay_for(self.p['hardware_node'])
+        self._scanner_relay.subscribe(self._on_scanner)
         common.create_steady_timer(self, 0.5, self._check_graph, callback_group=permission_group)
 
     def _on_permitted(self, msg: Bool, info):
@@ -241,12 +247,9 @@ class MotionControllerNode(common.LeanQosEvents, Node):
     def _on_status(self, msg: SafetyStatus):
         self.permission.supervisor_reason = msg.reason or msg.state
 
-    def _on_scanner(self, msg: ScannerState, info):
-        publisher, name = self._scanner_names.lookup(info)
-        now = time.monotonic()
-        stamp = common.monotonic_from_stamp(self, msg.header.stamp)
-        self.permission.update(lambda lock: lock.on_scanner(publisher, name, common.phase_from_msg(msg.phase),
-                                                            msg.heartbeat, now, None if stamp is None else now - stamp))
+    def _on_scanner(self, sample: ScannerSample):
+        self.permission.update(lambda lock: lock.on_scanner(sample.publisher, sample.node, sample.phase,
+                                                            sample.heartbeat, sample.received, sample.stamp_age))
 
     def _check_graph(self):
         """Foreign publishers that left stop blocking (the hardware node reports them to the supervisor)."""
@@ -561,6 +564,7 @@ class MotionControllerNode(common.LeanQosEvents, Node):
             self.loop.stop()
 
     def destroy_node(self):
+        self._scanner_relay.unsubscribe(self._on_scanner)
         self.on_bringup_shutdown()
         return super().destroy_node()
 
