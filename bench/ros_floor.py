@@ -8,8 +8,8 @@ over N messages, RELIABLE QoS as the interlock path uses. Later benchmarks
 (bench/interlock.py) call :func:`measure_dds_floor` in the same run to compare.
 """
 import argparse
-import os
 import pathlib
+import random
 import sys
 import tempfile
 import time
@@ -55,8 +55,12 @@ def run_peer() -> int:
     return 0
 
 
-def measure_dds_floor(count: int = 1000, env: dict = None, log_dir: pathlib.Path = None):
-    """Round-trip and one-way latencies (seconds) of ``count`` pings to a peer process."""
+def measure_dds_floor(count: int = 1000, env: dict = None, log_dir: pathlib.Path = None, gap_s=None):
+    """Round-trip and one-way latencies (seconds) of ``count`` pings to a peer process.
+
+    ``gap_s``: (low, high) -- each ping waits a uniform random time in that range after the previous
+    pong, as events that arrive at an idle receiver do (its threads asleep); None: back to back.
+    """
     log_dir = pathlib.Path(log_dir or tempfile.mkdtemp(prefix='ros_floor_'))
     env = env or testing.isolated_ros_env(log_dir / 'ros_log')
     testing.apply_env(env)
@@ -76,7 +80,10 @@ def measure_dds_floor(count: int = 1000, env: dict = None, log_dir: pathlib.Path
         testing.wait_for(lambda: ping.get_subscription_count() > 0 and node.count_publishers('/floor/pong') > 0,
                          30, 'the floor peer', on_poll=lambda: executor.spin_once(timeout_sec=0.01))
         rtt, one_way = [], []
+        rng = random.Random(count)
         for i in range(count + 20):  # the first 20 warm the path up and are not counted
+            if gap_s is not None:
+                time.sleep(rng.uniform(*gap_s))
             msg = Header()
             sent = time.monotonic_ns()
             _stamp(msg, sent)
