@@ -207,11 +207,10 @@ class HardwareNode(common.LeanQosEvents, LifecycleNode):
                                                    callback_group=self._state_group)
         self.heartbeat.stop()
 
-        # The scanner -> drive path and the controller watchdog feed run in an executor of their own, on a
-        # thread of their own, with nothing else in it: in the shared executor (motion controller, state
-        # reads, diagnostics, graph checks) the scanner callback started p50 2.7 ms / max 360 ms after the
-        # publication on a quiet machine (rclpy's Python dispatch over every entity of the process), and the
-        # watchdog feed waited the same way (WATCHDOG trips at load 1). See docs/safety.md.
+        # The scanner -> drive path runs in an executor of its own, on a thread of its own, with nothing else
+        # in it: in the shared executor (motion controller, state reads, diagnostics, graph checks) the scanner
+        # callback started p50 2.7 ms / max 360 ms after the publication on a quiet machine (rclpy's Python
+        # dispatch over every entity of the process). See docs/safety.md.
         self.scanner_relay = scanner_relay.relay_for(self.get_name())
         self.scanner_relay.on_error = self._on_relay_error
         self._fast_node = _InterlockNode(f'{self.get_name()}_interlock', namespace=self.get_namespace(),
@@ -295,13 +294,13 @@ class HardwareNode(common.LeanQosEvents, LifecycleNode):
         self._staleness_thread = SteadyPeriodicThread(1.0 / self.p['interlock_rate'], self._interlock_tick,
                                                       name='hardware-staleness-check')
         self._last_feed = None
-        # The watchdog feed is a thread of its own too: as a timer in the interlock executor, a scanner message
-        # arriving during a feed (a serial transaction, waiting behind the one on the line) waited for it; that
-        # was most of the interlock latency's tail (p99 5.7 ms from publication to the callback).
+        # The watchdog feed is a thread of its own too: in the shared executor it waited behind its dispatch
+        # (WATCHDOG trips at load 1), and as a timer in the interlock executor a scanner message arriving during
+        # a feed (a serial transaction, waiting behind the one on the line) waited for it (docs/safety.md).
         self._feed_thread = SteadyPeriodicThread(1.0 / self.p['hardware_heartbeat_rate'], self._feed_watchdog,
                                                  name='hardware-watchdog-feed')
-        # A configure from outside the executor (bringup's autostart) must not leave the new timers out of a
-        # wait already under way: the watchdog feed would start up to one wait timeout late (a WATCHDOG trip).
+        # A configure from outside the executor (bringup's autostart) must not leave the new timers (state
+        # publication, heartbeat) out of a wait already under way: they would start up to one wait timeout late.
         executor = self.executor
         if executor is not None:
             executor.wake()
