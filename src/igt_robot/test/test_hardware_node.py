@@ -289,6 +289,22 @@ def test_publishes_from_the_control_loop_cache_when_a_loop_runs(graph, probe):
     assert node.trigger_cleanup() == SUCCESS
 
 
+def test_configure_shortens_the_interpreter_switch_interval(graph):
+    """The node's threads and a simulated controller's catch-up stepping wait for the interpreter lock many
+    times a second: hosted in a process left at CPython's 5 ms default, a configured node shortens it."""
+    import sys
+    from igt_robot.nodes import spinning
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    try:
+        node = make_node(graph)
+        assert node.trigger_configure() == SUCCESS
+        assert sys.getswitchinterval() == pytest.approx(spinning.GIL_SWITCH_INTERVAL_S, abs=2e-6)
+        assert node.trigger_cleanup() == SUCCESS
+    finally:
+        sys.setswitchinterval(min(before, sys.getswitchinterval()))
+
+
 def test_heartbeat_only_while_active(graph, probe):
     node = make_node(graph)
     assert node.trigger_configure() == SUCCESS

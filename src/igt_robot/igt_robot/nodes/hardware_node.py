@@ -66,7 +66,7 @@ from igt_robot.hardware.interface import HardwareError, HardwareFault, HardwareS
 from igt_robot.kinematics import NeedleGuideKinematics
 from igt_robot.nodes import common, qos, topics
 from igt_robot.nodes.params import Param, declare
-from igt_robot.nodes.spinning import BackgroundSpinner, SteadyPeriodicThread
+from igt_robot.nodes.spinning import BackgroundSpinner, SteadyPeriodicThread, shorten_gil_switch_interval
 from igt_robot.robot_model import load_robot_model
 from igt_robot.safety import operator_session, scanner_relay
 from igt_robot.safety.scanner_relay import ScannerSample
@@ -284,6 +284,9 @@ class HardwareNode(common.LeanQosEvents, LifecycleNode):
         self.last_failure = ''
         self._own_read_time = -math.inf
         steady = common.create_steady_timer
+        # The threads below and a simulated controller's catch-up stepping each wait for the interpreter lock
+        # many times a second: this process must hand it over quickly, whoever hosts the node.
+        shorten_gil_switch_interval()
         self._hw_timers = [
             steady(self, 1.0 / self.p['publish_rate'], self._publish_state, callback_group=self._state_group),
             steady(self, 1.0 / self.p['heartbeat_rate'], self._beat, callback_group=self._state_group),

@@ -48,7 +48,7 @@ from igt_robot.control.tracking import TrackingMonitor
 from igt_robot.hardware import shared as shared_hardware
 from igt_robot.hardware.interface import HardwareError
 from igt_robot.kinematics import NeedleGuideKinematics
-from igt_robot.nodes import common, qos, topics
+from igt_robot.nodes import common, qos, spinning, topics
 from igt_robot.nodes.params import Param, declare
 from igt_robot.robot_model import load_robot_model
 from igt_robot.safety import scanner_relay
@@ -59,7 +59,6 @@ from igt_robot_msgs.action import InsertNeedle, MoveGuide
 from igt_robot_msgs.msg import ProcedureEvent, RegistrationResult, SafetyStatus
 
 NODE_NAME = 'motion_controller'
-GIL_SWITCH_INTERVAL = 0.001     # s, see _attach_hardware_locked
 
 # Read at start-up only, hence read-only: a parameter never reports a value that is not in force.
 PARAMS = [
@@ -289,12 +288,9 @@ class MotionControllerNode(common.LeanQosEvents, Node):
         with self.motion_lock:
             self.motion.hw = hardware
         # The controller servos; this loop only keeps its buffer ahead, so an ordinary thread on the
-        # steady clock is enough (no busy spin, no real-time priority). But CPython hands the GIL between
-        # threads only every sys.getswitchinterval() (5 ms by default), and with the executor's threads
-        # all wanting it a waiting thread can queue for many intervals: measured in-process with the safety
-        # stack on a shared 2-core machine, the streaming cycle's period error p99 was 86 ms at 5 ms and
-        # 8 ms at 1 ms (the hardware node's callbacks in this process wait the same way).
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
+        # steady clock is enough (no busy spin, no real-time priority), provided a waiting thread gets the
+        # interpreter lock soon (spinning.shorten_gil_switch_interval has the measurements).
+        spinning.shorten_gil_switch_interval()
         self.loop = FixedRateLoop(self._cycle, rate_hz=self.p['stream_rate'], name='motion_stream_loop')
         self.loop.start()
         self.get_logger().info(f"trajectory streaming at {self.p['stream_rate']:g} Hz, look-ahead "

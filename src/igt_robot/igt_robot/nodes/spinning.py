@@ -38,6 +38,25 @@ def shutdown_executor(executor, timeout_sec: float = 3.0) -> None:
 GIL_SWITCH_INTERVAL_S = 0.0005    # CPython's default is 5 ms
 
 
+def shorten_gil_switch_interval() -> None:
+    """Make a thread holding the interpreter lock hand it over within 0.5 ms, not 5 ms, when another asks.
+
+    Process-wide, and only ever shortened (a process that chose a shorter one keeps it). Every node whose
+    threads have deadlines calls it when it starts them, so it holds however the node is hosted (its own
+    console script, bringup, a test graph). Why it matters here, measured:
+
+    * MuJoCo's bindings release the lock inside every ``mj_step``, and the simulated controller is caught
+      up one physics step (1 ms) at a time, so each step asks for the lock back. With one busy Python
+      thread in the process, 100 steps took 339 ms at 5 ms and 0.4 ms at 0.5 ms; in a test process
+      (default interval, the test graph's executor busy) single steps waited up to 0.5 s while the
+      backend lock was held, and the hardware node's other threads waited behind it.
+    * The streaming cycle's period error p99 was 86 ms at 5 ms and 8 ms at 1 ms (safety stack in one
+      process, shared 2-core machine); scanner state publication gaps under the stress load were worst
+      171 ms at 5 ms and 130 ms at 0.5 ms.
+    """
+    sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
+
+
 def settle_for_spinning() -> None:
     """Process-wide settings for a process whose threads have deadlines; called by an entry point after
     its nodes are built and before it spins.
@@ -46,14 +65,11 @@ def settle_for_spinning() -> None:
       walks every live object, and a control process holds hundreds of thousands from its imports
       (rclpy, numpy, MuJoCo); full collections of 100-224 ms were measured under the stress load, each
       stopping every thread of the process. Frozen objects are still freed by reference counting.
-    * A thread holding the interpreter lock hands it over within 0.5 ms, not 5 ms, when another thread
-      asks: the scanner heartbeat thread and the interlock thread wait behind the executor's Python
-      dispatch otherwise. Measured (scanner state publication gaps, 100 ms period, stress load):
-      worst 171 ms at the default, 130 ms at 0.5 ms.
+    * The short interpreter-lock switch interval (:func:`shorten_gil_switch_interval`).
     """
     gc.collect()
     gc.freeze()
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    shorten_gil_switch_interval()
 
 
 class BackgroundSpinner:
