@@ -120,7 +120,10 @@ class SpinningGraph:
         rclpy.init(context=self.context)
         self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
         self._nodes = []
-        from igt_robot.nodes.spinning import BackgroundSpinner
+        from igt_robot.nodes.spinning import BackgroundSpinner, shorten_gil_switch_interval
+        # The nodes hosted here get the interpreter settings an entry point gives them (at CPython's 5 ms
+        # default a test process's probes and nodes wait for each other's threads far longer than in use).
+        shorten_gil_switch_interval()
         self._spinner = BackgroundSpinner(self.executor, name='spinning-graph')
 
     def add(self, node):
