@@ -4,6 +4,7 @@ import pytest
 
 from igt_robot import frames
 from igt_robot.imaging import ImageError, find_needle
+from igt_robot.imaging.needle import locate_needle
 from igt_robot.imaging.phantom import (CT_VALUES, LABELS, PhantomSpec, Tube, make_phantom, registration_case,
                                        rotation_from_euler_deg)
 from igt_robot.imaging.zframe_model import rod_segments_in
@@ -142,6 +143,48 @@ def test_find_needle_within_1mm(modality, spacing, shape, direction, oblique):
     # with an expectation it finds the same needle
     tip2, dir2 = find_needle(vol, expected_tip=tip + 0.003, expected_direction=d)
     assert np.linalg.norm(tip2 - tip) < 1.0e-3
+
+
+# Confirmation-scan geometry (simulation/scenario.py): 1 mm pixels, 1.5 mm slices.
+CONFIRMATION_SPACING = (0.001, 0.001, 0.0015)
+
+
+def _needle_between_slices(direction, slice_fraction):
+    """A CT confirmation-like image of a straight needle whose tip lies ``slice_fraction`` of a slice
+    above a slice centre (the through-plane sub-voxel pose); returns (volume, true tip, unit direction)."""
+    d = np.asarray(direction, float) / np.linalg.norm(direction)
+
+    def image(tip):
+        return make_phantom(PhantomSpec(modality='CT', spacing_m=CONFIRMATION_SPACING, shape_kji=(40, 90, 90),
+                                        center_m=(0.0, -0.05, 0.0), needle_tip_m=tip, needle_direction=d,
+                                        seed=21))[0]
+    slice_z = image(np.array([0.0004, -0.04, 0.0])).index_to_scanner(np.array([[0.0, 0.0, 0.0]]))[0, 2]
+    z = slice_z + np.round(-slice_z / CONFIRMATION_SPACING[2]) * CONFIRMATION_SPACING[2]
+    tip = np.array([0.0004, -0.04, z + slice_fraction * CONFIRMATION_SPACING[2]])
+    return image(tip), tip, d
+
+
+def _lateral(offset, d):
+    return float(np.linalg.norm(offset - (offset @ d) * d))
+
+
+# Bounds: the centre line fitted to the voxels above half the line's peak (before the tube centroid) missed
+# by 0.30 / 0.50 mm (flat: the needle shows above the cut in one slice only) and 0.05 / 0.06 mm (oblique).
+@pytest.mark.parametrize('direction, slice_fraction, bound_mm', [
+    ((0.3, 0.95, 0.0), 0.2, 0.2),       # flat in a slice, 0.3 mm above its centre
+    ((0.3, 0.95, 0.0), 0.33, 0.2),      # flat, 0.5 mm above: halfway to the slice boundary
+    ((0.35, 0.85, 0.4), 0.2, 0.03),     # oblique through the slices
+    ((0.35, 0.85, 0.4), 0.33, 0.03),
+])
+def test_needle_centre_line_is_not_pulled_into_the_nearest_slice(direction, slice_fraction, bound_mm):
+    vol, tip, d = _needle_between_slices(direction, slice_fraction)
+    found = locate_needle(vol, tip + 0.002, d, max_offset_m=0.012)
+    # across the needle (mostly through-plane): the tip and the whole fitted centre line
+    assert _lateral(found.tip - tip, d) < bound_mm * 1e-3
+    assert max(_lateral(p - tip, d) for p in found.curve) < bound_mm * 1e-3
+    # along it, the half-maximum crossing (not changed by the tube centroid): within half a slice
+    assert abs(float((found.tip - tip) @ d)) < 0.5e-3
+    assert found.direction @ d > np.cos(np.radians(1.0))
 
 
 def test_find_needle_absent_or_elsewhere():
