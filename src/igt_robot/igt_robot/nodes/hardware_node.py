@@ -66,7 +66,8 @@ from igt_robot.hardware.interface import HardwareError, HardwareFault, HardwareS
 from igt_robot.kinematics import NeedleGuideKinematics
 from igt_robot.nodes import common, qos, topics
 from igt_robot.nodes.params import Param, declare
-from igt_robot.nodes.spinning import BackgroundSpinner, SteadyPeriodicThread, shorten_gil_switch_interval
+from igt_robot.nodes.spinning import (INTERLOCK_GIL_SWITCH_INTERVAL_S, BackgroundSpinner, SteadyPeriodicThread,
+                                     shorten_gil_switch_interval)
 from igt_robot.robot_model import load_robot_model
 from igt_robot.safety import operator_session, scanner_relay
 from igt_robot.safety.scanner_relay import ScannerSample
@@ -285,8 +286,9 @@ class HardwareNode(common.LeanQosEvents, LifecycleNode):
         self._own_read_time = -math.inf
         steady = common.create_steady_timer
         # The threads below and a simulated controller's catch-up stepping each wait for the interpreter lock
-        # many times a second: this process must hand it over quickly, whoever hosts the node.
-        shorten_gil_switch_interval()
+        # many times a second, the scanner -> drive interlock thread first of all: this process must hand it
+        # over quickly, whoever hosts the node.
+        shorten_gil_switch_interval(INTERLOCK_GIL_SWITCH_INTERVAL_S)
         self._hw_timers = [
             steady(self, 1.0 / self.p['publish_rate'], self._publish_state, callback_group=self._state_group),
             steady(self, 1.0 / self.p['heartbeat_rate'], self._beat, callback_group=self._state_group),

@@ -36,10 +36,16 @@ def shutdown_executor(executor, timeout_sec: float = 3.0) -> None:
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005    # CPython's default is 5 ms
+# The process that hosts the scanner -> drive interlock thread: its wake-up waits for the lock at every step
+# (wait, take, callback, serial write) while the stream loop and the executor threads hold it. Quiet machine,
+# bench/interlock.py, 1000 scanner events per run: at 0.5 ms p99 3.9 ms / max 12.7 ms, at 0.1 ms p99 2.3 ms /
+# max 4.8 ms (docs/safety.md has the runs and the cost).
+INTERLOCK_GIL_SWITCH_INTERVAL_S = 0.0001
 
 
-def shorten_gil_switch_interval() -> None:
-    """Make a thread holding the interpreter lock hand it over within 0.5 ms, not 5 ms, when another asks.
+def shorten_gil_switch_interval(interval_s: float = GIL_SWITCH_INTERVAL_S) -> None:
+    """Make a thread holding the interpreter lock hand it over within ``interval_s`` (0.5 ms, not CPython's
+    5 ms) when another asks.
 
     Process-wide, and only ever shortened (a process that chose a shorter one keeps it). Every node whose
     threads have deadlines calls it when it starts them, so it holds however the node is hosted (its own
@@ -54,7 +60,7 @@ def shorten_gil_switch_interval() -> None:
       process, shared 2-core machine); scanner state publication gaps under the stress load were worst
       171 ms at 5 ms and 130 ms at 0.5 ms.
     """
-    sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
+    sys.setswitchinterval(min(sys.getswitchinterval(), interval_s))
 
 
 def settle_for_spinning() -> None:
