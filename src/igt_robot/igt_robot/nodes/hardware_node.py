@@ -67,7 +67,7 @@ from igt_robot.kinematics import NeedleGuideKinematics
 from igt_robot.nodes import common, qos, topics
 from igt_robot.nodes.params import Param, declare
 from igt_robot.nodes.spinning import (INTERLOCK_GIL_SWITCH_INTERVAL_S, BackgroundSpinner, SteadyPeriodicThread,
-                                     shorten_gil_switch_interval)
+                                      shorten_gil_switch_interval)
 from igt_robot.robot_model import load_robot_model
 from igt_robot.safety import operator_session, scanner_relay
 from igt_robot.safety.scanner_relay import ScannerSample
