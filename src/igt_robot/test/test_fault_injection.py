@@ -181,7 +181,11 @@ class Stack:
 
     def restart_controller(self, *extra_args):
         """Stop the motion_controller process cleanly and start it again (with ``extra_args``)."""
+        # Even after a clean stop the test's graph may still list the old servers for a moment, and
+        # /robot/state still holds the old process's last sample: wait for the new process's own.
+        self._dead_servers = self.action_server_gids()
         self.procs['motion_controller'].stop()
+        self.probe.robot = None
         self.controller_args = tuple(extra_args)
         self.start('motion_controller')
         self.wait_controller_ready()
