@@ -349,6 +349,41 @@ def test_the_handler_stages_the_instance_itself_when_it_was_not_staged_as_it_arr
     assert not list(rx.storage_dir.rglob('*.part'))
 
 
+def test_an_association_polls_fast_while_instances_arrive_and_at_its_own_pace_when_quiet(tmp_path, monkeypatch):
+    """pynetdicom's reader sleeps 1 ms whenever it finds nothing to do, also before it sends each answer: while a
+    series arrives the receiver shortens that, and gives it back once the association has gone quiet."""
+    import types
+    from igt_robot.acquisition import dicom_receiver
+    seen = []
+    on_store = DicomReceiver._on_store
+
+    def recording(self, event):
+        seen.append(event.assoc.dul._run_loop_delay)
+        return on_store(self, event)
+    monkeypatch.setattr(DicomReceiver, '_on_store', recording)
+    rx = DicomReceiver(tmp_path / 'rx', port=0, modalities=('CT',), on_event=lambda kind, text, values: None)
+    rx.start()
+    try:
+        _, paths = write_ct(tmp_path / 'a')
+        assert store_files(paths, '127.0.0.1', rx.port) == [STATUS_SUCCESS] * SLICES
+    finally:
+        rx.stop()
+    assert seen == [dicom_receiver.FAST_POLL_S] * SLICES
+
+    # The hand-back, on an association that stays open (a stand-in: only its reader's delay matters here).
+    assoc = type('Association', (), {})()
+    assoc.dul = types.SimpleNamespace(_run_loop_delay=0.001)
+    p_data = types.SimpleNamespace(presentation_data_value_items=[
+        types.SimpleNamespace(presentation_data_value=b'\x01' + b'\x00' * 8, presentation_context_id=1)])
+    rx._on_pdu(types.SimpleNamespace(assoc=assoc, pdu=p_data))
+    assert assoc.dul._run_loop_delay == dicom_receiver.FAST_POLL_S
+    arrived = time.monotonic()
+    rx.relax_quiet_associations(arrived + dicom_receiver.FAST_POLL_QUIET_S / 2)
+    assert assoc.dul._run_loop_delay == dicom_receiver.FAST_POLL_S
+    rx.relax_quiet_associations(arrived + dicom_receiver.FAST_POLL_QUIET_S * 2)
+    assert assoc.dul._run_loop_delay == 0.001
+
+
 @pytest.mark.parametrize('instance_uid', ['1.2.3.4', '1.2.826.0.1.3680043.8.498.12345678901234567890123'])
 @pytest.mark.parametrize('transfer_syntax', ['1.2.840.10008.1.2.1', '1.2.840.10008.1.2', '1.2.840.10008.1.2.4.90'])
 def test_the_part10_header_is_what_pydicom_writes_for_pynetdicoms_file_meta(instance_uid, transfer_syntax):
