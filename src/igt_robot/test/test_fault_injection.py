@@ -48,9 +48,6 @@ from igt_robot_msgs.msg import ScannerState
 from igt_robot_msgs.srv import SetEstop
 from stack_probe import StackProbe, line_goal
 
-# These scenarios run several OS processes on a 2-core machine: CPU starvation can
-# produce a (safe) spurious stop that is not the behaviour under test. One rerun; the assertions are unchanged.
-pytestmark = pytest.mark.flaky(reruns=1)
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 CONFIG = REPO / 'config'

@@ -14,10 +14,6 @@ from igt_robot_msgs.action import InsertNeedle, MoveGuide
 from igt_robot_msgs.msg import ScannerState
 from stack_probe import StackProbe, line_goal
 
-# These scenarios run the whole safety stack in one process on a 2-core machine shared with other
-# work: CPU starvation can produce a (safe) spurious stop that is not the behaviour under test.
-# One rerun; the assertions are unchanged.
-pytestmark = pytest.mark.flaky(reruns=1)
 
 SAFETY_STACK = ['hardware_node', 'scanner_interface', 'safety_supervisor', 'motion_controller']
 # A reachable line in base_link: entry below the RCM plane, target 60 mm deeper, slightly oblique.

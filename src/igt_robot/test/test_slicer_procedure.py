@@ -17,10 +17,6 @@ from igt_robot.demo import _control_process  # noqa: E402
 from igt_robot.igtl import StatusCode  # noqa: E402
 from igt_robot.safety.operator_session import issue_session  # noqa: E402
 
-# These scenarios run several OS processes and a 1 kHz loop on a 2-core machine: CPU starvation can
-# produce a (safe) spurious stop that is not the behaviour under test. One rerun; the assertions are unchanged.
-pytestmark = pytest.mark.flaky(reruns=1)
-
 
 @pytest.fixture
 def stack(run_dir):
