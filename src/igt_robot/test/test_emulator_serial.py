@@ -699,6 +699,21 @@ def test_emulator_exits_when_its_parent_dies():
             os.kill(pid, signal.SIGKILL)
 
 
+def test_the_parent_watched_is_the_one_at_start_even_if_it_is_gone_when_the_servo_loop_starts(monkeypatch):
+    """The PTY line lets a parent go on: one that exits at once may be gone before the servo loop runs."""
+    from igt_robot.hardware.emulator import EmulatorServer
+    server = EmulatorServer(lambda: Firmware(contract_axis_configs()))
+    orphaned_to = os.getppid() + 1
+    monkeypatch.setattr(os, 'getppid', lambda: orphaned_to)     # re-parented before the loop's first check
+    loop = threading.Thread(target=server._servo_loop, daemon=True)
+    loop.start()
+    try:
+        wait_for(lambda: not loop.is_alive(), timeout=10, what='the servo loop to see its parent gone')
+    finally:
+        server.request_stop()
+        loop.join(timeout=5)
+
+
 def test_emulator_cli_help():
     env = dict(os.environ, PYTHONPATH=str(PACKAGE_ROOT))
     out = subprocess.run([sys.executable, '-m', 'igt_robot.hardware.emulator', '--help'],

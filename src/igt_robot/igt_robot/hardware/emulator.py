@@ -524,6 +524,9 @@ class EmulatorServer:
         if tick_hz < 1000:
             raise ValueError(f'the servo loop must run at >= 1000 Hz, got {tick_hz}')
         self.make_firmware = make_firmware
+        # The process to outlive no longer: read now, before the PTY line lets a parent go on (and perhaps
+        # exit) -- read when the servo loop starts, a parent already gone left the emulator orphaned for good.
+        self.parent_pid = os.getppid()
         self.fw = make_firmware()
         self.tick = 1.0 / tick_hz
         self.control_path = control_path
@@ -613,7 +616,6 @@ class EmulatorServer:
             io_thread.join(timeout=2.0)
 
     def _servo_loop(self) -> int:
-        parent = os.getppid()
         next_tick = time.monotonic()
         next_parent_check = next_tick
         max_catch_up = 100                     # ticks; beyond that we were starved: skip ahead
@@ -644,7 +646,7 @@ class EmulatorServer:
             next_tick += due * self.tick
             if now >= next_parent_check:
                 next_parent_check = now + 0.1
-                if os.getppid() != parent:
+                if os.getppid() != self.parent_pid:
                     print('emulator: parent process died, exiting', file=self.log, flush=True)
                     break
         return 0
