@@ -330,10 +330,8 @@ def test_each_instance_is_on_disk_under_its_final_name_before_its_success(receiv
         assert received.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
 
 
-def test_the_handler_stages_the_instance_itself_when_it_was_not_staged_as_it_arrived(tmp_path, monkeypatch):
-    """The flush normally starts as the last fragment arrives; without that (or for another message) the handler
-    stages the bytes pynetdicom assembled: the same files, nothing left staged."""
-    monkeypatch.setattr(DicomReceiver, '_stage_early', lambda self, assoc, arriving: None)
+def receive_ct_series(tmp_path):
+    """A receiver (any calling AE title) started, sent one CT series in one association, stopped: (rx, paths)."""
     rx = DicomReceiver(tmp_path / 'rx', port=0, modalities=('CT',), on_event=lambda kind, text, values: None)
     rx.start()
     try:
@@ -341,6 +339,14 @@ def test_the_handler_stages_the_instance_itself_when_it_was_not_staged_as_it_arr
         assert store_files(paths, '127.0.0.1', rx.port) == [STATUS_SUCCESS] * SLICES
     finally:
         rx.stop()
+    return rx, paths
+
+
+def test_the_handler_stages_the_instance_itself_when_it_was_not_staged_as_it_arrived(tmp_path, monkeypatch):
+    """The flush normally starts as the last fragment arrives; without that (or for another message) the handler
+    stages the bytes pynetdicom assembled: the same files, nothing left staged."""
+    monkeypatch.setattr(DicomReceiver, '_stage_early', lambda self, assoc, arriving: None)
+    rx, paths = receive_ct_series(tmp_path)
     stored = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in stored_files(rx)}
     for original in read(paths):
         received = stored[original.SOPInstanceUID]
@@ -361,13 +367,7 @@ def test_an_association_polls_fast_while_instances_arrive_and_at_its_own_pace_wh
         seen.append(event.assoc.dul._run_loop_delay)
         return on_store(self, event)
     monkeypatch.setattr(DicomReceiver, '_on_store', recording)
-    rx = DicomReceiver(tmp_path / 'rx', port=0, modalities=('CT',), on_event=lambda kind, text, values: None)
-    rx.start()
-    try:
-        _, paths = write_ct(tmp_path / 'a')
-        assert store_files(paths, '127.0.0.1', rx.port) == [STATUS_SUCCESS] * SLICES
-    finally:
-        rx.stop()
+    rx, _ = receive_ct_series(tmp_path)
     assert seen == [dicom_receiver.FAST_POLL_S] * SLICES
 
     # The hand-back, on an association that stays open (a stand-in: only its reader's delay matters here).
