@@ -524,8 +524,8 @@ class EmulatorServer:
         if tick_hz < 1000:
             raise ValueError(f'the servo loop must run at >= 1000 Hz, got {tick_hz}')
         self.make_firmware = make_firmware
-        # The process to outlive no longer: read now, before the PTY line lets a parent go on (and perhaps
-        # exit) -- read when the servo loop starts, a parent already gone left the emulator orphaned for good.
+        # The parent whose death ends the emulator, read before the PTY line lets it go on: a parent that exits
+        # at once may be gone before the servo loop starts, which would then watch its adopter for ever.
         self.parent_pid = os.getppid()
         self.fw = make_firmware()
         self.tick = 1.0 / tick_hz
