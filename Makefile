@@ -3,8 +3,9 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-# Isolated ROS graph for every run: loopback only, a per-run domain id, logs inside the build tree.
-ROS_ENV = ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-$$(( ($$$$ % 90) + 10 ))} \
+# Isolated ROS graph for every run: loopback only, a per-run domain id that no other process on this
+# machine uses (igt_robot.ros_domain checks the bound ports), logs inside the build tree.
+ROS_ENV = ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-$$($(PY) -m igt_robot.ros_domain)} \
           ROS_LOG_DIR=$(CURDIR)/build/ros_log MUJOCO_GL=$${MUJOCO_GL:-egl} PYTHONUNBUFFERED=1
 
 .PHONY: setup demo test bench colcon-check clean

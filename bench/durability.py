@@ -382,7 +382,8 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     run_dir = REPO / 'build' / 'bench_durability' / time.strftime('%Y%m%d-%H%M%S')
     run_dir.mkdir(parents=True)
-    env = testing.isolated_ros_env(run_dir / 'ros_log', domain_id=int(os.environ.get('ROS_DOMAIN_ID') or 0) or None)
+    env = testing.isolated_ros_env(run_dir / 'ros_log', domain_id=testing.pick_domain_id(
+        int(os.environ.get('ROS_DOMAIN_ID') or 0) or None))
     testing.apply_env(env)
     shm_before = fastdds_shm.fastdds_shm_entries()
     lost_total, orphans = 0, 0

@@ -18,9 +18,15 @@ from igt_robot import paths, testing
 
 REPO = paths.repo_root()
 RUN_DIR = REPO / 'build' / 'test_runs' / time.strftime('%Y%m%d-%H%M%S')
-RUN_ENV = testing.isolated_ros_env(RUN_DIR / 'ros_log',
-                                   domain_id=int(os.environ['ROS_DOMAIN_ID'])
-                                   if os.environ.get('ROS_DOMAIN_ID') else None)
+_DOMAIN_GIVEN = int(os.environ['ROS_DOMAIN_ID']) if os.environ.get('ROS_DOMAIN_ID', '').strip() else None
+# Checked and claimed: a domain another process on this machine uses would mix its nodes into every test.
+RUN_ENV = testing.isolated_ros_env(RUN_DIR / 'ros_log', domain_id=testing.pick_domain_id(_DOMAIN_GIVEN))
+if _DOMAIN_GIVEN is not None and int(RUN_ENV['ROS_DOMAIN_ID']) != _DOMAIN_GIVEN:
+    print(f'[conftest] ROS_DOMAIN_ID={_DOMAIN_GIVEN} is in use by another process on this machine: '
+          f'this run uses {RUN_ENV["ROS_DOMAIN_ID"]}', flush=True)
+# Every process this run starts inherits the marker, also those a killed parent left to init.
+RUN_ENV[testing.RUN_MARKER_ENV] = f'{os.getpid()}-{RUN_DIR.name}'
+os.environ[testing.RUN_MARKER_ENV] = RUN_ENV[testing.RUN_MARKER_ENV]
 testing.apply_env(RUN_ENV)
 os.environ.setdefault('MUJOCO_GL', 'egl')
 SHM_AT_START = testing.fastdds_shm_entries()
@@ -51,6 +57,31 @@ def pytest_sessionfinish(session, exitstatus):
     removed = testing.remove_stale_fastdds_shm(SHM_AT_START, ignore_pids=[os.getpid()])
     if removed:
         print(f'\n[conftest] removed {len(removed)} stale Fast DDS shm file(s) left by this run')
+
+
+LEFT_BEHIND_GRACE_S = 10.0   # a process told to stop may still be shutting down when its test ends
+
+
+@pytest.fixture(scope='module', autouse=True)
+def no_process_left_behind():
+    """After each test module: no process of this run may still be alive (it would join the next
+    module's ROS graph). Leftovers are killed and reported as an error of the module that left them."""
+    yield
+    marker = os.environ[testing.RUN_MARKER_ENV]
+    mine = [os.getpid()]
+    try:
+        testing.wait_for(lambda: not testing.processes_of_run(marker, mine), LEFT_BEHIND_GRACE_S,
+                         'the processes of this module to end', poll=0.2)
+        return
+    except testing.ConditionTimeout:
+        left = testing.processes_of_run(marker, mine)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if left:
+        pytest.fail(f'processes left behind (now killed): {left}', pytrace=False)
 
 
 @pytest.fixture(scope='session')

@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-import random
 import signal
 import subprocess
 import sys
 from typing import Iterable, Optional
 
+from igt_robot import ros_domain
 from igt_robot.waiting import ConditionTimeout, wait_for  # noqa: F401  (re-exported for tests)
 
 # The shared-memory helpers live in a non-test module (the launchers use them); re-exported for tests.
@@ -27,9 +27,17 @@ from igt_robot.fastdds_shm import (FASTDDS_SHM_PREFIXES, SHM_DIR, fastdds_shm_en
                                    remove_dead_fastdds_shm, remove_stale_fastdds_shm)
 
 
-def pick_domain_id() -> int:
-    """A domain id for this run (10..99, inside the range every platform maps to ports)."""
-    return random.SystemRandom().randint(10, 99)
+# Claims on the domains this process picked (igt_robot.ros_domain): held until the process exits.
+_DOMAIN_CLAIMS = []
+
+
+def pick_domain_id(preferred: Optional[int] = None) -> int:
+    """A domain id (10..99) nothing else on this machine uses, claimed for this process's lifetime.
+
+    ``preferred`` (e.g. the ROS_DOMAIN_ID that `make` picked) is kept when it is still free."""
+    domain, claim = ros_domain.claim_free_domain(preferred)
+    _DOMAIN_CLAIMS.append(claim)
+    return domain
 
 
 def isolated_ros_env(log_dir: os.PathLike, domain_id: Optional[int] = None, base: Optional[dict] = None) -> dict:
@@ -50,6 +58,29 @@ def apply_env(env: dict) -> None:
     for key in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE', 'ROS_LOG_DIR'):
         os.environ[key] = env[key]
     os.environ.pop('ROS_STATIC_PEERS', None)
+
+
+# Set in the environment of a test run (igt_robot.pytest_fixtures); every process the run starts inherits
+# it, so a process a killed parent left behind is still found as this run's (:func:`processes_of_run`).
+RUN_MARKER_ENV = 'IGT_TEST_RUN'
+
+
+def processes_of_run(marker: str, exclude: Iterable[int] = ()) -> dict:
+    """pid -> command line of every live process whose environment carries ``RUN_MARKER_ENV=marker``."""
+    wanted = f'{RUN_MARKER_ENV}={marker}'.encode()
+    skip = {int(pid) for pid in exclude}
+    found = {}
+    for environ in pathlib.Path('/proc').glob('[0-9]*/environ'):
+        pid = int(environ.parent.name)
+        if pid in skip:
+            continue
+        try:
+            if wanted not in environ.read_bytes().split(b'\0'):
+                continue
+            found[pid] = (environ.parent / 'cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace')
+        except OSError:     # gone meanwhile, a zombie, or not ours to read
+            continue
+    return found
 
 
 class ManagedProcess:

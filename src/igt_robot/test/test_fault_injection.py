@@ -437,7 +437,7 @@ def test_controller_start_does_not_trip_the_drive_watchdog(ros_env):
     """With the firmware's default watchdog (300 ms) the controller process must feed the drive
     from the moment it enables the axes. Own emulator and ROS domain (not the shared stack)."""
     run_dir = pathlib.Path(ros_env['ROS_LOG_DIR']).parent / 'test_fault_injection'
-    env = dict(ros_env, ROS_DOMAIN_ID=str((int(ros_env['ROS_DOMAIN_ID']) - 9) % 90 + 10))   # never the stack's
+    env = dict(ros_env, ROS_DOMAIN_ID=str(testing.pick_domain_id()))   # free, so never the stack's
     with EmulatorProcess() as emulator:
         module, args = _node_commands(emulator.pty_path)['motion_controller']
         proc = testing.python_process(module, args, env, run_dir / 'startup_motion_controller.log',
