@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 import rclpy
 
 from igt_robot import fastdds_shm, paths
+from igt_robot.process_exit import arm_exit_deadline
 from igt_robot.nodes.spinning import BackgroundSpinner, settle_for_spinning, shutdown_executor
 
 # Set by a parent that starts this process as its child (igt_robot.demo): the read end of a pipe only the
@@ -200,6 +201,7 @@ def main(argv=None) -> int:
                 stop.wait(0.2)
         except KeyboardInterrupt:
             pass
+        arm_exit_deadline()     # from here on, never an orphan: bounded even if a callback hangs
         for name, node in bringup.nodes.items():
             describe = getattr(node, 'describe_state', None)
             print(f'[bringup] {name}: {describe() if callable(describe) else "running"}', flush=True)

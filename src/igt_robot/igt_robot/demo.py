@@ -62,11 +62,12 @@ def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 
         print(f'[demo] control process: {", ".join(PROFILES["control"])}; supervision process: '
               f'{", ".join(PROFILES["supervision"])}; this process: {", ".join(names)}', flush=True)
     with _control_process(overrides, record_dir / 'control_process.log') as control, \
-            _control_process(overrides, record_dir / 'supervision_process.log', 'supervision'), \
+            _control_process(overrides, record_dir / 'supervision_process.log', 'supervision') as supervision, \
             Bringup(names, overrides=overrides) as bringup:
         procedure = bringup.nodes['procedure_node']
         if not quiet_nodes:
-            print(f'[demo] control process pid {control.pid}', flush=True)
+            print(f'[demo] control process pid {control.pid}, supervision process pid {supervision.pid}',
+                  flush=True)
         try:
             finished = _wait_for_procedure(procedure, control, timeout)
         except BaseException:

@@ -31,18 +31,20 @@ def start_demo(ros_env, tmp_path, name):
                              str(record_dir), '--steps', '2'], env=ros_env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
-    def control_pid():
-        m = re.search(r'control process pid (\d+)', log_path.read_text(errors='replace'))
-        return int(m.group(1)) if m else (proc.poll() is not None and -1)
-    pid = testing.wait_for(control_pid, 120, 'the demo to start its control process')
-    assert pid > 0, log_path.read_text()
+    def child_pids():
+        m = re.search(r'control process pid (\d+), supervision process pid (\d+)',
+                      log_path.read_text(errors='replace'))
+        return (int(m.group(1)), int(m.group(2))) if m else (proc.poll() is not None and (-1, -1))
+    pids = testing.wait_for(child_pids, 120, 'the demo to start its control and supervision processes')
+    assert min(pids) > 0, log_path.read_text()
     testing.wait_for(lambda: (record_dir / 'events.jsonl').exists() and len(read_entries(str(record_dir))) >= 3,
                      120, 'the record to start')
-    return proc, pid, log, log_path, record_dir
+    return proc, pids, log, log_path, record_dir
 
 
-def cleanup(proc, pid, log):
-    for target in (proc.pid, pid):
+def cleanup(proc, pids, log):
+    # Each child runs in its own session: the demo's process group does not reach them.
+    for target in (proc.pid, *pids):
         try:
             os.killpg(target, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -52,14 +54,14 @@ def cleanup(proc, pid, log):
 
 
 def test_ctrl_c_stops_everything(ros_env, tmp_path):
-    proc, pid, log, log_path, record_dir = start_demo(ros_env, tmp_path, 'ctrl-c')
+    proc, pids, log, log_path, record_dir = start_demo(ros_env, tmp_path, 'ctrl-c')
     try:
         time.sleep(2.0)   # into the procedure
         sent = time.monotonic()
         os.kill(proc.pid, signal.SIGINT)      # what the terminal sends to the foreground process
         code = proc.wait(10)
         took = time.monotonic() - sent
-        testing.wait_for(lambda: not pid_alive(pid), 5, 'the control process to end')
+        testing.wait_for(lambda: not any(map(pid_alive, pids)), 5, 'the control and supervision processes to end')
         output = log_path.read_text(errors='replace')
         assert 'Traceback' not in output, output[-3000:]
         assert code == 130, output[-2000:]
@@ -70,19 +72,20 @@ def test_ctrl_c_stops_everything(ros_env, tmp_path):
         assert entries[-1].kind == 'record_closed'
         assert (record_dir / 'report.html').is_file()
     finally:
-        cleanup(proc, pid, log)
+        cleanup(proc, pids, log)
 
 
 @pytest.mark.parametrize('victim', ['workflow'])
 def test_killed_demo_leaves_no_orphan_and_a_closable_record(ros_env, tmp_path, victim):
-    proc, pid, log, log_path, record_dir = start_demo(ros_env, tmp_path, 'killed')
+    proc, pids, log, log_path, record_dir = start_demo(ros_env, tmp_path, 'killed')
     try:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        testing.wait_for(lambda: not pid_alive(pid), 10, 'the control process to die with its parent')
+        testing.wait_for(lambda: not any(map(pid_alive, pids)), 10,
+                         'the control and supervision processes to die with their parent')
         closed = close_all_unfinished(str(record_dir.parent), detected_by='test')
         assert [c['folder'] for c in closed] == [str(record_dir)]
         assert read_entries(str(record_dir))[-1].kind == 'ended_abnormally'
         assert 'Ended abnormally' in (record_dir / 'report.html').read_text()
     finally:
-        cleanup(proc, pid, log)
+        cleanup(proc, pids, log)

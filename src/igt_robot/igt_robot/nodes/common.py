@@ -32,6 +32,7 @@ from rclpy.signals import SignalHandlerOptions
 from rclpy.time import Time as RclpyTime
 from std_msgs.msg import Header
 
+from igt_robot.process_exit import arm_exit_deadline
 from igt_robot.record import procedure_id
 from igt_robot.safety import operator_session
 from igt_robot.scanner.phases import ScannerPhase
@@ -355,6 +356,7 @@ def run_node(node_factory, args=None, threads: Optional[int] = None, executor_ki
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        arm_exit_deadline()     # the process ends even if a callback never returns
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         spinning.shutdown_executor(executor, timeout_sec=2.0)   # callbacks finish before the nodes go
