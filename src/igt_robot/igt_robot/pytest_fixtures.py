@@ -106,6 +106,8 @@ def graph():
         yield g
     finally:
         g.close()
+    if g.spin_error is not None:    # every node of the graph stopped there: what the test saw after is void
+        pytest.fail(f'a callback raised and ended the graph\'s spinning: {g.spin_error!r}', pytrace=False)
 
 
 @pytest.fixture

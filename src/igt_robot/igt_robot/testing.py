@@ -165,6 +165,11 @@ class SpinningGraph:
     def create_node(self, name: str, **kwargs):
         return self.add(self._rclpy.create_node(name, context=self.context, **kwargs))
 
+    @property
+    def spin_error(self):
+        """The exception a callback raised, which ended the spinning (None while all is well)."""
+        return self._spinner.error
+
     def close(self):
         self._spinner.stop(timeout_sec=2.0)   # callbacks finish before the nodes are destroyed
         for node in reversed(self._nodes):

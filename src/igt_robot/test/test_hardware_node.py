@@ -477,10 +477,34 @@ def test_supervisor_lost_asserts_the_inhibit(active_node, probe):
     assert hw_inhibited(node)
     probe.permit(True)
     wait_inhibit(node, False, 'the release when the supervisor is back')
-    start = time.monotonic()
-    probe.node.destroy_publisher(probe.permission_pub)    # the supervisor's publisher goes away
-    testing.wait_for(lambda: lost_since(start), 10, 'liveliness lost with the publisher')
-    assert hw_inhibited(node)
+
+
+def test_supervisor_publisher_gone_asserts_the_inhibit(graph, probe):
+    """The supervisor's process ends: its publisher leaves the graph. The stand-in lives in a graph of its own,
+    closed as a process ends (its spinning stops before its publisher goes; destroying a publisher under a
+    spinning executor would end that executor instead)."""
+    node = make_node(graph, supervisor_node='/supervisor_stand_in')
+    assert node.trigger_configure() == SUCCESS, node.last_failure
+    assert node.trigger_activate() == SUCCESS, node.last_failure
+    stand_in_graph = testing.SpinningGraph()
+    try:
+        stand_in = stand_in_graph.create_node('supervisor_stand_in')
+        permission_pub = stand_in.create_publisher(Bool, '/safety/motion_permitted', qos.SAFETY_LATCHED)
+        stand_in.create_timer(0.1, lambda: permission_pub.publish(Bool(data=True)))   # republished at 10 Hz
+        probe.send_scanner(ScannerState.PHASE_IDLE)
+        wait_inhibit(node, False, 'the release with the stand-in permitting')
+        lost = 'safety supervisor lost (liveliness)'
+        start = time.monotonic()
+        stand_in_graph.close()                            # the supervisor's process ends
+        stand_in_graph = None
+        testing.wait_for(lambda: node.interlock_reason == lost or any(
+            c[0] >= start and c[1] and c[2] == lost for c in list(node.interlock_changes)),
+            10, 'liveliness lost with the publisher')
+        assert hw_inhibited(node)
+    finally:
+        if stand_in_graph is not None:
+            stand_in_graph.close()
+        shared_hardware.unregister('hardware_node')
 
 
 def test_deactivate_asserts_the_inhibit_and_it_stays_until_reactivated_with_inputs_ok(active_node, probe):
