@@ -15,13 +15,13 @@ from igt_robot import frames, testing, units  # noqa: E402
 from igt_robot.bringup import PROFILES, Bringup  # noqa: E402
 from igt_robot.demo import _control_process  # noqa: E402
 from igt_robot.igtl import StatusCode  # noqa: E402
-from igt_robot.safety.operator_session import issue_session  # noqa: E402
+from igt_robot.safety.operator_session import issue_session, read_session  # noqa: E402
 
 
 @pytest.fixture
 def stack(run_dir):
     session_file = run_dir / 'operator' / 'operator_session'
-    issue_session(session_file)  # the nodes that check the secret and the bridge that sends it share this file
+    issued_here = issue_session(session_file)  # the nodes that check the secret and the bridge that sends it share it
     session = {'operator_session_file': str(session_file)}
     shared = {'procedure_id': 'slicer-test', 'record_dir': str(run_dir / 'record')}
     overrides = {'recorder_node': dict(shared), 'procedure_node': dict(shared, scan_duration=0.2, **session),
@@ -34,6 +34,9 @@ def stack(run_dir):
     with _control_process(overrides, run_dir / 'control_process.log'), \
             _control_process(overrides, run_dir / 'supervision_process.log', 'supervision'), \
             Bringup(PROFILES['workflow'], overrides=overrides) as bringup:
+        # The supervisor issues a fresh secret as it starts (in the supervision process). A command sent before
+        # that is checked against whichever secret the file holds at that moment: wait for the supervisor's.
+        testing.wait_for(lambda: read_session(session_file) != issued_here, 60, 'the supervisor to issue its session')
         yield bringup
 
 
