@@ -3,12 +3,15 @@
 All entities are created before the node joins the spinning executor (rclpy's
 ActionClient is not safe to construct on a node that is already being spun).
 """
+import time
+
 import numpy as np
 import rclpy
 from rclpy.action import ActionClient
+from std_msgs.msg import Header
 
 from igt_robot import testing
-from igt_robot.nodes import qos
+from igt_robot.nodes import qos, topics
 from igt_robot.safety import operator_session
 from igt_robot_msgs.action import InsertNeedle, MoveGuide
 from igt_robot_msgs.msg import ProcedureEvent, RobotState, SafetyStatus
@@ -25,6 +28,8 @@ class StackProbe:
         self.node.create_subscription(SafetyStatus, '/safety/status', self._on_status, qos.SAFETY_LATCHED)
         self.node.create_subscription(RobotState, '/robot/state', self._on_robot, qos.STATE_STREAM)
         self.node.create_subscription(ProcedureEvent, '/procedure/events', self.events.append, qos.EVENTS)
+        self.heartbeat_seen = {}     # node name -> time.monotonic() of its latest heartbeat here
+        self.node.create_subscription(Header, topics.HEARTBEAT, self._on_heartbeat, qos.COMMANDS)
         self.move = ActionClient(self.node, MoveGuide, '/motion/move_guide')
         self.insert = ActionClient(self.node, InsertNeedle, '/motion/insert_needle')
         self.resume_client = self.node.create_client(ResumeMotion, '/safety/resume')
@@ -35,6 +40,9 @@ class StackProbe:
 
     def _on_status(self, msg):
         self.status = msg
+
+    def _on_heartbeat(self, msg):
+        self.heartbeat_seen[msg.frame_id] = time.monotonic()
 
     def _on_robot(self, msg):
         self.robot = msg
@@ -93,9 +101,25 @@ class StackProbe:
 
     def send(self, client, goal, timeout=20.0):
         """Send a goal; return the goal handle (accepted or not)."""
-        assert client.wait_for_server(timeout_sec=timeout)
+        if not client.wait_for_server(timeout_sec=timeout):
+            raise AssertionError(f'action server {client._action_name} not available after {timeout:g} s; '
+                                 f'{self.describe_action(client._action_name)}')
         future = client.send_goal_async(goal)
         return testing.wait_for(lambda: future.done() and future.result(), timeout, 'goal response')
+
+    def describe_action(self, action: str) -> str:
+        """Who the graph shows behind each part of ``action`` (what wait_for_server checks), node and GID."""
+        def endpoints(infos):
+            return [f'{i.node_name}:{bytes(i.endpoint_gid).hex()[:24]}' for i in infos]
+        parts = []
+        for service in ('send_goal', 'cancel_goal', 'get_result'):
+            base = f'{action}/_action/{service}'
+            readers = self.node.get_subscriptions_info_by_topic(f'rq{base}Request', no_mangle=True)
+            writers = self.node.get_publishers_info_by_topic(f'rr{base}Reply', no_mangle=True)
+            parts.append(f'{service}: request readers {endpoints(readers)} reply writers {endpoints(writers)}')
+        for topic in ('feedback', 'status'):
+            parts.append(f'{topic}: {endpoints(self.node.get_publishers_info_by_topic(f"{action}/_action/{topic}"))}')
+        return '; '.join(parts)
 
     def result(self, handle, timeout=60.0):
         future = handle.get_result_async()

@@ -31,6 +31,7 @@ import collections
 import math
 import pathlib
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -137,6 +138,7 @@ class Stack:
     def __init__(self, env: dict, run_dir: pathlib.Path):
         self.env, self.run_dir = env, run_dir
         self.procs = {}
+        self.started_at = {}                 # process name -> time.monotonic() of its latest start
         self.starts = collections.Counter()
         self.emulator = EmulatorProcess('--watchdog-ms', str(EMULATOR_WATCHDOG_MS)).start()
         self.controller_args = ()
@@ -155,6 +157,7 @@ class Stack:
     def start(self, name: str):
         module, args = _node_commands(self.emulator.pty_path, self.controller_args)[name]
         self.starts[name] += 1
+        self.started_at[name] = time.monotonic()
         proc = testing.python_process(module, args, self.env, self.run_dir / f'{name}-{self.starts[name]}.log',
                                       name=name)
         self.procs[name] = proc
@@ -196,6 +199,12 @@ class Stack:
             self._dead_servers = set()
         testing.wait_for(lambda: self.probe.robot is not None and self.probe.robot.backend == 'serial'
                          and self.probe.robot.enabled, WAIT, 'an enabled robot on /robot/state')
+        # The servers being in the graph says this probe found the new process; the new process must also have
+        # found this probe's readers, or it drops its answer to our first goal. Its heartbeat arriving here says
+        # it has matched them (they are announced together).
+        started = self.started_at.get('motion_controller', 0.0)
+        testing.wait_for(lambda: self.probe.heartbeat_seen.get('motion_controller', 0.0) > started, WAIT,
+                         'a heartbeat of the (re)started motion controller at the probe')
 
     def log(self, name: str) -> str:
         return self.procs[name].log_path.read_text(errors='replace')
