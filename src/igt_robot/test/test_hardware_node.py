@@ -1,5 +1,6 @@
 """Hardware node on a real DDS graph: lifecycle, state publishing, the motion-inhibit interlock,
 configure failures, the serial backend against the firmware emulator, and the node as its own process."""
+import itertools
 import json
 import math
 import pathlib
@@ -479,19 +480,28 @@ def test_supervisor_lost_asserts_the_inhibit(active_node, probe):
     wait_inhibit(node, False, 'the release when the supervisor is back')
 
 
-def test_supervisor_publisher_gone_asserts_the_inhibit(graph, probe):
+def test_supervisor_publisher_gone_asserts_the_inhibit(graph):
     """The supervisor's process ends: its publisher leaves the graph. The stand-in lives in a graph of its own,
     closed as a process ends (its spinning stops before its publisher goes; destroying a publisher under a
-    spinning executor would end that executor instead)."""
-    node = make_node(graph, supervisor_node='/supervisor_stand_in')
+    spinning executor would end that executor instead). No probe here: its own permission publisher would be
+    a foreign one for this node."""
+    node = make_node(graph, scanner_source='/scanner_feed', supervisor_node='/supervisor_stand_in')
     assert node.trigger_configure() == SUCCESS, node.last_failure
     assert node.trigger_activate() == SUCCESS, node.last_failure
+    feed = graph.create_node('scanner_feed')
+    scanner_pub = feed.create_publisher(ScannerState, '/scanner/state', qos.SCANNER_STATE)
+    beats = itertools.count(1)
+
+    def scanner_idle():
+        msg = ScannerState(phase=ScannerState.PHASE_IDLE, source='simulated', heartbeat=next(beats))
+        msg.header.stamp = feed.get_clock().now().to_msg()
+        scanner_pub.publish(msg)
+    feed.create_timer(0.02, scanner_idle)                 # a 50 Hz scanner heartbeat
     stand_in_graph = testing.SpinningGraph()
     try:
         stand_in = stand_in_graph.create_node('supervisor_stand_in')
         permission_pub = stand_in.create_publisher(Bool, '/safety/motion_permitted', qos.SAFETY_LATCHED)
         stand_in.create_timer(0.1, lambda: permission_pub.publish(Bool(data=True)))   # republished at 10 Hz
-        probe.send_scanner(ScannerState.PHASE_IDLE)
         wait_inhibit(node, False, 'the release with the stand-in permitting')
         lost = 'safety supervisor lost (liveliness)'
         start = time.monotonic()
