@@ -47,6 +47,7 @@ from typing import Optional
 
 import numpy as np
 import rclpy
+from action_msgs.srv import CancelGoal
 from geometry_msgs.msg import Point, PointStamped
 from rclpy.action import ActionClient
 from rclpy.callback_groups import ReentrantCallbackGroup
@@ -127,6 +128,15 @@ class StepFailed(Exception):
     """A step could not be carried out; the message says why (returned to the operator)."""
 
 
+class NoAnswer(StepFailed):
+    """A service or action of another node did not answer in time."""
+
+
+# s; an idempotent request unanswered this long is sent again (procedure_node._call says why). Well above a
+# loaded machine's service round trip (tens of ms), well below the whole service_timeout.
+IDEMPOTENT_RETRY_S = 3.0
+
+
 @dataclasses.dataclass
 class ProcedureState:
     """What the procedure has learnt so far (scanner LPS, m)."""
@@ -205,6 +215,10 @@ class ProcedureNode(Node):
         self.recorder_report_client = self.create_client(Trigger, '/recorder_node/write_report', callback_group=group)
         self.move_client = ActionClient(self, MoveGuide, topics.MOVE_GUIDE, callback_group=group)
         self.insert_client = ActionClient(self, InsertNeedle, topics.INSERT_NEEDLE, callback_group=group)
+        # The actions' own cancel services (part of the ROS action protocol): an empty request cancels every goal.
+        self._cancel_all_clients = {name: self.create_client(CancelGoal, f'{name}/_action/cancel_goal',
+                                                             callback_group=group)
+                                    for name in (topics.MOVE_GUIDE, topics.INSERT_NEEDLE)}
         self.create_service(OperatorCommand, topics.PROCEDURE_COMMAND, self._on_command, callback_group=group)
         self._watch_control_process(group)
         self.dose_pub = self.create_publisher(DoseRecord, topics.SCANNER_DOSE, qos.EVENTS)
@@ -674,7 +688,7 @@ class ProcedureNode(Node):
         self._event(kind, description, severity=severity, **values)
 
     def _set_scanner(self, request):
-        reply = self._call(self.scanner_client, request)
+        reply = self._call(self.scanner_client, request, idempotent=True)   # the same phase twice is one scan
         if not reply.accepted:
             raise StepFailed(f'scanner refused the state change: {reply.message}')
 
@@ -755,25 +769,39 @@ class ProcedureNode(Node):
         self._waiting.add(done)
         try:
             if not done.wait(timeout):
-                raise StepFailed(f'{what} did not answer within {timeout:g} s')
+                raise NoAnswer(f'{what} did not answer within {timeout:g} s')
         finally:
             self._waiting.discard(done)
         if not future.done():   # ended by _check_control_process
             raise StepFailed(f'{what}: {self._loss_reason}')
         return future.result()
 
-    def _call(self, client, request):
+    def _call(self, client, request, idempotent: bool = False):
+        """Call ``client``'s service and wait (``service_timeout``). An ``idempotent`` request is sent again
+        every :data:`IDEMPOTENT_RETRY_S` until answered: Fast DDS drops a server's answer when the caller's
+        reply reader has not been matched within 100 ms (a server process that has just started, on a loaded
+        machine: measured in the test suite), and the caller would otherwise wait the whole timeout."""
         timeout = self.p['service_timeout']
         if not client.wait_for_service(timeout_sec=min(timeout, 30.0)):
             raise StepFailed(f'{client.srv_name} is not available')
         if hasattr(request, 'operator_token') and not request.operator_token:
             request.operator_token = self._operator_token()   # this node acts for the operator (demo, commands)
-        future = client.call_async(request)
-        try:
-            return self._wait_future(future, timeout, client.srv_name)
-        except StepFailed:
-            client.remove_pending_request(future)
-            raise
+        deadline = time.monotonic() + timeout
+        while True:
+            attempt = min(IDEMPOTENT_RETRY_S, max(deadline - time.monotonic(), 0.0)) if idempotent else timeout
+            future = client.call_async(request)
+            try:
+                return self._wait_future(future, attempt, client.srv_name)
+            except NoAnswer:
+                client.remove_pending_request(future)
+                if not idempotent:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise NoAnswer(f'{client.srv_name} did not answer within {timeout:g} s') from None
+                self.get_logger().warning(f'{client.srv_name}: no answer within {attempt:g} s; sending it again')
+            except StepFailed:
+                client.remove_pending_request(future)
+                raise
 
     def _wait_drive_released(self, timeout: float = 3.0) -> None:
         """When the supervisor permits motion, the drive's inhibit is released one hop later (hardware
@@ -793,7 +821,13 @@ class ProcedureNode(Node):
         name = client._action_name
         if not client.wait_for_server(timeout_sec=min(timeout, 30.0)):
             raise StepFailed(f'{name} is not available')
-        handle = self._wait_future(client.send_goal_async(goal), timeout, f'{name} (goal)')
+        try:
+            handle = self._wait_future(client.send_goal_async(goal), timeout, f'{name} (goal)')
+        except NoAnswer:
+            # The goal may have been accepted and be moving the robot with its answer lost on the way (a server
+            # drops an answer to a reader it has not matched yet): cancel every goal of the action.
+            self._cancel_all_goals(name)
+            raise
         if not handle.accepted:
             raise StepFailed('the motion controller rejected the goal: another motion goal is active')
         self._active_goal = handle
@@ -804,6 +838,16 @@ class ProcedureNode(Node):
             raise
         finally:
             self._active_goal = None
+
+    def _cancel_all_goals(self, action: str) -> None:
+        """Cancel every goal of ``action`` (zero goal id and stamp), without waiting for the answer."""
+        client = self._cancel_all_clients.get(action)
+        if client is None:
+            return
+        client.call_async(CancelGoal.Request())
+        message = f'{action}: no answer to the goal; every goal of the action cancelled'
+        self.get_logger().warning(message)
+        self._event('motion_cancelled', message, ProcedureEvent.WARN)
 
     def _cancel_motion(self) -> str:
         handle = self._active_goal
