@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Motor-controller timing, measured on the firmware emulator process (its own 1 kHz servo loop).
+"""Motor-controller timing, measured on the firmware emulator process (its own servo loop, 2 kHz).
 
 1. trigger_input_to_ramp_max: a streamed move is under way; the bench raises the scanner-trigger
    input (the emulator's side channel plays the GPIO) and the emulator records, on the host's

@@ -1,6 +1,6 @@
 """Trajectory streaming (protocol 2) through SerialHardware against the firmware emulator process.
 
-The emulator servos at 1 kHz in its own process; the host only keeps its buffer ahead. Every wait
+The emulator servos at 2 kHz in its own process; the host only keeps its buffer ahead. Every wait
 polls a condition with a deadline.
 """
 import time
