@@ -27,7 +27,8 @@ import rclpy
 
 from igt_robot import fastdds_shm, paths
 from igt_robot.process_exit import arm_exit_deadline
-from igt_robot.nodes.spinning import BackgroundSpinner, settle_for_spinning, shutdown_executor
+from igt_robot.nodes.spinning import (BackgroundSpinner, destroy_node_and_actions, settle_for_spinning,
+                                      shutdown_executor)
 
 # Set by a parent that starts this process as its child (igt_robot.demo): the read end of a pipe only the
 # parent writes to. End-of-file = the parent is gone: shut down (the robot stops), never run as an orphan.
@@ -104,6 +105,13 @@ class Bringup:
             self.executor.add_node(node)
         self._spinner = None
 
+    def adopt(self, node):
+        """Spin ``node`` (made in this bringup's context, e.g. a test's probe) with the stack, and destroy it with
+        the stack, in the same order (a node left behind keeps the context's DDS participant alive)."""
+        self.executor.add_node(node)      # no-op when it is there already
+        self.nodes[node.get_name()] = node
+        return node
+
     def start(self):
         self._spinner = BackgroundSpinner(self.executor, name='bringup-executor')
         for node in self.nodes.values():
@@ -124,8 +132,7 @@ class Bringup:
         else:
             shutdown_executor(self.executor, timeout_sec=3.0)
         for node in reversed(list(self.nodes.values())):
-            with contextlib.suppress(Exception):
-                node.destroy_node()
+            destroy_node_and_actions(node)
         with contextlib.suppress(Exception):
             rclpy.shutdown(context=self.context)
 

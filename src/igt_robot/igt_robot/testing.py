@@ -172,9 +172,9 @@ class SpinningGraph:
 
     def close(self):
         self._spinner.stop(timeout_sec=2.0)   # callbacks finish before the nodes are destroyed
+        from igt_robot.nodes.spinning import destroy_node_and_actions
         for node in reversed(self._nodes):
-            with contextlib.suppress(Exception):
-                node.destroy_node()
+            destroy_node_and_actions(node)
         self._nodes.clear()
         with contextlib.suppress(Exception):
             self._rclpy.shutdown(context=self.context)

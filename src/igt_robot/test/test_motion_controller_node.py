@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from igt_robot import testing
 from igt_robot.bringup import Bringup
 from igt_robot_msgs.action import InsertNeedle, MoveGuide
 from igt_robot_msgs.msg import ScannerState
@@ -34,6 +35,7 @@ TEST_OVERRIDES = {'hardware_node': {'scanner_timeout': 0.5, 'scanner_period': 0.
 def stack():
     with Bringup(SAFETY_STACK, overrides=TEST_OVERRIDES) as bringup:
         probe = StackProbe(bringup.context, bringup.executor)
+        bringup.adopt(probe.node)     # destroyed with the stack, its action clients first
         yield bringup, probe
 
 
@@ -190,3 +192,19 @@ def test_robot_state_reports_the_controller_buffer(stack):
                               'the streamed look-ahead in /robot/state') and probe.robot
     assert state.buffer_lookahead <= 1.0 and state.buffer_underruns == 0
     assert probe.result(handle).error_code == InsertNeedle.Result.SUCCEEDED
+
+
+def test_a_stack_shut_down_leaves_no_action_server_on_the_graph(graph):
+    """Its action servers go with it, and with them its DDS participant: a stack brought up again in the same
+    process must not find the old servers announced beside the new ones."""
+    observer = graph.create_node('observer')
+
+    def status_publishers():
+        return len(observer.get_publishers_info_by_topic('/motion/insert_needle/_action/status'))
+    stack = Bringup(['motion_controller'], overrides=TEST_OVERRIDES).start()
+    try:
+        testing.wait_for(lambda: status_publishers() == 1, 20, 'the insert_needle server in the graph')
+    finally:
+        stack.shutdown()
+    testing.wait_for(lambda: status_publishers() == 0, 20, 'the server gone with the stack (still referenced here)')
+    assert stack.nodes['motion_controller'] is not None       # the node object lives on; its server does not

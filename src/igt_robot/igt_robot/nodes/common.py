@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
 import time
@@ -361,7 +360,6 @@ def run_node(node_factory, args=None, threads: Optional[int] = None, executor_ki
             signal.signal(sig, handler)
         spinning.shutdown_executor(executor, timeout_sec=2.0)   # callbacks finish before the nodes go
         for node in reversed(nodes):
-            with contextlib.suppress(Exception):
-                node.destroy_node()
+            spinning.destroy_node_and_actions(node)
         rclpy.try_shutdown()
     return 0

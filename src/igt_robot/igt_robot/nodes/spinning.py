@@ -35,6 +35,24 @@ def shutdown_executor(executor, timeout_sec: float = 3.0) -> None:
     executor.shutdown(timeout_sec=timeout_sec)
 
 
+def destroy_node_and_actions(node) -> None:
+    """Step 4: destroy ``node`` with its action servers and clients.
+
+    rclpy's ``Node.destroy_node`` leaves the node's waitables alone, and an action server or client keeps the
+    node's handle, and with it the context's DDS participant, alive until garbage collection gets to it. That
+    participant still announces the action: a stack brought up again in the same process then saw two servers,
+    and when the old one went away part by part, ``wait_for_server`` said "not available" for 20 s (full test
+    runs, test_motion_controller_node). So they go first, explicitly; each failure is contained.
+    """
+    for waitable in list(getattr(node, 'waitables', ())):
+        destroy = getattr(waitable, 'destroy', None)
+        if callable(destroy):
+            with contextlib.suppress(Exception):
+                destroy()
+    with contextlib.suppress(Exception):
+        node.destroy_node()
+
+
 GIL_SWITCH_INTERVAL_S = 0.0005    # CPython's default is 5 ms
 # The process that hosts the scanner -> drive interlock thread: its wake-up waits for the lock at every step
 # (wait, take, callback, serial write) while the stream loop and the executor threads hold it. Quiet machine,
