@@ -33,9 +33,16 @@ TEST_OVERRIDES = {'hardware_node': {'scanner_timeout': 0.5, 'scanner_period': 0.
 
 @pytest.fixture
 def stack():
-    with Bringup(SAFETY_STACK, overrides=TEST_OVERRIDES) as bringup:
+    # The probe is built before the stack spins: creating entities in a context whose executor is already
+    # waiting in another thread crashed the test process once in nine full runs (segfault in create_subscription).
+    bringup = Bringup(SAFETY_STACK, overrides=TEST_OVERRIDES)
+    try:
         probe = StackProbe(bringup.context, bringup.executor)
         bringup.adopt(probe.node)     # destroyed with the stack, its action clients first
+    except BaseException:
+        bringup.shutdown()
+        raise
+    with bringup:
         yield bringup, probe
 
 
