@@ -114,8 +114,10 @@ def test_a_process_of_the_run_is_found_by_its_marker_even_when_another_parent_ha
     subprocess.run(['sh', '-c', f'sleep 60 & echo $! > {tmp_path / "pid"}'], env=env, check=True)
     orphan = int((tmp_path / 'pid').read_text())
     try:
-        found = testing.processes_of_run(marker)
-        assert orphan in found and 'sleep 60' in found[orphan]
+        # Right after the fork the child may still be replacing itself with sleep (its environ unreadable then).
+        found = testing.wait_for(lambda: (f := testing.processes_of_run(marker)).get(orphan, '').startswith('sleep')
+                                 and f, 10, 'the sleeper to be found by its marker')
+        assert 'sleep 60' in found[orphan]
         assert testing.processes_of_run('another-run') == {}
     finally:
         os.kill(orphan, 9)
