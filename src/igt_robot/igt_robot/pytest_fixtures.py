@@ -45,13 +45,17 @@ def _child_pids():
     return pids
 
 
-def pytest_sessionfinish(session, exitstatus):
-    stray = _child_pids()
-    for pid in stray:
+def _kill_all(pids) -> None:
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def pytest_sessionfinish(session, exitstatus):
+    stray = _child_pids()
+    _kill_all(stray)
     if stray:
         print(f'\n[conftest] killed {len(stray)} stray child process(es): {stray}')
     removed = testing.remove_stale_fastdds_shm(SHM_AT_START, ignore_pids=[os.getpid()])
@@ -75,11 +79,7 @@ def no_process_left_behind():
         return
     except testing.ConditionTimeout:
         left = testing.processes_of_run(marker, mine)
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    _kill_all(left)
     if left:
         pytest.fail(f'processes left behind (now killed): {left}', pytrace=False)
 

@@ -792,16 +792,13 @@ class ProcedureNode(Node):
             future = client.call_async(request)
             try:
                 return self._wait_future(future, attempt, client.srv_name)
-            except NoAnswer:
+            except StepFailed as failure:
                 client.remove_pending_request(future)
-                if not idempotent:
+                if not (idempotent and isinstance(failure, NoAnswer)):
                     raise
                 if time.monotonic() >= deadline:
                     raise NoAnswer(f'{client.srv_name} did not answer within {timeout:g} s') from None
                 self.get_logger().warning(f'{client.srv_name}: no answer within {attempt:g} s; sending it again')
-            except StepFailed:
-                client.remove_pending_request(future)
-                raise
 
     def _wait_drive_released(self, timeout: float = 3.0) -> None:
         """When the supervisor permits motion, the drive's inhibit is released one hop later (hardware
