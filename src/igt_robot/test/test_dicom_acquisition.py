@@ -384,6 +384,45 @@ def test_an_association_polls_fast_while_instances_arrive_and_at_its_own_pace_wh
     assert assoc.dul._run_loop_delay == 0.001
 
 
+@pytest.mark.skipif(not hasattr(__import__('socket'), 'TCP_QUICKACK'), reason='TCP_QUICKACK is Linux-only')
+def test_the_receiver_reads_whole_pdus_and_acknowledges_every_read_at_once():
+    """A sender with Nagle's algorithm on (Orthanc) waits for the ACK of an instance's body before it sends the
+    tail: each read asks the kernel to acknowledge at once, not after its delayed-ACK timer (40 ms)."""
+    import socket
+    import threading
+    import types
+
+    from igt_robot.acquisition import dicom_receiver
+    calls = []
+
+    class Recording:
+        def __init__(self, sock):
+            self.sock = sock
+
+        def recv(self, n):
+            chunk = self.sock.recv(n)
+            calls.append(('recv', len(chunk)))
+            return chunk
+
+        def setsockopt(self, level, option, value):
+            calls.append(('setsockopt', level, option, value))
+            self.sock.setsockopt(level, option, value)
+    payload = bytes(range(256)) * 12289          # ~3 MB: several reads
+    with socket.create_server(('127.0.0.1', 0)) as server:
+        sender = socket.create_connection(server.getsockname())
+        receiving, _ = server.accept()
+        writer = threading.Thread(target=lambda: (sender.sendall(payload), sender.close()))
+        writer.start()
+        with receiving:
+            got = dicom_receiver._recv_exactly(types.SimpleNamespace(socket=Recording(receiving)), len(payload) + 10)
+        writer.join()
+    assert bytes(got) == payload                 # fewer than asked for: the peer closed
+    reads = [n for n, call in enumerate(calls) if call[0] == 'recv']
+    assert len(reads) >= 2
+    for n in reads:
+        assert calls[n + 1] == ('setsockopt', socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
 @pytest.mark.parametrize('instance_uid', ['1.2.3.4', '1.2.826.0.1.3680043.8.498.12345678901234567890123'])
 @pytest.mark.parametrize('transfer_syntax', ['1.2.840.10008.1.2.1', '1.2.840.10008.1.2', '1.2.840.10008.1.2.4.90'])
 def test_the_part10_header_is_what_pydicom_writes_for_pynetdicoms_file_meta(instance_uid, transfer_syntax):

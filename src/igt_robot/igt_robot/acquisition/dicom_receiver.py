@@ -457,7 +457,7 @@ def _tune_association(event) -> None:
     * small replies (C-STORE-RSP) go out at once: Nagle's algorithm with delayed ACKs costs ~40 ms per instance,
       which caps a series at ~25 instances/s;
     * the reader takes what the socket holds in one call (pynetdicom reads 4 KiB per call: ~130 calls and
-      buffer extensions per slice);
+      buffer extensions per slice), and acknowledges each read at once (:func:`acknowledge_now`);
     * pynetdicom's standard logging handlers are unbound unless its logger shows DEBUG: they format every PDU
       and message (and copy every dataset, to say "Present") whatever the log level, ~0.3 ms per instance.
       Receptions and refusals are reported by ``on_event``.
@@ -477,18 +477,37 @@ def _tune_association(event) -> None:
 
 
 _RECV_CHUNK = 1 << 20       # bytes per call at most: memory grows only as data arrives, whatever a PDU announces
+# Linux only; None elsewhere (the ACKs are then the kernel's to time).
+_TCP_QUICKACK = getattr(socket, 'TCP_QUICKACK', None)
 
 
 def _recv_exactly(assoc_socket, nr_bytes: int) -> bytearray:
     """pynetdicom's ``AssociationSocket.recv`` contract (up to ``nr_bytes``; fewer when the peer closed; socket
-    errors raised) with large reads."""
+    errors raised) with large reads, every read acknowledged at once (:func:`acknowledge_now`)."""
+    sock = assoc_socket.socket
     data = bytearray()
     while len(data) < nr_bytes:
-        chunk = assoc_socket.socket.recv(min(nr_bytes - len(data), _RECV_CHUNK))
+        chunk = sock.recv(min(nr_bytes - len(data), _RECV_CHUNK))
+        acknowledge_now(sock)
         if not chunk:
             break
         data += chunk
     return data
+
+
+def acknowledge_now(sock) -> None:
+    """Have the kernel acknowledge what ``sock`` received at once rather than up to 40 ms later.
+
+    From Orthanc, about 1 instance in 30 of a 512x512 CT stalled for 40-48 ms, Linux's delayed-ACK time (a
+    sender with Nagle's algorithm on holds the short tail of a message until what went before is acknowledged):
+    a quarter of the series' time. Linux leaves quick-ACK mode again by itself, so it is set after every read.
+    """
+    if _TCP_QUICKACK is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+    except OSError:         # closed under us: the read reports it
+        pass
 
 
 def set_no_delay(assoc) -> None:
