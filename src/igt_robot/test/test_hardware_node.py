@@ -398,12 +398,12 @@ def test_the_watchdog_feed_runs_while_no_executor_spins_the_node(active_node, gr
     real_heartbeat = node.shared.heartbeat
     node.shared.heartbeat = lambda: (feeds.append(time.monotonic()), real_heartbeat())
     graph.executor.remove_node(node)
-    node._fast_spinner.stop()                             # the interlock executor does not spin either
+    node._scanner_subscription.stop()                     # nor is the scanner subscription served
     try:
         testing.wait_for(lambda: len(feeds) >= 5, 10, 'five watchdog feeds with no executor spinning')
     finally:
         graph.executor.add_node(node)
-    assert list(node._fast_node.timers) == []             # the interlock executor has only the scanner
+    assert list(node._fast_node.timers) == []             # the interlock node has only the scanner
 
 
 def test_scanner_samples_reach_the_relay_after_the_drive_was_commanded(active_node, probe):

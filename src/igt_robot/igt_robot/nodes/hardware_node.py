@@ -53,7 +53,6 @@ from diagnostic_msgs.msg import DiagnosticStatus
 from geometry_msgs.msg import Pose
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.event_handler import SubscriptionEventCallbacks
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
@@ -66,7 +65,7 @@ from igt_robot.hardware.interface import HardwareError, HardwareFault, HardwareS
 from igt_robot.kinematics import NeedleGuideKinematics
 from igt_robot.nodes import common, qos, topics
 from igt_robot.nodes.params import Param, declare
-from igt_robot.nodes.spinning import (INTERLOCK_GIL_SWITCH_INTERVAL_S, BackgroundSpinner, SteadyPeriodicThread,
+from igt_robot.nodes.spinning import (INTERLOCK_GIL_SWITCH_INTERVAL_S, DirectSubscription, SteadyPeriodicThread,
                                       shorten_gil_switch_interval)
 from igt_robot.robot_model import load_robot_model
 from igt_robot.safety import operator_session, scanner_relay
@@ -208,19 +207,18 @@ class HardwareNode(common.LeanQosEvents, LifecycleNode):
                                                    callback_group=self._state_group)
         self.heartbeat.stop()
 
-        # The scanner -> drive path runs in an executor of its own, on a thread of its own, with nothing else
-        # in it: in the shared executor (motion controller, state reads, diagnostics, graph checks) the scanner
+        # The scanner -> drive path runs on a thread of its own, with no executor at all (DirectSubscription):
+        # in the shared executor (motion controller, state reads, diagnostics, graph checks) the scanner
         # callback started p50 2.7 ms / max 360 ms after the publication on a quiet machine (rclpy's Python
-        # dispatch over every entity of the process). See docs/safety.md.
+        # dispatch over every entity of the process), and an executor of its own still ran ~0.2 ms of Python
+        # per message before the callback. See docs/safety.md.
         self.scanner_relay = scanner_relay.relay_for(self.get_name())
         self.scanner_relay.on_error = self._on_relay_error
         self._fast_node = _InterlockNode(f'{self.get_name()}_interlock', namespace=self.get_namespace(),
                                          context=self.context, start_parameter_services=False)
-        self._fast_node.create_subscription(ScannerState, topics.SCANNER_STATE, self._on_scanner,
-                                            qos.SCANNER_STATE, callback_group=MutuallyExclusiveCallbackGroup())
-        self._fast_executor = SingleThreadedExecutor(context=self.context)
-        self._fast_executor.add_node(self._fast_node)
-        self._fast_spinner = BackgroundSpinner(self._fast_executor, name='hardware-interlock-executor')
+        self._scanner_subscription = DirectSubscription(
+            self._fast_node, ScannerState, topics.SCANNER_STATE, qos.SCANNER_STATE, self._on_scanner,
+            name='hardware-interlock-scanner', on_error=self._on_scanner_error)
         self._feed_thread: Optional[SteadyPeriodicThread] = None
         self._staleness_thread: Optional[SteadyPeriodicThread] = None
         self._last_feed: Optional[float] = None     # monotonic start of the last controller heartbeat
@@ -497,6 +495,12 @@ class HardwareNode(common.LeanQosEvents, LifecycleNode):
         # The drive has been commanded; now the other interlocks of this process (the motion controller's).
         self.scanner_relay.publish(ScannerSample(publisher, name, phase, int(msg.heartbeat), now, stamp_age))
         self._report(findings)
+
+    def _on_scanner_error(self, exc: BaseException) -> None:
+        """Beyond what ``_guarded`` catches (it failed itself): reported, and the inhibit asserted."""
+        self.get_logger().error(f'scanner subscription failed: {type(exc).__name__}: {exc}',
+                                throttle_duration_sec=1.0)
+        self._fail_safe_inhibit('the scanner subscription failed')
 
     def _on_relay_error(self, listener, exc: BaseException) -> None:
         self.get_logger().error(f'scanner relay listener {getattr(listener, "__qualname__", listener)} failed: '
@@ -901,7 +905,7 @@ class HardwareNode(common.LeanQosEvents, LifecycleNode):
     def destroy_node(self):
         if self.shared is not None:
             self.on_bringup_shutdown()
-        self._fast_spinner.stop()
+        self._scanner_subscription.stop()
         self._fast_node.destroy_node()
         return super().destroy_node()
 

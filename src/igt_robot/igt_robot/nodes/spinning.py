@@ -162,3 +162,73 @@ class SteadyPeriodicThread:
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout_sec)
+
+
+class DirectSubscription:
+    """One subscription served by a thread of its own, without an executor: wait, take, call.
+
+    For the one message whose latency the safety chain counts (the scanner state that asserts the drive's
+    inhibit). An rclpy executor runs ~0.2 ms of Python between the message's arrival and its callback
+    (rebuilding its wait set, callback groups, a task per message); in a process whose other threads also
+    run Python, each of those steps can wait for the interpreter lock. Here the thread waits in C with
+    the lock released, takes the message and calls ``callback(msg, info)`` (``info`` as rclpy passes it:
+    timestamps and the publisher's gid). ``node`` must not be spun by any executor, or both would take
+    messages. A callback's exception goes to ``on_error`` and the next message is served.
+    """
+
+    def __init__(self, node, msg_type, topic: str, qos, callback, name: str, on_error=None,
+                 poll_sec: float = 0.1):
+        from rclpy.guard_condition import GuardCondition
+        self.node = node
+        self._callback = callback
+        self._on_error = on_error or (lambda exc: None)
+        self._poll_ns = int(poll_sec * 1e9)
+        self._stop = threading.Event()
+        self.subscription = node.create_subscription(msg_type, topic, _never_called, qos)
+        self._wake = GuardCondition(None, None, context=node.context)
+        node.context.on_shutdown(self.wake)
+        self.messages = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        with contextlib.suppress(Exception):     # already destroyed: nothing waits on it
+            self._wake.trigger()
+
+    def _run(self) -> None:
+        from rclpy.exceptions import InvalidHandle
+        from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
+        sub = self.subscription
+        try:
+            wait_set = _rclpy.WaitSet(1, 1, 0, 0, 0, 0, self.node.context.handle)
+            while not self._stop.is_set() and self.node.context.ok():
+                with sub.handle, self._wake.handle:      # neither is destroyed while waited on
+                    wait_set.clear_entities()
+                    wait_set.add_subscription(sub.handle)
+                    wait_set.add_guard_condition(self._wake.handle)
+                    wait_set.wait(self._poll_ns)         # the interpreter lock is released while waiting
+                    if sub.handle.pointer not in wait_set.get_ready_entities('subscription'):
+                        continue
+                    taken = sub.handle.take_message(sub.msg_type, sub.raw)
+                if taken is None:
+                    continue
+                self.messages += 1
+                try:
+                    self._callback(*taken)
+                except Exception as exc:  # noqa: BLE001 - reported; the next message is served
+                    self._on_error(exc)
+        except (InvalidHandle, RuntimeError):
+            pass                # the node or the context went away under us: nothing more to serve
+
+    def stop(self, timeout_sec: float = 2.0) -> None:
+        """Stop serving and join the thread; the subscription goes with its node."""
+        self._stop.set()
+        self.wake()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_sec)
+        with contextlib.suppress(Exception):
+            self._wake.destroy()
+
+
+def _never_called(*_args) -> None:
+    """The callback rclpy requires of a subscription that :class:`DirectSubscription` serves itself."""
