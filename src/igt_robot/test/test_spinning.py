@@ -3,6 +3,7 @@ import sys
 
 import pytest
 
+from igt_robot import testing
 from igt_robot.nodes import spinning
 
 
@@ -26,13 +27,6 @@ def test_a_shorter_switch_interval_chosen_by_the_process_is_kept(switch_interval
     assert sys.getswitchinterval() == pytest.approx(0.0002, abs=2e-6)
 
 
-@pytest.fixture
-def graph():
-    from igt_robot import testing
-    with testing.SpinningGraph() as spinning_graph:
-        yield spinning_graph
-
-
 def _direct(graph, callback, on_error=None):
     """A node nobody spins, with a DirectSubscription on /direct_test; and a publisher on a spun node."""
     import rclpy
@@ -45,7 +39,7 @@ def _direct(graph, callback, on_error=None):
     return node, direct, publisher, Int32
 
 
-def _publish_until_matched(publisher, msg_type, testing):
+def _publish_until_matched(publisher, msg_type):
     testing.wait_for(lambda: publisher.get_subscription_count() > 0, 10, 'the direct subscription matched')
     for value in range(5):
         publisher.publish(msg_type(data=value))
@@ -54,11 +48,10 @@ def _publish_until_matched(publisher, msg_type, testing):
 def test_a_direct_subscription_serves_its_messages_with_their_info_and_no_executor(graph):
     """The scanner path's subscription: every message, in order, with the publisher's gid (the authority
     check needs it), although no executor spins its node."""
-    from igt_robot import testing
     received = []
     node, direct, publisher, Int32 = _direct(graph, lambda msg, info: received.append((msg.data, info)))
     try:
-        _publish_until_matched(publisher, Int32, testing)
+        _publish_until_matched(publisher, Int32)
         testing.wait_for(lambda: len(received) == 5, 10, 'five messages through the direct subscription')
         assert [data for data, _ in received] == [0, 1, 2, 3, 4]
         assert all(info['publisher_gid'] for _, info in received)
@@ -70,7 +63,6 @@ def test_a_direct_subscription_serves_its_messages_with_their_info_and_no_execut
 
 
 def test_a_failing_callback_is_reported_and_the_next_message_still_served(graph):
-    from igt_robot import testing
     served, errors = [], []
 
     def callback(msg, info):
@@ -79,7 +71,7 @@ def test_a_failing_callback_is_reported_and_the_next_message_still_served(graph)
             raise ValueError('callback broke on 1')
     node, direct, publisher, Int32 = _direct(graph, callback, on_error=errors.append)
     try:
-        _publish_until_matched(publisher, Int32, testing)
+        _publish_until_matched(publisher, Int32)
         testing.wait_for(lambda: len(served) == 5, 10, 'all five messages served')
         assert [str(e) for e in errors] == ['callback broke on 1']
     finally:
