@@ -26,7 +26,9 @@ What the core decides (the host only asks):
 * **Inhibit**: the host's MOTION_INHIBIT and the trigger input. A rising trigger edge latches
   the inhibit; while the trigger input says imaging, the host cannot release it
   (:class:`Refusal` ``TRIGGER_ACTIVE``). After the trigger has fallen the inhibit stays until
-  the host releases it explicitly: motion never resumes by itself.
+  the host releases it explicitly: motion never resumes by itself. The trigger is the OR of two
+  inputs: the cable from the scanner and the trigger port's level, which a silent relay turns into
+  imaging (``trigger_port_timeout``, the watchdog period); RESET_FAULTS disarms a silent port.
 * **Watchdog**: enabled and no host frame for ``watchdog_timeout`` -> WATCHDOG fault,
   controlled ramp, then the axes are de-energised.
 
@@ -76,6 +78,10 @@ DEFAULT_START_LOOKAHEAD = 0.1
 
 DEFAULT_BUFFER_CAPACITY = 128
 DEFAULT_SERVO_PERIOD = 0.001
+#: The scanner trigger's inputs: the cable from the scanner and the trigger port's level (serial protocol §9).
+TRIGGER_SOURCES = ('WIRED', 'PORT')
+#: Trigger-port silence read as imaging when the core has no host watchdog to take the period from, s.
+DEFAULT_TRIGGER_PORT_TIMEOUT = 0.3
 
 
 class Refusal(Exception):
@@ -220,6 +226,14 @@ class ControllerCore:
         self.trigger = False                     # scanner-trigger input level (True = imaging)
         self.trigger_latch = False               # set by a rising edge, released by the host
         self.trigger_edges = 0
+        # The trigger has two inputs, OR-ed: the wired one and the trigger port's level (serial protocol §9).
+        self.trigger_inputs = {source: False for source in TRIGGER_SOURCES}
+        self.trigger_port_timeout = float(watchdog_timeout if watchdog_timeout is not None
+                                          else DEFAULT_TRIGGER_PORT_TIMEOUT)
+        self.trigger_port_armed = False          # a relay has spoken on the port since power-on / reset
+        self.trigger_port_silent = False         # ... and then fell silent: its level reads as imaging
+        self.trigger_port_last = 0.0
+        self.trigger_port_timeouts = 0
         self.last_host_time = 0.0
         self.watchdog_trips = 0
         self.underruns = 0
@@ -265,6 +279,12 @@ class ControllerCore:
                 and now - self.last_host_time > self.watchdog_limit):
             self.watchdog_trips += 1
             self.latch_fault('WATCHDOG')
+        if (self.trigger_port_armed and not self.trigger_port_silent
+                and now - self.trigger_port_last > self.trigger_port_timeout):
+            # The relay stopped talking: we cannot know the scanner is idle, so it is imaging.
+            self.trigger_port_silent = True
+            self.trigger_port_timeouts += 1
+            self.set_trigger(True, source='PORT')
         if not self.enabled:
             return
         if self.mode == STREAM:
@@ -285,6 +305,14 @@ class ControllerCore:
     def host_seen(self) -> None:
         """A valid frame from the host arrived (feeds the watchdog)."""
         self.last_host_time = self.time
+
+    def trigger_port_seen(self) -> None:
+        """A valid frame arrived on the trigger port after its handshake: the port is armed (from now on its
+        silence for ``trigger_port_timeout`` reads as imaging) and its timer restarts. A relay that speaks
+        again after falling silent does not lower the level by speaking: only its TRIGGER_LEVEL 0 does."""
+        self.trigger_port_armed = True
+        self.trigger_port_silent = False
+        self.trigger_port_last = self.time
 
     # ================================================================ state queries
 
@@ -427,6 +455,12 @@ class ControllerCore:
         self.faults.clear()
         self.fault_axes.clear()
         self.estop = False
+        if self.trigger_port_silent:
+            # The operator's way out when the relay is gone for good: the port is disarmed and its level
+            # dropped (the host's own interlock still stops motion for imaging). A relay that comes back
+            # arms it again.
+            self.trigger_port_armed = self.trigger_port_silent = False
+            self.set_trigger(False, source='PORT')
 
     def set_target(self, positions, velocity_limits=None, feedforward=None) -> None:
         """Legacy single setpoint (SET_TARGET / write()): track ``positions`` within the limits.
@@ -594,10 +628,15 @@ class ControllerCore:
 
     # ================================================================ inputs
 
-    def set_trigger(self, level: bool) -> None:
-        """Scanner-trigger input. A rising edge (imaging) ramps any motion down (cause TRIGGER),
-        flushes the buffer and latches the inhibit until the host releases it after the edge."""
-        level = bool(level)
+    def set_trigger(self, level: bool, source: str = 'WIRED') -> None:
+        """One input of the scanner trigger (``source``: 'WIRED', the cable from the scanner, or 'PORT', the
+        trigger port's level). The trigger is the OR of both. A rising edge (imaging) ramps any motion down
+        (cause TRIGGER), flushes the buffer and latches the inhibit until the host releases it after the
+        edge."""
+        if source not in self.trigger_inputs:
+            raise ValueError(f'trigger source must be one of {", ".join(TRIGGER_SOURCES)}, got {source!r}')
+        self.trigger_inputs[source] = bool(level)
+        level = any(self.trigger_inputs.values())
         if level and not self.trigger:
             self.trigger_edges += 1
             self.trigger_latch = True

@@ -6,7 +6,7 @@ Run it as a separate process, exactly like a real controller on a serial port::
     igt-firmware-emulator --help            # console script -> main()
 
 It opens a pty pair (raw mode), prints ``PTY <slave path>`` as its first stdout
-line and then speaks the protocol of ``docs/serial_protocol.md`` on the master
+line (and ``TRIGGER_PTY <path>``, the trigger port of §9, as its second) and then speaks the protocol of ``docs/serial_protocol.md`` on the master
 side: 5 axes (joint order and limits from the URDF via
 :func:`igt_robot.robot_model.load_robot_model` when importable, else the
 contract values), the motor controller of
@@ -66,6 +66,7 @@ from igt_robot.hardware import protocol
 from igt_robot.hardware.axis_model import AxisConfig, default_axis_configs
 from igt_robot.hardware.controller_core import DEFAULT_BUFFER_CAPACITY, AxisLimits, ControllerCore, Refusal
 from igt_robot.hardware.interface import PvtPoint
+from igt_robot.hardware.port_session import PortSession, TriggerPortSession
 from igt_robot.hardware.protocol import Fault, MsgType, NakReason, StatusFlag
 
 DEFAULT_FIRMWARE_VERSION = (2, 0, 0)
@@ -108,7 +109,7 @@ _STREAM_STATES = {'': protocol.StreamState.NONE, 'open': protocol.StreamState.OP
                   'done': protocol.StreamState.DONE, 'stopped': protocol.StreamState.STOPPED}
 
 
-class Firmware:
+class Firmware(PortSession):
     """The controller's logic without any I/O: protocol handling around a
     :class:`~igt_robot.hardware.controller_core.ControllerCore` (in encoder counts) plus the
     axes' mechanics.
@@ -150,20 +151,9 @@ class Firmware:
         self.protocol_version = tuple(protocol_version)
         self.watchdog_ms = int(watchdog_ms)
         self.device_name = device_name
-        self.handshake_done = False
-        self.last_seq: Optional[int] = None
-        self.rx_crc_errors = 0
-        self.rx_seq_gaps = 0
-        self.rx_frames = 0
-        self.duplicates = 0
-        self.replays = 0
-        self.corrupt_rx = 0
-        self.executed: Dict[str, int] = {}
-        self._last_stateful: Optional[Tuple[int, int, bytes]] = None
-        self._last_stateful_reply = b''
-        self._out: List[bytes] = []
-        self.decoder = protocol.FrameDecoder(on_crc_error=self._on_crc_error,
-                                             inter_byte_timeout=protocol.INTER_BYTE_TIMEOUT)
+        super().__init__(self.core, self.hello_reply)
+        # The controller's second port (docs/serial_protocol.md §9), on the same core.
+        self.trigger_port = TriggerPortSession(self.core, self.hello_reply)
 
     # ------------------------------------------------------------------ views of the core
     @property
@@ -216,131 +206,19 @@ class Firmware:
         return self.core.moving or any(self.actual_velocity)
 
     # ------------------------------------------------------------------ line side
-    def receive(self, data: bytes) -> List[bytes]:
-        """Bytes from the host -> frames to send back (in order)."""
-        return self.respond(self.decode(data))
+    # ------------------------------------------------------------------ the main port
+    accepts = frozenset(protocol.REPLY_TYPE) - {MsgType.TRIGGER_LEVEL}
+    pre_handshake = _PRE_HANDSHAKE
 
-    def decode(self, data: bytes) -> List[protocol.Frame]:
-        """Bytes from the line -> valid request frames, not yet executed (CRC failures
-        are NAKed into the pending output). Arrival time is the controller's clock."""
-        frames = []
-        for frame in self.decoder.feed(data, now=self.core.time):
-            if self.corrupt_rx > 0:
-                # Injected line noise: behave exactly as for a CRC failure.
-                self.corrupt_rx -= 1
-                self._on_crc_error(frame.type, frame.seq)
-                continue
-            frames.append(frame)
-        return frames
+    def _seen(self) -> None:
+        self.core.host_seen()
 
-    def respond(self, frames: Sequence[protocol.Frame]) -> List[bytes]:
-        """Execute decoded requests; return every pending reply frame in order."""
-        for frame in frames:
-            self._out.append(self.handle(frame))
-        if frames:
-            self._follow()
-        out, self._out = self._out, []
-        return out
+    def _after_requests(self) -> None:
+        self._follow()
 
-    def _on_crc_error(self, msg_type: int, seq: int) -> None:
-        # The header was self-consistent, so TYPE/SEQ are probably right: a NAK
-        # lets the host retransmit now instead of after its timeout. A wrong
-        # SEQ is harmless, the host ignores NAKs for other sequence numbers.
-        self.rx_crc_errors += 1
-        self._out.append(protocol.encode_frame(
-            MsgType.NAK, seq, protocol.encode_nak(protocol.Nak(msg_type, NakReason.CRC))))
-
-    def handle(self, frame: protocol.Frame) -> bytes:
-        """One valid request frame -> the reply frame bytes.
-
-        Sequence rule (docs/serial_protocol.md §2): HELLO starts a new sequence. A stateful
-        request must be 1..SEQ_WINDOW ahead of the last accepted request (modulo 256);
-        otherwise it is the retransmission of the last stateful request (identical TYPE,
-        SEQ, PAYLOAD: answered from the reply cache, not executed again) or a replay
-        (NAK REPLAY, nothing executed).
-        """
-        self.rx_frames += 1
-        self.core.host_seen()                  # any valid frame feeds the watchdog
-        if frame.type == MsgType.HELLO:
-            self._last_stateful = None         # a (re)connecting host restarts its sequence
-            self.last_seq = None
-        ahead = None if self.last_seq is None else (frame.seq - self.last_seq) & 0xFF
-        key = (frame.type, frame.seq, frame.payload)
-        stateful = frame.type in protocol.STATEFUL_REQUESTS
-        if stateful and ahead is not None and not 1 <= ahead <= protocol.SEQ_WINDOW:
-            if key == self._last_stateful:
-                # Retransmission (our reply was lost): answer again, do not execute twice.
-                self.duplicates += 1
-                return self._last_stateful_reply
-            self.replays += 1
-            return protocol.encode_frame(MsgType.NAK, frame.seq, protocol.encode_nak(
-                protocol.Nak(frame.type, NakReason.REPLAY)))
-        if ahead is not None and ahead > 1 and ahead <= protocol.SEQ_WINDOW:
-            self.rx_seq_gaps += 1
-        if ahead is None or 1 <= ahead <= protocol.SEQ_WINDOW:
-            self.last_seq = frame.seq          # a late side-effect-free request does not move it back
-        reply_type, payload = self._dispatch(frame)
-        reply = protocol.encode_frame(reply_type, frame.seq, payload)
-        if stateful:
-            self._last_stateful, self._last_stateful_reply = key, reply
-        return reply
-
-    def _nak(self, frame, reason: NakReason, detail: int = protocol.NO_AXIS):
-        return MsgType.NAK, protocol.encode_nak(protocol.Nak(frame.type, reason, detail))
-
-    def _refused(self, frame, refusal: Refusal):
-        """A core refusal as a NAK: detail = axis, or the fault's bit index for FAULTED."""
-        try:
-            reason = NakReason[refusal.reason]
-        except KeyError:
-            reason = NakReason.BAD_VALUE
-        detail = protocol.NO_AXIS
-        if refusal.fault:
-            detail = protocol.fault_bits([refusal.fault]).bit_length() - 1
-        elif refusal.axis is not None:
-            detail = int(refusal.axis)
-        return self._nak(frame, reason, detail)
-
-    def _ack(self, frame):
-        self._count(frame)
-        return MsgType.ACK, protocol.encode_ack(frame.type)
-
-    def _count(self, frame):
-        name = protocol.type_name(frame.type)
-        self.executed[name] = self.executed.get(name, 0) + 1
-
-    def _dispatch(self, frame: protocol.Frame):
-        try:
-            msg_type = MsgType(frame.type)
-        except ValueError:
-            return self._nak(frame, NakReason.UNKNOWN_TYPE)
-        if msg_type not in protocol.REPLY_TYPE:      # a reply type sent to us
-            return self._nak(frame, NakReason.UNKNOWN_TYPE)
-        if not self.handshake_done and msg_type not in _PRE_HANDSHAKE:
-            return self._nak(frame, NakReason.HANDSHAKE_REQUIRED)
-        handler = getattr(self, f'_on_{msg_type.name.lower()}')
-        try:
-            return handler(frame)
-        except protocol.PayloadLengthError:
-            return self._nak(frame, NakReason.BAD_LENGTH)
-        except protocol.ProtocolError:
-            return self._nak(frame, NakReason.BAD_VALUE)
-        except Refusal as refusal:
-            return self._refused(frame, refusal)
-
-    @staticmethod
-    def _no_payload(frame):
-        if frame.payload:
-            raise protocol.PayloadLengthError(f'{protocol.type_name(frame.type)} payload must be 0 bytes')
-
-    # --- request handlers -----------------------------------------------------------
-    def _on_hello(self, frame):
-        host_major, _ = protocol.decode_hello(frame.payload)
-        # Always answer (the host needs our versions for its error message), but
-        # accept further commands only from a host speaking our major version.
-        self.handshake_done = host_major == self.protocol_version[0]
-        return MsgType.HELLO_REPLY, protocol.encode_hello_reply(protocol.HelloReply(
-            self.protocol_version, self.firmware_version, len(self.axes), self.watchdog_ms, self.device_name))
+    def hello_reply(self) -> protocol.HelloReply:
+        return protocol.HelloReply(self.protocol_version, self.firmware_version, len(self.axes), self.watchdog_ms,
+                                   self.device_name)
 
     def _on_get_status(self, frame):
         self._no_payload(frame)
@@ -349,10 +227,6 @@ class Firmware:
     def _on_get_axis_config(self, frame):
         self._no_payload(frame)
         return MsgType.AXIS_CONFIG, protocol.encode_axis_config(self.infos)
-
-    def _on_heartbeat(self, frame):
-        self._no_payload(frame)
-        return self._ack(frame)
 
     def _on_enable(self, frame):
         self._no_payload(frame)
@@ -510,6 +384,11 @@ class Firmware:
             'rx_frames': self.rx_frames, 'rx_crc_errors': self.rx_crc_errors, 'rx_seq_gaps': self.rx_seq_gaps,
             'rx_timeouts': self.decoder.timeouts, 'duplicates': self.duplicates, 'replays': self.replays,
             'watchdog_trips': self.watchdog_trips, 'executed': dict(self.executed),
+            'trigger_inputs': dict(self.core.trigger_inputs),
+            'trigger_port': {'armed': self.core.trigger_port_armed, 'silent': self.core.trigger_port_silent,
+                             'timeouts': self.core.trigger_port_timeouts,
+                             'handshake_done': self.trigger_port.handshake_done,
+                             'rx_frames': self.trigger_port.rx_frames, 'executed': dict(self.trigger_port.executed)},
             'stream': {'stream_id': st.stream_id, 'state': self.core.stream_state, 'active': st.active,
                        'done': st.done, 'executed_time': st.executed_time, 'buffered_until': st.buffered_until,
                        'free_slots': st.free_slots, 'stop_cause': st.stop_cause},
@@ -539,6 +418,10 @@ class EmulatorServer:
         self.master = self.slave = -1
         self.pty_path = ''
         self._tx = bytearray()
+        # The trigger port (docs/serial_protocol.md §9): a second pty, served by the same line thread.
+        self.trigger_master = self.trigger_slave = -1
+        self.trigger_pty_path = ''
+        self._trigger_tx = bytearray()
         self._listener: Optional[socket.socket] = None
         self._clients: Dict[socket.socket, bytearray] = {}
         self._stop = False
@@ -566,6 +449,10 @@ class EmulatorServer:
         os.set_blocking(self.master, False)
         # Keep our slave fd open: the pty stays valid while hosts open/close the port.
         self.pty_path = os.ttyname(self.slave)
+        self.trigger_master, self.trigger_slave = os.openpty()
+        tty.setraw(self.trigger_slave)
+        os.set_blocking(self.trigger_master, False)
+        self.trigger_pty_path = os.ttyname(self.trigger_slave)
         if self.control_path:
             try:
                 os.unlink(self.control_path)
@@ -579,6 +466,10 @@ class EmulatorServer:
 
     def close(self) -> None:
         self._unplug()
+        for fd in (self.trigger_master, self.trigger_slave):
+            if fd >= 0:
+                os.close(fd)
+        self.trigger_master = self.trigger_slave = -1
         for client in list(self._clients):
             client.close()
         self._clients.clear()
@@ -661,6 +552,8 @@ class EmulatorServer:
             rlist = list(self._clients)
             if self.master >= 0:
                 rlist.append(self.master)
+            if self.trigger_master >= 0:
+                rlist.append(self.trigger_master)
             if self._listener is not None:
                 rlist.append(self._listener)
             wlist = [self.master] if self._tx and self.master >= 0 else []
@@ -683,6 +576,8 @@ class EmulatorServer:
                         replies = self.fw.respond(frames)   # also a NAK(CRC) the decoder queued
                     for reply in replies:
                         self._transmit(reply)
+                elif src == self.trigger_master:
+                    self._serve_trigger_port()
                 elif isinstance(src, socket.socket):
                     self._read_control(src)
 
@@ -702,6 +597,35 @@ class EmulatorServer:
             return []
         with self._lock:
             return self.fw.decode(data)
+
+    def _read_trigger_frames(self) -> List[protocol.Frame]:
+        """Decode what the relay sent on the trigger port (non-blocking)."""
+        try:
+            data = os.read(self.trigger_master, 4096)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError as exc:
+            if exc.errno == errno.EIO:         # no relay has the port open
+                return []
+            raise
+        with self._lock:
+            return self.fw.trigger_port.decode(data)
+
+    def _serve_trigger_port(self) -> None:
+        frames = self._read_trigger_frames()
+        with self._lock:
+            replies = self.fw.trigger_port.respond(frames)
+        self._trigger_tx += b''.join(replies)
+        if self._trigger_tx:
+            try:
+                sent = os.write(self.trigger_master, bytes(self._trigger_tx))
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = len(self._trigger_tx)   # nobody listening: the replies are lost, as on a cable
+            del self._trigger_tx[:sent]
+            if len(self._trigger_tx) > 4096:    # a relay that never reads: keep the newest replies only
+                del self._trigger_tx[:-4096]
 
     def _transmit(self, frame: bytes) -> None:
         self.tx_frames += 1
@@ -800,7 +724,7 @@ class EmulatorServer:
             return ''
         if cmd == 'state':
             snap = self.fw.snapshot()
-            snap.update(pty=self.pty_path, silenced=self.silenced, unplugged=self.unplugged,
+            snap.update(pty=self.pty_path, trigger_pty=self.trigger_pty_path, silenced=self.silenced, unplugged=self.unplugged,
                         tx_frames=self.tx_frames, tx_corrupted=self.tx_corrupted, overruns=self.overruns,
                         trigger_edge_wall=self.trigger_edge_wall, ramp_start_wall=self.ramp_start_wall)
             return json.dumps(snap)
@@ -852,6 +776,7 @@ class EmulatorServer:
             self.silenced, self.corrupt_next = False, 0
             self.tx_frames = self.tx_corrupted = self.tx_dropped = 0
             self._tx.clear()
+            self._trigger_tx.clear()
             return ''
         if cmd == 'unplug' and not args:
             self.unplugged = True
@@ -890,6 +815,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument('--link', metavar='PATH',
                         help='also make PATH a symlink to the pty (a fixed port name for launch files); '
                              'removed on exit')
+    parser.add_argument('--trigger-link', metavar='PATH',
+                        help='the same for the trigger port\'s pty (docs/serial_protocol.md §9)')
     return parser
 
 
@@ -928,19 +855,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGINT, server.request_stop)
     try:
         path = server.open()
-        if args.link:
-            if os.path.islink(args.link):
-                os.unlink(args.link)  # a stale link from an emulator that was killed
-            os.symlink(path, args.link)
+        for link, target in ((args.link, path), (args.trigger_link, server.trigger_pty_path)):
+            if link:
+                if os.path.islink(link):
+                    os.unlink(link)   # a stale link from an emulator that was killed
+                os.symlink(target, link)
         print(f'PTY {path}', flush=True)
+        print(f'TRIGGER_PTY {server.trigger_pty_path}', flush=True)
         print(f'emulator: firmware {".".join(map(str, firmware.firmware_version))}, protocol '
               f'{".".join(map(str, firmware.protocol_version))}, axes from {source}, watchdog '
               f'{args.watchdog_ms} ms, control {args.control or "-"}', file=sys.stderr, flush=True)
         return server.run()
     finally:
+        links = ((args.link, server.pty_path), (args.trigger_link, server.trigger_pty_path))
         server.close()
-        if args.link and os.path.islink(args.link) and os.readlink(args.link) == server.pty_path:
-            os.unlink(args.link)
+        for link, target in links:
+            if link and os.path.islink(link) and os.readlink(link) == target:
+                os.unlink(link)
 
 
 # ---------------------------------------------------------------------------- spawning helper
@@ -972,6 +903,7 @@ class EmulatorProcess:
         self.python = python
         self.proc: Optional[subprocess.Popen] = None
         self.pty_path = ''
+        self.trigger_pty_path = ''         # the trigger port (docs/serial_protocol.md §9)
         self._stderr = None
         self._sock: Optional[socket.socket] = None
         self._sock_buf = b''
@@ -997,6 +929,7 @@ class EmulatorProcess:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(self.startup_timeout)
         self._sock.connect(self.control_path)
+        self.trigger_pty_path = self.state()['trigger_pty']
         return self
 
     def _read_first_line(self) -> str:

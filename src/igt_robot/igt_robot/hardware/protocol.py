@@ -85,6 +85,7 @@ class MsgType(enum.IntEnum):
     GET_AXIS_CONFIG = 0x0B
     BEGIN_STREAM = 0x0C        # protocol 2
     PUSH_POINTS = 0x0D         # protocol 2
+    TRIGGER_LEVEL = 0x0E       # protocol 2, trigger port only (§9)
     # replies (controller -> host)
     ACK = 0x80
     NAK = 0x81
@@ -109,6 +110,7 @@ REPLY_TYPE = {
     MsgType.GET_AXIS_CONFIG: MsgType.AXIS_CONFIG,
     MsgType.BEGIN_STREAM: MsgType.STREAM_STATUS,
     MsgType.PUSH_POINTS: MsgType.STREAM_STATUS,
+    MsgType.TRIGGER_LEVEL: MsgType.ACK,
 }
 
 #: Requests that change controller state. A retransmission of one of these
@@ -118,7 +120,11 @@ REPLY_TYPE = {
 STATEFUL_REQUESTS = frozenset({
     MsgType.ENABLE, MsgType.DISABLE, MsgType.SET_TARGET, MsgType.STOP, MsgType.ESTOP,
     MsgType.MOTION_INHIBIT, MsgType.RESET_FAULTS, MsgType.BEGIN_STREAM, MsgType.PUSH_POINTS,
+    MsgType.TRIGGER_LEVEL,
 })
+
+#: What the trigger port (§9) accepts: it can say "imaging" and nothing that moves the robot.
+TRIGGER_PORT_REQUESTS = frozenset({MsgType.HELLO, MsgType.HEARTBEAT, MsgType.TRIGGER_LEVEL})
 
 
 class NakReason(enum.IntEnum):
@@ -144,6 +150,8 @@ class NakReason(enum.IntEnum):
     START_MISMATCH = 0x11      # stream start differs from where the axes are (detail: axis)
     MOVING = 0x12              # BEGIN_STREAM while the axes move
     REPLAY = 0x13              # SEQ not ahead of the last accepted stateful request
+    WRONG_PORT = 0x14          # a request this port does not take (TRIGGER_LEVEL on the main port, any
+    #                            motion request on the trigger port)
 
 
 #: NAK reasons worth retrying: the request itself was fine.
@@ -508,6 +516,17 @@ def decode_motion_inhibit(payload: bytes) -> bool:
     _expect_length('MOTION_INHIBIT', payload, 1)
     if payload[0] not in (0, 1):
         raise ProtocolError(f'MOTION_INHIBIT value must be 0 or 1, got {payload[0]}')
+    return bool(payload[0])
+
+
+def encode_trigger_level(imaging: bool) -> bytes:
+    return bytes((1 if imaging else 0,))
+
+
+def decode_trigger_level(payload: bytes) -> bool:
+    _expect_length('TRIGGER_LEVEL', payload, 1)
+    if payload[0] not in (0, 1):
+        raise ProtocolError(f'TRIGGER_LEVEL value must be 0 or 1, got {payload[0]}')
     return bool(payload[0])
 
 

@@ -80,53 +80,34 @@ class SetpointRejected(HardwareError, ValueError):
     """The driver refused a setpoint before sending it (out of range, wrong shape, not finite)."""
 
 
-class SerialHardware(HardwareInterface):
-    """The motor controller on ``port`` (e.g. ``/dev/ttyUSB0`` or an emulator pty).
+class SerialLink:
+    """One serial port of the motor controller, host side: exclusive open, the HELLO handshake and the
+    request/reply discipline of the module docstring. :class:`SerialHardware` drives the main port with
+    it, :class:`TriggerLink` the trigger port (docs/serial_protocol.md §9).
 
     :param port: serial device path.
     :param baudrate: line rate in bit/s (ignored by ptys).
     :param timeout: seconds to wait for each reply before retransmitting.
-    :param counts_per_unit: expected encoder counts per m / per rad for each
-        joint; when given, connect() refuses a controller reporting otherwise.
-        None: take the controller's values.
     :param retries: retransmissions after the first attempt.
-    :param joint_names: joint order on the controller (default: the contract order).
-    :param lower, upper: optional host-side joint limits (m / rad); the driver
-        enforces the intersection with the controller's own limits.
     """
 
-    joint_names = JOINT_NAMES
+    axes: List[AxisConfig] = []
 
-    def __init__(self, port: str, baudrate: int = 1_000_000, timeout: float = 0.05,
-                 counts_per_unit: Optional[Sequence[float]] = None, retries: int = 2, *,
-                 joint_names: Optional[Sequence[str]] = None,
-                 lower: Optional[Sequence[float]] = None, upper: Optional[Sequence[float]] = None):
+    def __init__(self, port: str, baudrate: int = 1_000_000, timeout: float = 0.05, retries: int = 2):
         if not port:
             raise ValueError('serial port path must be a non-empty string')
         if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
             raise ValueError(f'timeout must be a positive number of seconds, got {timeout!r}')
         if int(retries) != retries or retries < 0:
             raise ValueError(f'retries must be a non-negative integer, got {retries!r}')
-        self.joint_names = tuple(joint_names) if joint_names is not None else JOINT_NAMES
-        n = len(self.joint_names)
-        for what, values in (('counts_per_unit', counts_per_unit), ('lower', lower), ('upper', upper)):
-            if values is not None and len(values) != n:
-                raise ValueError(f'{what} needs {n} values ({", ".join(self.joint_names)}), got {len(values)}')
-        if counts_per_unit is not None and not all(math.isfinite(c) and c > 0 for c in counts_per_unit):
-            raise ValueError(f'counts_per_unit must be positive and finite, got {list(counts_per_unit)}')
         self.port = port
         self.baudrate = int(baudrate)
         self.timeout = float(timeout)
         self.retries = int(retries)
-        self.expected_counts_per_unit = None if counts_per_unit is None else [float(c) for c in counts_per_unit]
-        self.host_lower = None if lower is None else [float(v) for v in lower]
-        self.host_upper = None if upper is None else [float(v) for v in upper]
-        self.axes: List[AxisConfig] = []
         self.firmware_version = ''
         self.protocol_version: Tuple[int, int] = (0, 0)
         self.device_name = ''
         self.watchdog_ms = 0
-        self.fault_axes: Tuple[str, ...] = ()        # joints named by the last STATUS fault mask
         self._serial: Optional[serial.Serial] = None
         self._decoder = protocol.FrameDecoder(inter_byte_timeout=protocol.INTER_BYTE_TIMEOUT)
         self._lock = threading.RLock()
@@ -175,7 +156,7 @@ class SerialHardware(HardwareInterface):
                 self._serial.reset_input_buffer()      # whatever the controller sent before we listened
                 self._decoder.reset()
                 self._handshake()
-                self._load_axis_config()
+                self._after_handshake()
             except BaseException:
                 self._close_port()
                 raise
@@ -221,48 +202,25 @@ class SerialHardware(HardwareInterface):
                 f'controller on {self.port} runs firmware {fw}, major version {hello.firmware_version[0]} is not '
                 f'supported by this driver (supported majors: {", ".join(map(str, SUPPORTED_FIRMWARE_MAJORS))}); '
                 f'refusing to drive it')
-        if hello.n_axes != len(self.joint_names):
-            raise IncompatibleFirmware(
-                f'controller on {self.port} has {hello.n_axes} axes, the driver is configured for '
-                f'{len(self.joint_names)} ({", ".join(self.joint_names)})')
+        self._check_hello(hello)
         self.firmware_version, self.protocol_version = fw, hello.protocol_version
         self.device_name, self.watchdog_ms = hello.device_name, hello.watchdog_ms
 
-    def _load_axis_config(self) -> None:
-        reply = self._transact_locked(MsgType.GET_AXIS_CONFIG)
-        infos = self._decode(protocol.decode_axis_config, reply, 'AXIS_CONFIG')
-        if len(infos) != len(self.joint_names):
-            raise HardwareError(f'controller on {self.port} reports {len(infos)} axes in AXIS_CONFIG, '
-                                f'expected {len(self.joint_names)}')
-        axes = []
-        for i, (name, info) in enumerate(zip(self.joint_names, infos)):
-            try:
-                axis = AxisConfig.from_axis_info(name, info)
-            except ValueError as exc:
-                raise HardwareError(f'controller on {self.port}: invalid configuration for {name}: {exc}') from exc
-            if self.expected_counts_per_unit is not None:
-                expected = self.expected_counts_per_unit[i]
-                if abs(axis.counts_per_unit - expected) > 1e-9 * expected:
-                    raise HardwareError(
-                        f'encoder resolution mismatch on {name}: the host is configured for {expected:g} '
-                        f'counts/{axis.unit}, the controller on {self.port} reports {axis.counts_per_unit:g}')
-            lower = axis.lower if self.host_lower is None else max(axis.lower, self.host_lower[i])
-            upper = axis.upper if self.host_upper is None else min(axis.upper, self.host_upper[i])
-            if not lower < upper:
-                raise HardwareError(f'{name}: host limits [{self.host_lower and self.host_lower[i]}, '
-                                    f'{self.host_upper and self.host_upper[i]}] {axis.unit} do not overlap the '
-                                    f'controller limits [{axis.lower}, {axis.upper}] {axis.unit}')
-            axes.append(dataclasses.replace(axis, lower=lower, upper=upper))
-        self.axes = axes
+    def _check_hello(self, hello: protocol.HelloReply) -> None:
+        """What else this port's user requires of the controller (raise IncompatibleFirmware)."""
+
+    def _after_handshake(self) -> None:
+        """Further set-up once the handshake succeeded (with the lock held)."""
+
+    def _before_close(self) -> None:
+        """Last words on a working link before it is released (with the lock held)."""
 
     def close(self) -> None:
-        """Stop motion if the link still works (best effort), then release the port. Idempotent."""
+        """Say goodbye if the link still works (the main port: STOP, best effort), then release the port.
+        Idempotent."""
         with self._lock:
             if self.connected:
-                try:
-                    self._transact_locked(MsgType.STOP)
-                except HardwareError:
-                    pass                          # closing anyway; the controller's watchdog stops it
+                self._before_close()
             self._close_port()
             self._fault_reason = None
 
@@ -427,8 +385,87 @@ class SerialHardware(HardwareInterface):
                                           + (f' ({axis.name})' if axis else ''),
                 NakReason.MOVING: 'the axes are moving; stop them before starting a stream',
                 NakReason.REPLAY: 'the sequence number is not ahead of the last accepted request (replay)',
+                NakReason.WRONG_PORT: 'this port does not take this request (main port vs trigger port)',
             }.get(nak.reason, f'reason code 0x{nak.reason:02X}')
         return CommandRefused(code, f'controller on {self.port} refused {what}: {why}', nak.reason, nak.detail)
+
+
+class SerialHardware(SerialLink, HardwareInterface):
+    """The motor controller on ``port`` (e.g. ``/dev/ttyUSB0`` or an emulator pty), its main port.
+
+    :param port: serial device path.
+    :param baudrate: line rate in bit/s (ignored by ptys).
+    :param timeout: seconds to wait for each reply before retransmitting.
+    :param counts_per_unit: expected encoder counts per m / per rad for each
+        joint; when given, connect() refuses a controller reporting otherwise.
+        None: take the controller's values.
+    :param retries: retransmissions after the first attempt.
+    :param joint_names: joint order on the controller (default: the contract order).
+    :param lower, upper: optional host-side joint limits (m / rad); the driver
+        enforces the intersection with the controller's own limits.
+    """
+
+    joint_names = JOINT_NAMES
+
+    def __init__(self, port: str, baudrate: int = 1_000_000, timeout: float = 0.05,
+                 counts_per_unit: Optional[Sequence[float]] = None, retries: int = 2, *,
+                 joint_names: Optional[Sequence[str]] = None,
+                 lower: Optional[Sequence[float]] = None, upper: Optional[Sequence[float]] = None):
+        super().__init__(port, baudrate, timeout, retries)
+        self.joint_names = tuple(joint_names) if joint_names is not None else JOINT_NAMES
+        n = len(self.joint_names)
+        for what, values in (('counts_per_unit', counts_per_unit), ('lower', lower), ('upper', upper)):
+            if values is not None and len(values) != n:
+                raise ValueError(f'{what} needs {n} values ({", ".join(self.joint_names)}), got {len(values)}')
+        if counts_per_unit is not None and not all(math.isfinite(c) and c > 0 for c in counts_per_unit):
+            raise ValueError(f'counts_per_unit must be positive and finite, got {list(counts_per_unit)}')
+        self.expected_counts_per_unit = None if counts_per_unit is None else [float(c) for c in counts_per_unit]
+        self.host_lower = None if lower is None else [float(v) for v in lower]
+        self.host_upper = None if upper is None else [float(v) for v in upper]
+        self.axes: List[AxisConfig] = []
+        self.fault_axes: Tuple[str, ...] = ()        # joints named by the last STATUS fault mask
+
+    def _check_hello(self, hello: protocol.HelloReply) -> None:
+        if hello.n_axes != len(self.joint_names):
+            raise IncompatibleFirmware(
+                f'controller on {self.port} has {hello.n_axes} axes, the driver is configured for '
+                f'{len(self.joint_names)} ({", ".join(self.joint_names)})')
+
+    def _after_handshake(self) -> None:
+        self._load_axis_config()
+
+    def _before_close(self) -> None:
+        try:
+            self._transact_locked(MsgType.STOP)
+        except HardwareError:
+            pass                          # closing anyway; the controller's watchdog stops it
+
+    def _load_axis_config(self) -> None:
+        reply = self._transact_locked(MsgType.GET_AXIS_CONFIG)
+        infos = self._decode(protocol.decode_axis_config, reply, 'AXIS_CONFIG')
+        if len(infos) != len(self.joint_names):
+            raise HardwareError(f'controller on {self.port} reports {len(infos)} axes in AXIS_CONFIG, '
+                                f'expected {len(self.joint_names)}')
+        axes = []
+        for i, (name, info) in enumerate(zip(self.joint_names, infos)):
+            try:
+                axis = AxisConfig.from_axis_info(name, info)
+            except ValueError as exc:
+                raise HardwareError(f'controller on {self.port}: invalid configuration for {name}: {exc}') from exc
+            if self.expected_counts_per_unit is not None:
+                expected = self.expected_counts_per_unit[i]
+                if abs(axis.counts_per_unit - expected) > 1e-9 * expected:
+                    raise HardwareError(
+                        f'encoder resolution mismatch on {name}: the host is configured for {expected:g} '
+                        f'counts/{axis.unit}, the controller on {self.port} reports {axis.counts_per_unit:g}')
+            lower = axis.lower if self.host_lower is None else max(axis.lower, self.host_lower[i])
+            upper = axis.upper if self.host_upper is None else min(axis.upper, self.host_upper[i])
+            if not lower < upper:
+                raise HardwareError(f'{name}: host limits [{self.host_lower and self.host_lower[i]}, '
+                                    f'{self.host_upper and self.host_upper[i]}] {axis.unit} do not overlap the '
+                                    f'controller limits [{axis.lower}, {axis.upper}] {axis.unit}')
+            axes.append(dataclasses.replace(axis, lower=lower, upper=upper))
+        self.axes = axes
 
     # ------------------------------------------------------------------ HardwareInterface
     def enable(self) -> None:
@@ -615,3 +652,14 @@ class SerialHardware(HardwareInterface):
         if bad:
             raise SetpointRejected(f'{what} not finite for {", ".join(bad)} -- nothing was sent')
         return arr
+
+
+class TriggerLink(SerialLink):
+    """The controller's trigger port (docs/serial_protocol.md §9), host side: the scanner-trigger level
+    from a lean process that does nothing else. The port takes HELLO, HEARTBEAT and TRIGGER_LEVEL only;
+    once spoken to, its silence for the watchdog period reads as imaging, so the caller sends the level
+    at least every ``watchdog_ms / 3``."""
+
+    def set_level(self, imaging: bool) -> None:
+        """The scanner says imaging (True: the controller stops and latches its inhibit) or idle."""
+        self.transact(MsgType.TRIGGER_LEVEL, protocol.encode_trigger_level(bool(imaging)))
