@@ -10,6 +10,8 @@ Arguments:
   serial_port      serial device of the motor controller (backend serial)
   serial_connect_timeout  how long hardware_node retries opening serial_port, s (the emulator's pty
                    appears a moment after launch)
+  trigger_port     the motor controller's trigger port (docs/serial_protocol.md §9); '' (default): no
+                   scanner_trigger relay. With one, scanner_trigger runs in a process of its own
   igtl_port        TCP port of the OpenIGTLink server for 3D Slicer (igtl_bridge); 0 = a free port
   scanner_igtl_port  TCP port of the scanner's OpenIGTLink link (scanner_interface); 0 = a free port
   record_root      folder of the procedure records; each procedure writes <record_root>/<procedure_id>
@@ -32,7 +34,7 @@ from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
 from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
@@ -52,14 +54,15 @@ def generate_launch_description():
     have_robot_state_publisher = installed('robot_state_publisher')
     use_security = IfCondition(arg('use_security'))
 
-    def node(package, executable, *params_files, extra=None, on_exit=None):
+    def node(package, executable, *params_files, extra=None, on_exit=None, condition=None):
         # No `name=` remap: the motion_controller process hosts two nodes (hardware_node and
         # motion_controller), and a name remap would rename both. Each node's own name selects its
         # section of the parameter files.
         # One SROS2 enclave per process (tools/sros2_policy.py); ignored unless security is enabled.
         return Node(package=package, executable=executable, output='screen',
                     parameters=[os.path.join(config, f) for f in params_files] + ([extra] if extra else []),
-                    arguments=ros_args + ['--enclave', f'/igt_robot/{executable}'], on_exit=on_exit)
+                    arguments=ros_args + ['--enclave', f'/igt_robot/{executable}'], on_exit=on_exit,
+                    condition=condition)
 
     return LaunchDescription([
         DeclareLaunchArgument('backend', default_value='mujoco', description='mujoco | serial'),
@@ -67,6 +70,8 @@ def generate_launch_description():
                               description='motor controller port (backend serial)'),
         DeclareLaunchArgument('serial_connect_timeout', default_value='0.0',
                               description='retry opening serial_port for this long, s'),
+        DeclareLaunchArgument('trigger_port', default_value='',
+                              description="the controller's trigger port; '' = no scanner_trigger relay"),
         DeclareLaunchArgument('igtl_port', default_value='18944',
                               description='OpenIGTLink server port for 3D Slicer (0 = a free port)'),
         DeclareLaunchArgument('scanner_igtl_port', default_value='18945',
@@ -103,6 +108,9 @@ def generate_launch_description():
         node('igt_robot', 'motion_controller', 'robot.yaml', 'motion.yaml',
              extra={'backend': arg('backend'), 'serial_port': arg('serial_port'),
                     'serial_connect_timeout': ParameterValue(arg('serial_connect_timeout'), value_type=float)}),
+        # The scanner -> trigger-port relay, alone in its process (docs/safety.md: the lean process).
+        node('igt_robot', 'scanner_trigger', 'robot.yaml', extra={'trigger_port': arg('trigger_port')},
+             condition=IfCondition(PythonExpression(["'", arg('trigger_port'), "' != ''"]))),
         node('igt_robot', 'scanner_interface', 'safety.yaml',
              extra={'igtl_port': ParameterValue(arg('scanner_igtl_port'), value_type=int),
                     'service_dose_source': arg('service_dose_source')}),

@@ -27,6 +27,7 @@ from launch_ros.actions import Node
 from igt_robot.launch_support import default_record_root
 
 EMULATOR_LINK = '/tmp/igt_robot_emulator'
+TRIGGER_LINK = '/tmp/igt_robot_emulator_trigger'
 
 
 def generate_launch_description():
@@ -53,10 +54,14 @@ def generate_launch_description():
         # The firmware emulator as a node of its own: it links its pty to emulator_link, and
         # hardware_node retries opening that port (serial_connect_timeout) until it is there.
         Node(package='igt_robot', executable='igt-firmware-emulator', output='screen',
-             arguments=['--link', arg('emulator_link')], condition=IfCondition(use_emulator)),
+             arguments=['--link', arg('emulator_link'), '--trigger-link', TRIGGER_LINK],
+             condition=IfCondition(use_emulator)),
         IncludeLaunchDescription(
             PythonLaunchDescriptionSource(os.path.join(share, 'launch', 'igt_stack.launch.py')),
             launch_arguments=[('backend', hardware_backend), ('serial_port', arg('emulator_link')),
-                              ('serial_connect_timeout', '10.0')]
+                              ('serial_connect_timeout', '10.0'),
+                              # The emulator's trigger port gets the relay; the MuJoCo model has none.
+                              ('trigger_port', PythonExpression(["'", TRIGGER_LINK, "' if '", arg('backend'),
+                                                                 "' == 'emulator' else ''"]))]
             + [(name, arg(name)) for name in passed_on]),
     ])

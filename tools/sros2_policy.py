@@ -41,6 +41,8 @@ PROCESSES: Dict[str, List[str]] = {
     'igtl_bridge': ['igtl_bridge'],
     'recorder_node': ['recorder_node'],
     'procedure_node': ['procedure_node'],
+    # Only where the controller has a trigger port: its profile comes from a stack run that has it.
+    'scanner_trigger': ['scanner_trigger'],
 }
 
 

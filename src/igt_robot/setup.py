@@ -26,6 +26,7 @@ NODES = {
     'procedure_node': 'igt_robot.nodes.procedure_node:main',
     'recorder_node': 'igt_robot.nodes.recorder_node:main',
     'state_publisher': 'igt_robot.nodes.state_publisher_node:main',
+    'scanner_trigger': 'igt_robot.nodes.scanner_trigger_node:main',
 }
 TOOLS = {
     'igt-bringup': 'igt_robot.bringup:main',

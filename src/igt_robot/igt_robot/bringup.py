@@ -47,11 +47,15 @@ NODES: Dict[str, tuple] = {
     'igtl_bridge': ('igt_robot.nodes.igtl_bridge_node:IgtlBridgeNode', 'procedure.yaml'),
     'recorder_node': ('igt_robot.nodes.recorder_node:RecorderNode', 'procedure.yaml'),
     'procedure_node': ('igt_robot.nodes.procedure_node:ProcedureNode', 'procedure.yaml'),
+    # Only with a motor controller that has a trigger port (docs/serial_protocol.md §9), in a process of its own.
+    'scanner_trigger': ('igt_robot.nodes.scanner_trigger_node:ScannerTriggerNode', 'robot.yaml'),
 }
+# Nodes a profile names explicitly, never part of the all-in-one profiles.
+OWN_PROCESS_NODES = ['scanner_trigger']
 CONTROL_NODES = ['hardware_node', 'scanner_interface', 'safety_supervisor', 'motion_controller']
 PROFILES = {
-    'sim': list(NODES),
-    'robot': list(NODES),
+    'sim': [name for name in NODES if name not in OWN_PROCESS_NODES],
+    'robot': [name for name in NODES if name not in OWN_PROCESS_NODES],
     'safety': list(CONTROL_NODES),
     # The split `make demo` uses: the hardware node and the trajectory streaming in a lean process (the
     # scanner callback commands the drive, nothing else time-critical shares its GIL), the scanner
@@ -59,7 +63,9 @@ PROFILES = {
     # (docs/safety.md).
     'control': ['hardware_node', 'motion_controller'],
     'supervision': ['scanner_interface', 'safety_supervisor'],
-    'workflow': [name for name in NODES if name not in CONTROL_NODES],
+    'workflow': [name for name in NODES if name not in CONTROL_NODES + OWN_PROCESS_NODES],
+    # The scanner -> trigger-port relay alone: the lean process of docs/safety.md.
+    'trigger': ['scanner_trigger'],
 }
 
 

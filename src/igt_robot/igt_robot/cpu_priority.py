@@ -47,3 +47,25 @@ def raise_priority(pid: int = 0, nice: int = -10) -> str:
         except OSError as exc:
             problems.append(f'autogroup: {exc.strerror}')
     return '; '.join(problems)
+
+
+def set_realtime(pid: int = 0, priority: int = 10, skip: tuple = ()) -> str:
+    """SCHED_FIFO at ``priority`` (1..99) for every thread of ``pid`` (0: this process) except the thread ids
+    in ``skip``. For a process with one short job per event (the scanner-trigger relay): such a thread runs
+    the moment it wakes, whatever else the machine does, and gives the CPU back at once. Needs CAP_SYS_NICE
+    or an rtprio limit; returns '' on success, else why not (the threads then keep their policy)."""
+    if not 1 <= int(priority) <= 99:
+        return f'real-time priority must be 1..99, got {priority}'
+    pid = pid or os.getpid()
+    try:
+        tids = [int(t) for t in os.listdir(f'/proc/{pid}/task')]
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        if tid in skip:
+            continue
+        try:
+            os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(int(priority)))
+        except (OSError, AttributeError) as exc:
+            return f'thread {tid}: {getattr(exc, "strerror", None) or exc}'
+    return ''

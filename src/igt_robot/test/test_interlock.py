@@ -153,3 +153,27 @@ def test_a_lingering_killed_source_on_the_graph_is_not_foreign():
     assert lock.on_graph({SCANNER: '/scanner_interface', 'gid-old': '/scanner_interface'},
                          {SUPERVISOR: '/safety_supervisor'}) == []
     assert not lock.decide(0.0).inhibit
+
+
+def test_the_trigger_level_is_the_scanner_part_alone():
+    """The trigger port's relay: imaging, stale, absent and foreign imaging raise it; permission, the supervisor,
+    the drive and a foreign publisher that says nothing do not."""
+    lock = Interlock(InterlockConfig(scanner_timeout=0.2))
+    assert lock.trigger_level(0.0) == (True, 'no scanner state received from /scanner_interface')
+    lock.on_scanner(SCANNER, 'scanner_interface', 'IDLE', 1, 0.0)
+    assert lock.trigger_level(0.0) == (False, 'scanner idle')
+    assert lock.decide(0.0).inhibit                         # no permission: the hardware node still inhibits
+    lock.on_drive(faults=['WATCHDOG'], estopped=True)
+    assert not lock.trigger_level(0.0).inhibit
+    lock.on_graph({SCANNER: '/scanner_interface', ROGUE: '/rogue'})
+    assert not lock.trigger_level(0.0).inhibit and lock.decide(0.0).inhibit
+    lock.on_scanner(ROGUE, '/rogue', 'ACQUIRING', 1, 0.05)
+    assert lock.trigger_level(0.05) == (True, "scanner ACQUIRING (from foreign node '/rogue')")
+    lock.on_scanner(ROGUE, '/rogue', 'IDLE', 2, 0.06)       # a foreign IDLE ends its own imaging only
+    lock.on_scanner(SCANNER, 'scanner_interface', 'ACQUIRING', 2, 0.07)
+    assert lock.trigger_level(0.07) == (True, 'scanner ACQUIRING')
+    lock.on_scanner(SCANNER, 'scanner_interface', 'IDLE', 3, 0.08)
+    assert not lock.trigger_level(0.27).inhibit
+    assert 'stale' in lock.trigger_level(0.29).reason      # silence: imaging
+    lock.on_scanner('gid-new', '', 'PREPARING', 1, 0.3)    # not named by the graph yet: believed
+    assert lock.trigger_level(0.3) == (True, 'scanner PREPARING (from a publisher not yet on the graph)')

@@ -6,8 +6,8 @@ Run it as a separate process, exactly like a real controller on a serial port::
     igt-firmware-emulator --help            # console script -> main()
 
 It opens a pty pair (raw mode), prints ``PTY <slave path>`` as its first stdout
-line (and ``TRIGGER_PTY <path>``, the trigger port of §9, as its second) and then speaks the protocol of ``docs/serial_protocol.md`` on the master
-side: 5 axes (joint order and limits from the URDF via
+line (``TRIGGER_PTY <path>``, the trigger port of §9, as its second) and then speaks
+the protocol of ``docs/serial_protocol.md`` on the master side: 5 axes (joint order and limits from the URDF via
 :func:`igt_robot.robot_model.load_robot_model` when importable, else the
 contract values), the motor controller of
 :class:`~igt_robot.hardware.controller_core.ControllerCore` servoing at 2 kHz
@@ -64,7 +64,7 @@ import numpy as np
 
 from igt_robot.hardware import protocol
 from igt_robot.hardware.axis_model import AxisConfig, default_axis_configs
-from igt_robot.hardware.controller_core import DEFAULT_BUFFER_CAPACITY, AxisLimits, ControllerCore, Refusal
+from igt_robot.hardware.controller_core import DEFAULT_BUFFER_CAPACITY, AxisLimits, ControllerCore
 from igt_robot.hardware.interface import PvtPoint
 from igt_robot.hardware.port_session import PortSession, TriggerPortSession
 from igt_robot.hardware.protocol import Fault, MsgType, NakReason, StatusFlag
@@ -724,7 +724,8 @@ class EmulatorServer:
             return ''
         if cmd == 'state':
             snap = self.fw.snapshot()
-            snap.update(pty=self.pty_path, trigger_pty=self.trigger_pty_path, silenced=self.silenced, unplugged=self.unplugged,
+            snap.update(pty=self.pty_path, trigger_pty=self.trigger_pty_path, silenced=self.silenced,
+                        unplugged=self.unplugged,
                         tx_frames=self.tx_frames, tx_corrupted=self.tx_corrupted, overruns=self.overruns,
                         trigger_edge_wall=self.trigger_edge_wall, ramp_start_wall=self.ramp_start_wall)
             return json.dumps(snap)

@@ -252,6 +252,35 @@ class Interlock:
         if self._foreign:
             nodes = ', '.join(sorted({node or 'unknown' for node, _ in self._foreign.values()}))
             return Decision(True, f'foreign publisher on a safety topic: {nodes}')
+        scanner = self._scanner_decision(now)
+        if scanner.inhibit:
+            return scanner
+        if self._drive_estopped:
+            return Decision(True, 'e-stop latched in the drive')
+        if self._drive_faults:
+            return Decision(True, f"drive faults latched: {', '.join(self._drive_faults)}")
+        if self._permission is None:
+            return Decision(True, f'no motion permission received from {self.config.supervisor}')
+        if not self._supervisor_alive:
+            return Decision(True, 'safety supervisor lost (liveliness)')
+        if not self._permission:
+            return Decision(True, 'safety supervisor withholds motion permission')
+        if self._drive_inhibited:
+            return Decision(True, "the drive's motion-inhibit is still asserted")
+        return Decision(False, 'motion permitted and scanner idle')
+
+    def trigger_level(self, now: float) -> Decision:
+        """The scanner trigger as the scanner inputs alone give it (the trigger port's relay): (imaging,
+        reason). Imaging from any publisher, one not yet named, a stale or absent configured source: imaging.
+        A foreign publisher that says nothing, permission, the supervisor and the drive are not inputs of the
+        trigger (the hardware node's :meth:`decide` weighs them)."""
+        for publisher, phase in self._foreign_imaging.items():
+            return Decision(True, f"scanner {phase.value} (from foreign node '{self._foreign[publisher][0]}')")
+        scanner = self._scanner_decision(now)
+        return scanner if scanner.inhibit else Decision(False, 'scanner idle')
+
+    def _scanner_decision(self, now: float) -> Decision:
+        """The configured source's part of the decision (and imaging from a publisher not yet named)."""
         if self._unidentified_imaging is not None:
             phase, since = self._unidentified_imaging
             if float(now) - since <= self.config.scanner_timeout:
@@ -267,19 +296,7 @@ class Interlock:
             if age > self.config.scanner_timeout:
                 return Decision(True, f'scanner state stale ({age:.3f} s since the last fresh IDLE, '
                                       f'limit {self.config.scanner_timeout:.3f} s)')
-        if self._drive_estopped:
-            return Decision(True, 'e-stop latched in the drive')
-        if self._drive_faults:
-            return Decision(True, f"drive faults latched: {', '.join(self._drive_faults)}")
-        if self._permission is None:
-            return Decision(True, f'no motion permission received from {self.config.supervisor}')
-        if not self._supervisor_alive:
-            return Decision(True, 'safety supervisor lost (liveliness)')
-        if not self._permission:
-            return Decision(True, 'safety supervisor withholds motion permission')
-        if self._drive_inhibited:
-            return Decision(True, "the drive's motion-inhibit is still asserted")
-        return Decision(False, 'motion permitted and scanner idle')
+        return Decision(False, '')
 
     @property
     def foreign_publishers(self) -> Dict[Hashable, str]:
