@@ -5,8 +5,10 @@ Setup (each an OS process, real DDS, loopback, an isolated ROS domain):
 
 * the firmware emulator on a pty -- the stock ``Firmware`` and ``EmulatorServer`` with one
   addition made here (the stock emulator has no receive timestamps): it records
-  CLOCK_MONOTONIC when each MOTION_INHIBIT frame is read off the pty, read back through
-  the control-socket command ``inhibit_log``;
+  CLOCK_MONOTONIC when each MOTION_INHIBIT frame is read off the pty, and each TRIGGER_LEVEL frame off
+  the trigger port's pty, read back through the control-socket commands ``inhibit_log`` / ``trigger_log``;
+* the scanner_trigger relay in a process of its own (``igt-bringup --profile trigger``, SCHED_FIFO where
+  permitted) on the emulator's trigger port (docs/serial_protocol.md §9); ``--no-trigger-port`` leaves it out;
 * the control process (``igt-bringup --profile control``: hardware_node + motion_controller,
   serial backend) with the shipped config/*.yaml; ``--executor events`` runs it on rclpy's
   EventsExecutor instead of the MultiThreadedExecutor (the loop-jitter phase is then skipped: the
@@ -22,7 +24,9 @@ CLOCK_MONOTONIC is system-wide, so the publication stamp (this process, just bef
 
 Figures:
 
-1. interlock latency, ACQUIRING published -> MOTION_INHIBIT(1) received by the drive,
+1. interlock latency, ACQUIRING published -> the first frame that stops the drive received by it
+   (TRIGGER_LEVEL(1) on the trigger port or MOTION_INHIBIT(1) on the main port; each path's own figures
+   are printed beside it),
    p50/p99/max over >= 1000 events; beside it the plain DDS one-way p99 of the same run
    (``measure_dds_floor`` from bench/ros_floor.py, measured while the stack runs; reported beside it, the
    same with the scans' 20-100 ms spacing, which adds the receiver's wake-up). Targets:
@@ -50,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Optional
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from bench_report import info, percentiles, report  # noqa: E402
@@ -74,6 +79,19 @@ def run_stamping_emulator(control_path: str, watchdog_ms: int) -> int:
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.inhibit_log = []            # (monotonic ns when read off the pty, inhibit)
+            self.trigger_log = []            # (monotonic ns when read off the trigger port's pty, level)
+
+        def _read_trigger_frames(self):
+            frames = super()._read_trigger_frames()
+            if frames:
+                stamp = time.monotonic_ns()
+                for frame in frames:
+                    if frame.type == protocol.MsgType.TRIGGER_LEVEL:
+                        try:
+                            self.trigger_log.append((stamp, protocol.decode_trigger_level(frame.payload)))
+                        except protocol.ProtocolError:
+                            continue
+            return frames
 
         def _read_frames(self):
             frames = super()._read_frames()
@@ -91,6 +109,9 @@ def run_stamping_emulator(control_path: str, watchdog_ms: int) -> int:
         def control(self, line: str) -> str:
             if line.strip() == 'inhibit_log':
                 log, self.inhibit_log = self.inhibit_log, []
+                return json.dumps(log)
+            if line.strip() == 'trigger_log':
+                log, self.trigger_log = self.trigger_log, []
                 return json.dumps(log)
             return super().control(line)
 
@@ -135,17 +156,19 @@ class EmulatorControl:
 
 
 class InhibitLog:
-    """The drive's MOTION_INHIBIT receive stamps, collected from the emulator as they come."""
+    """The drive's MOTION_INHIBIT receive stamps (``command`` 'inhibit_log'), or its trigger port's TRIGGER_LEVEL
+    ones ('trigger_log'), collected from the emulator as they come."""
 
-    def __init__(self, emulator: EmulatorControl):
+    def __init__(self, emulator: EmulatorControl, command: str = 'inhibit_log'):
         self.emulator = emulator
+        self.command = command
         self.entries = []
         self.last = None                     # the last inhibit level commanded to the drive
         self.recover = None                  # called once when the inhibit stays asserted (e.g. a drive fault)
         self.recoveries = 0
 
     def poll(self):
-        new = [tuple(e) for e in json.loads(self.emulator.command('inhibit_log'))]
+        new = [tuple(e) for e in json.loads(self.emulator.command(self.command))]
         self.entries.extend(new)
         if new:
             self.last = new[-1][1]
@@ -250,8 +273,11 @@ class ScannerSource:
 SCAN_GAP_S = (0.02, 0.1)             # a scan starts this long (uniform) after the previous release at the drive
 
 
-def measure_interlock(scanner: ScannerSource, log: InhibitLog, events: int, warmup: int = 20, seed: int = 2):
-    """Seconds from ACQUIRING published to MOTION_INHIBIT(1) at the drive, ``events`` times.
+def measure_interlock(scanner: ScannerSource, log: InhibitLog, events: int, warmup: int = 20, seed: int = 2,
+                      trigger_log: Optional[InhibitLog] = None, paths: Optional[dict] = None):
+    """Seconds from ACQUIRING published to MOTION_INHIBIT(1) at the drive, ``events`` times. With
+    ``trigger_log`` (the scanner_trigger relay runs): to the first of MOTION_INHIBIT(1) and TRIGGER_LEVEL(1),
+    whichever stops the drive first; ``paths`` then gets each path's own latencies ('host', 'trigger').
     Returns (latencies, skipped): an event is skipped when the inhibit was asserted for another
     reason (e.g. a late heartbeat made the state stale) just before the scan started -- an
     inhibit already asserted is not sent again, so there is nothing to time.
@@ -263,39 +289,53 @@ def measure_interlock(scanner: ScannerSource, log: InhibitLog, events: int, warm
     from igt_robot_msgs.msg import ScannerState
     rng = random.Random(seed)
     latencies, skipped = [], 0
+    logs = [log] + ([trigger_log] if trigger_log is not None else [])
     while len(latencies) < events:
-        log.wait_released()
+        for each in logs:
+            each.wait_released()
         time.sleep(rng.uniform(*SCAN_GAP_S))
-        log.clear()
+        for each in logs:
+            each.clear()
         start = scanner.set_phase(ScannerState.PHASE_ACQUIRING)
-        try:
-            arrived = log.wait(True, start)
-        except testing.ConditionTimeout:
-            arrived = None
-        log.entries.clear()
+        arrivals = []
+        for each in logs:
+            try:
+                arrivals.append(each.wait(True, start))
+            except testing.ConditionTimeout:
+                arrivals.append(None)
+        early = [any(v for t, v in each.entries if t < start) for each in logs]
+        for each in logs:
+            each.entries.clear()
         scanner.set_phase(ScannerState.PHASE_IDLE)
-        if arrived is None or any(v for t, v in log.entries if t < start):
+        if None in arrivals or any(early):
             skipped += 1
         elif warmup > 0:
             warmup -= 1
         else:
-            latencies.append((arrived - start) / 1e9)
+            latencies.append((min(arrivals) - start) / 1e9)
+            if paths is not None:
+                for name, arrived in zip(('host', 'trigger'), arrivals):
+                    paths.setdefault(name, []).append((arrived - start) / 1e9)
     return latencies, skipped
 
 
-def measure_silence(scanner: ScannerSource, log: InhibitLog, trials: int, seed: int = 1):
-    """(from the source's stop, from its last message) to MOTION_INHIBIT(1), in seconds."""
+def measure_silence(scanner: ScannerSource, log: InhibitLog, trials: int, seed: int = 1,
+                    trigger_log: Optional[InhibitLog] = None):
+    """(from the source's stop, from its last message) to MOTION_INHIBIT(1), or to the first of it and
+    TRIGGER_LEVEL(1) with ``trigger_log``, in seconds."""
     rng = random.Random(seed)
     from_stop, from_last = [], []
+    logs = [log] + ([trigger_log] if trigger_log is not None else [])
     for _ in range(trials):
-        log.wait_released()
-        log.clear()
+        for each in logs:
+            each.wait_released()
+            each.clear()
         scanner.beat.clear()
         scanner.beat.wait(5.0)               # just after a heartbeat ...
         time.sleep(rng.uniform(0.0, scanner.period))   # ... the source dies at a random point of its period
         stopped = scanner.silence()
         last = scanner.last_publish_ns
-        arrived = log.wait(True, stopped)
+        arrived = min(each.wait(True, stopped) for each in logs)
         from_stop.append((arrived - stopped) / 1e9)
         from_last.append((arrived - last) / 1e9)
         scanner.speak()
@@ -369,6 +409,17 @@ def control_process(pty: str, env, work_dir, executor: str = 'multi', source_nod
     return proc
 
 
+def trigger_process(trigger_pty: str, env, work_dir, source_node: str = '/interlock_bench'):
+    """The scanner_trigger relay alone in its process (bringup profile 'trigger', config/robot.yaml: SCHED_FIFO
+    where permitted) on the emulator's trigger port; ``source_node`` is its scanner source."""
+    from igt_robot import testing
+    args = ['--profile', 'trigger', '--set', f'scanner_trigger.trigger_port={trigger_pty}',
+            '--set', f'scanner_trigger.scanner_source={source_node}']
+    proc = testing.python_process('igt_robot.bringup', args, env, work_dir / 'trigger.log', name='trigger')
+    raise_priority(proc)
+    return proc
+
+
 def close_rig(scanner, graph, processes, emulator) -> None:
     """Stop what a bench started, newest first (each may be None / empty when start-up failed early)."""
     if scanner is not None:
@@ -424,6 +475,8 @@ def main() -> int:
     parser.add_argument('--events', type=int, default=1000, help='interlock events to time (>= 1000)')
     parser.add_argument('--silence-trials', type=int, default=20, help='scanner-silence trials (>= 20)')
     parser.add_argument('--floor-count', type=int, default=1000, help='DDS floor pings')
+    parser.add_argument('--no-trigger-port', action='store_true',
+                        help='without the scanner_trigger relay: only the hardware node commands the drive')
     parser.add_argument('--executor', choices=['multi', 'events'], default='multi',
                         help='rclpy executor of the control process')
     args = parser.parse_args()
@@ -453,6 +506,10 @@ def main() -> int:
         emulator = EmulatorControl(control_path)
         log = InhibitLog(emulator)
         processes.append(control_process(pty, env, work_dir, args.executor))
+        trigger_log = None
+        if not args.no_trigger_port:
+            processes.append(trigger_process(emulator.state()['trigger_pty'], env, work_dir))
+            trigger_log = InhibitLog(emulator, 'trigger_log')
 
         import rclpy
         from rclpy.action import ActionClient
@@ -468,6 +525,8 @@ def main() -> int:
         permit_motion(node)
         scanner.start()
         log.wait_released(60)                # the node is up, has seen the permission and a fresh IDLE
+        if trigger_log is not None:
+            trigger_log.wait_released(60)    # the relay is up and has seen a fresh IDLE
         if emulator.state()['faults']:
             print(f"# emulator faults latched at start-up: {emulator.state()['faults']}")
 
@@ -483,7 +542,8 @@ def main() -> int:
         spaced_p50, spaced_p99, spaced_max = percentiles(spaced)
 
         # 2. Interlock latency.
-        latencies, skipped = measure_interlock(scanner, log, args.events)
+        paths = {}
+        latencies, skipped = measure_interlock(scanner, log, args.events, trigger_log=trigger_log, paths=paths)
         p50, p99, worst = percentiles(latencies)
         info('dds_one_way_p50 (same run)', dds_p50 * 1e3, 'ms')
         info('dds_one_way_p99 (same run)', dds_p99 * 1e3, 'ms')
@@ -496,11 +556,20 @@ def main() -> int:
         report('interlock_latency_p99', p99 * 1e3, 'ms', '<=', 2.0 * dds_p99 * 1e3)
         report('interlock_latency_max', worst * 1e3, 'ms', '<=', 5.0)
         info('interlock_p99_over_dds_one_way_p99', p99 / dds_p99, 'x')
+        print('# interlock latency: to the first frame that stops the drive, '
+              + ('MOTION_INHIBIT(1) or TRIGGER_LEVEL(1)' if trigger_log else 'MOTION_INHIBIT(1) (no trigger port)'),
+              flush=True)
+        for name, what in (('trigger', 'scanner_trigger -> trigger port'), ('host', 'hardware_node -> main port')):
+            if paths.get(name):
+                q50, q99, qmax = percentiles(paths[name])
+                info(f'interlock_latency_{name}_path p50/p99/max ({what})', q50 * 1e3, 'ms')
+                info(f'interlock_latency_{name}_path_p99', q99 * 1e3, 'ms')
+                info(f'interlock_latency_{name}_path_max', qmax * 1e3, 'ms')
         info('interlock events skipped (inhibit already asserted before the scan)', skipped, 'events')
         info('drive fault resets needed (watchdog trips of a starved host)', log.recoveries, 'resets')
 
         # 3. Scanner silence.
-        from_stop, from_last = measure_silence(scanner, log, args.silence_trials)
+        from_stop, from_last = measure_silence(scanner, log, args.silence_trials, trigger_log=trigger_log)
         s50, _, smax = percentiles(from_stop)
         info(f'scanner_silence_detection_p50 (n={len(from_stop)}, from the source stopping)', s50 * 1e3, 'ms')
         report('scanner_silence_detection_max', smax * 1e3, 'ms', '<=', 3.0 / SCANNER_RATE_HZ * 1e3)

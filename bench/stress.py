@@ -7,8 +7,8 @@ two busy-loop processes (one per core of the 2-core target) and one fsync-heavy 
 
 Under that load:
 
-1. interlock latency, as bench/interlock.py measures it (stamping emulator, control process,
-   ACQUIRING published -> MOTION_INHIBIT(1) read by the drive), ``--interlock-events`` events;
+1. interlock latency, as bench/interlock.py measures it (stamping emulator, control process, scanner_trigger
+   relay; ACQUIRING published -> the first frame that stops the drive read by it), ``--interlock-events`` events;
    beside it the scanner heartbeat's worst arrival gap (the figure the staleness timeout is
    sized against, docs/safety.md);
 2. ``--procedures`` randomised procedures (default 20), each the whole `make demo` procedure as
@@ -128,6 +128,9 @@ def measure_interlock_stressed(events: int, work_dir: pathlib.Path):
         emulator = bench.EmulatorControl(control_path)
         log = bench.InhibitLog(emulator)
         processes.append(bench.control_process(line.split(' ', 1)[1].strip(), env, work_dir))
+        # The scanner_trigger relay on the trigger port, as in bench/interlock.py.
+        processes.append(bench.trigger_process(emulator.state()['trigger_pty'], env, work_dir))
+        trigger_log = bench.InhibitLog(emulator, 'trigger_log')
         graph = testing.SpinningGraph()
         node = rclpy.create_node('interlock_bench', context=graph.context)
         gaps, last = [], [None]
@@ -144,7 +147,15 @@ def measure_interlock_stressed(events: int, work_dir: pathlib.Path):
         bench.permit_motion(node)
         scanner.start()
         log.wait_released(90)
-        latencies, skipped = bench.measure_interlock(scanner, log, events)
+        trigger_log.wait_released(90)
+        paths = {}
+        latencies, skipped = bench.measure_interlock(scanner, log, events, trigger_log=trigger_log, paths=paths)
+        for name in ('trigger', 'host'):
+            if paths.get(name):
+                q50, q99, qmax = percentiles(paths[name])
+                info(f'interlock_latency_{name}_path_stressed p50', q50 * 1e3, 'ms')
+                info(f'interlock_latency_{name}_path_stressed_p99', q99 * 1e3, 'ms')
+                info(f'interlock_latency_{name}_path_stressed_max', qmax * 1e3, 'ms')
         info('interlock events skipped under load (inhibit already asserted)', skipped, 'events')
         info('drive fault resets needed under load', log.recoveries, 'resets')
         return latencies, gaps

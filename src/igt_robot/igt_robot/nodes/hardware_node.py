@@ -634,6 +634,12 @@ class HardwareNode(common.LeanQosEvents, LifecycleNode):
                 shared.set_motion_inhibit(inhibit)
             except HardwareError as exc:
                 self._inhibit_commanded = None      # unknown: retried on the next evaluation
+                if not inhibit and getattr(exc, 'code', '') == 'TRIGGER_ACTIVE':
+                    # The controller's scanner trigger (cable or trigger-port relay) has not fallen yet: the scan
+                    # ended here first. Expected, retried at the next check; nothing is wrong.
+                    self.get_logger().info('motion inhibit release waits for the scanner trigger to fall',
+                                           throttle_duration_sec=5.0)
+                    return
                 self.get_logger().error(f"could not {'assert' if inhibit else 'release'} the motion inhibit "
                                         f'({reason}): {exc}', throttle_duration_sec=1.0)
                 self._check_link(exc, shared)
