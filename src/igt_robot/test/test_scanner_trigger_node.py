@@ -49,8 +49,13 @@ def test_the_scanner_state_drives_the_trigger_port_and_only_the_configured_sourc
         testing.wait_for(lambda: emulator.state()['trigger_port']['armed'], 10, 'the relay to speak on the port')
         assert port_level(emulator)                     # nothing heard from the scanner yet: imaging
 
-        def say_until(source, phase, level, what):
-            testing.wait_for(lambda: source.say(phase) or port_level(emulator) == level, 10, what)
+        def say_until(source, phase, level, what, also=None):
+            def step():
+                source.say(phase)
+                if also is not None:
+                    also.say(ScannerState.PHASE_IDLE)   # the configured source stays fresh meanwhile
+                return port_level(emulator) == level
+            testing.wait_for(step, 10, what)
 
         say_until(scanner, ScannerState.PHASE_IDLE, False, 'a fresh IDLE from the configured source to lower it')
         scanner.say(ScannerState.PHASE_ACQUIRING)
@@ -59,12 +64,17 @@ def test_the_scanner_state_drives_the_trigger_port_and_only_the_configured_sourc
         say_until(scanner, ScannerState.PHASE_IDLE, False, 'IDLE to lower it again')
         rogue.say(ScannerState.PHASE_PREPARING)         # imaging from anyone raises it
         testing.wait_for(lambda: port_level(emulator), 10, 'a foreign PREPARING to raise the level')
+        say_until(rogue, ScannerState.PHASE_IDLE, False, "a foreign IDLE to end the foreign node's own imaging",
+                  also=scanner)
+        scanner.say(ScannerState.PHASE_ACQUIRING)
+        testing.wait_for(lambda: port_level(emulator), 10, 'the configured ACQUIRING to raise the level')
+        heard = node._subscription.messages
         for _ in range(5):
-            rogue.say(ScannerState.PHASE_IDLE)          # ... a foreign IDLE ends only its own imaging
-            scanner.say(ScannerState.PHASE_ACQUIRING)
-        assert port_level(emulator)
+            rogue.say(ScannerState.PHASE_IDLE)          # ... but never the configured source's imaging
+        testing.wait_for(lambda: node._subscription.messages >= heard + 5, 10, "the foreign IDLEs to arrive")
+        assert port_level(emulator) and node.level
         say_until(scanner, ScannerState.PHASE_IDLE, False, 'the configured IDLE to lower it')
-        assert any(not level for _, level, _ in node.changes) and node.failures == 0
+        assert [level for _, level, _ in node.changes][-2:] == [True, False] and node.failures == 0
     finally:
         node.shutdown()
 

@@ -184,7 +184,7 @@ class ScannerTriggerNode(common.LeanQosEvents, Node):
     def _report(self, findings) -> None:
         for finding in findings:
             log = self.get_logger().warning if finding.active else self.get_logger().info
-            log(finding.description)
+            log(f'{finding.code}: {finding.detail}')
 
     def publish_diagnostics(self) -> None:
         connected = self.link.connected
