@@ -562,7 +562,7 @@ def main() -> int:
         for name, what in (('trigger', 'scanner_trigger -> trigger port'), ('host', 'hardware_node -> main port')):
             if paths.get(name):
                 q50, q99, qmax = percentiles(paths[name])
-                info(f'interlock_latency_{name}_path p50/p99/max ({what})', q50 * 1e3, 'ms')
+                info(f'interlock_latency_{name}_path_p50 ({what})', q50 * 1e3, 'ms')
                 info(f'interlock_latency_{name}_path_p99', q99 * 1e3, 'ms')
                 info(f'interlock_latency_{name}_path_max', qmax * 1e3, 'ms')
         info('interlock events skipped (inhibit already asserted before the scan)', skipped, 'events')

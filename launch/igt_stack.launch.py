@@ -106,7 +106,9 @@ def generate_launch_description():
         # hardware_node + motion_controller in one process: the control loop runs where the hardware is
         # (as ros2_control's controller manager), and the serial port has exactly one owner.
         node('igt_robot', 'motion_controller', 'robot.yaml', 'motion.yaml',
+             # trigger_port: with the MuJoCo backend the simulated controller offers its trigger port there.
              extra={'backend': arg('backend'), 'serial_port': arg('serial_port'),
+                    'mujoco_trigger_port_link': arg('trigger_port'),
                     'serial_connect_timeout': ParameterValue(arg('serial_connect_timeout'), value_type=float)}),
         # The scanner -> trigger-port relay, alone in its process (docs/safety.md: the lean process).
         node('igt_robot', 'scanner_trigger', 'robot.yaml', extra={'trigger_port': arg('trigger_port')},

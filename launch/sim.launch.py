@@ -60,8 +60,8 @@ def generate_launch_description():
             PythonLaunchDescriptionSource(os.path.join(share, 'launch', 'igt_stack.launch.py')),
             launch_arguments=[('backend', hardware_backend), ('serial_port', arg('emulator_link')),
                               ('serial_connect_timeout', '10.0'),
-                              # The emulator's trigger port gets the relay; the MuJoCo model has none.
-                              ('trigger_port', PythonExpression(["'", TRIGGER_LINK, "' if '", arg('backend'),
-                                                                 "' == 'emulator' else ''"]))]
+                              # The relay on the controller's trigger port: the emulator links its second pty
+                              # there, the MuJoCo backend offers the simulated controller's there.
+                              ('trigger_port', TRIGGER_LINK)]
             + [(name, arg(name)) for name in passed_on]),
     ])

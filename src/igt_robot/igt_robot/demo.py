@@ -17,9 +17,11 @@ import argparse
 import contextlib
 import ctypes
 import os
+import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from igt_robot import cpu_priority, fastdds_shm, paths
@@ -42,6 +44,13 @@ def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 
                             extra_overrides: dict = None, record_dir: str = '') -> dict:
     """Bring the stack up in this process, run one simulated procedure, return its summary."""
     procedure_id = procedure_id or time.strftime('demo-%Y%m%d-%H%M%S')
+    with tempfile.TemporaryDirectory(prefix='igt-demo-') as run_dir:
+        return _run_simulated_procedure(seed, modality, depth, steps, timeout, procedure_id, quiet_nodes,
+                                        extra_overrides, record_dir, pathlib.Path(run_dir) / 'trigger_port')
+
+
+def _run_simulated_procedure(seed, modality, depth, steps, timeout, procedure_id, quiet_nodes, extra_overrides,
+                             record_dir, trigger_link: pathlib.Path) -> dict:
     procedure_identity.set_current(procedure_id)   # every event and dose of both processes carries it
     record_dir = paths.record_dir(procedure_id, record_dir)
     shared = {'procedure_id': procedure_id, 'record_dir': str(record_dir)}
@@ -50,7 +59,9 @@ def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 
         'recorder_node': dict(shared),
         'procedure_node': dict(shared, demo=True, scenario_seed=seed, modality=modality, target_depth=depth,
                                insertion_steps=steps),
-        'hardware_node': {'backend': 'mujoco'},
+        # The simulated controller offers its trigger port (docs/serial_protocol.md §9) to the relay process.
+        'hardware_node': {'backend': 'mujoco', 'mujoco_trigger_port_link': str(trigger_link)},
+        'scanner_trigger': {'trigger_port': str(trigger_link)},
         'igtl_bridge': {'port': 0},
         'scanner_interface': {'igtl_port': 0},
     }
@@ -60,16 +71,18 @@ def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 
     record_dir.mkdir(parents=True, exist_ok=True)
     if not quiet_nodes:
         print(f'[demo] control process: {", ".join(PROFILES["control"])}; supervision process: '
-              f'{", ".join(PROFILES["supervision"])}; this process: {", ".join(names)}', flush=True)
+              f'{", ".join(PROFILES["supervision"])}; trigger process: {", ".join(PROFILES["trigger"])}; '
+              f'this process: {", ".join(names)}', flush=True)
     with _control_process(overrides, record_dir / 'control_process.log') as control, \
             _control_process(overrides, record_dir / 'supervision_process.log', 'supervision') as supervision, \
+            _control_process(overrides, record_dir / 'trigger_process.log', 'trigger') as trigger, \
             Bringup(names, overrides=overrides) as bringup:
         procedure = bringup.nodes['procedure_node']
         if not quiet_nodes:
-            print(f'[demo] control process pid {control.pid}, supervision process pid {supervision.pid}',
-                  flush=True)
+            print(f'[demo] control process pid {control.pid}, supervision process pid {supervision.pid}, '
+                  f'trigger process pid {trigger.pid}', flush=True)
         try:
-            finished = _wait_for_procedure(procedure, control, timeout)
+            finished = _wait_for_procedure(procedure, control, timeout, trigger)
         except BaseException:
             control.request_stop()   # the robot stops first; this process's nodes shut down meanwhile
             raise
@@ -85,10 +98,14 @@ def run_simulated_procedure(seed: int = 7, modality: str = 'CT', depth: float = 
     return procedure.demo_summary
 
 
-def _wait_for_procedure(procedure, control, timeout: float) -> bool:
-    """Wait for the demo; a lost control process ends it at once with the reason."""
+def _wait_for_procedure(procedure, control, timeout: float, trigger=None) -> bool:
+    """Wait for the demo; a lost control (or trigger) process ends it at once with the reason."""
     deadline = time.monotonic() + timeout
     while not procedure.demo_done.wait(0.2):
+        if trigger is not None and trigger.poll() is not None:
+            # Its silence holds the controller's trigger at imaging: nothing would move again.
+            raise ProcedureFailed(f'the trigger process exited (code {trigger.returncode}); see '
+                                  'trigger_process.log in the record folder')
         if control.poll() is not None:
             # The procedure node sees the loss within one heartbeat timeout: let it record and say so first.
             with contextlib.suppress(Exception):

@@ -2,6 +2,7 @@
 host process drives, which cannot move anything, and whose silence reads as imaging."""
 import pytest
 
+from igt_robot.hardware import interface
 from igt_robot.hardware import protocol as P
 from igt_robot.hardware.axis_model import default_axis_configs
 from igt_robot.hardware.controller_core import AxisLimits, ControllerCore, Refusal
@@ -198,3 +199,35 @@ def test_the_relay_stops_the_drive_through_the_trigger_port_and_its_death_keeps_
         finally:
             link.close()
             hw.close()
+
+
+# ------------------------------------------------------------------ the MuJoCo backend's simulated controller
+def test_the_simulated_controller_offers_the_same_trigger_port(tmp_path):
+    """MujocoHardware models the same controller: its trigger port is a pty behind ``trigger_port_link``."""
+    from igt_robot.hardware.mujoco_backend import MujocoHardware
+    link_path = str(tmp_path / 'trigger_port')
+    sim = MujocoHardware(realtime=False, trigger_port_link=link_path)
+    sim.connect()
+    link = TriggerLink(link_path)
+    try:
+        link.connect()
+        assert link.watchdog_ms == 300 and link.device_name == 'igt-mujoco-controller'
+        link.set_level(False)
+        sim.set_motion_inhibit(False)
+        sim.enable()
+        assert not sim.read().motion_inhibited
+        link.set_level(True)
+        state = sim.read()
+        assert state.scanner_trigger and state.motion_inhibited
+        with pytest.raises(interface.CommandRefused) as refused:
+            sim.set_motion_inhibit(False)
+        assert refused.value.code == 'TRIGGER_ACTIVE'
+        link.set_level(False)
+        sim.set_motion_inhibit(False)
+        assert not sim.read().motion_inhibited
+        sim.advance(0.5)                               # simulated time passes without a word from the relay
+        assert sim.read().motion_inhibited and sim.core.trigger_port_silent
+    finally:
+        link.close()
+        sim.close()
+    assert not (tmp_path / 'trigger_port').exists()    # the link goes with the backend

@@ -56,6 +56,9 @@ from igt_robot.hardware.controller_core import (  # noqa: E402
 from igt_robot.hardware.interface import (  # noqa: E402
     CommandRefused, HardwareError, HardwareFault, HardwareInterface, HardwareState, PvtPoint, StreamStatus)
 from igt_robot.robot_model import RobotModel, load_robot_model  # noqa: E402
+from igt_robot.hardware import protocol  # noqa: E402
+from igt_robot.hardware.port_session import TriggerPortSession  # noqa: E402
+from igt_robot.hardware.trigger_port_pty import TriggerPortPty  # noqa: E402
 
 #: Axis acceleration limits (m/s², rad/s²) used for controlled stops; the same
 #: figures as config/robot.yaml (the URDF has no acceleration limits).
@@ -87,6 +90,9 @@ __all__ = ['MujocoHardware', 'measure_real_time_factor', 'FEEDFORWARD_BRIDGE', '
            'FINISH_GAIN']
 
 OVERVIEW_CAMERA = 'overview'
+# What the simulated controller answers to HELLO on its trigger port.
+SIMULATED_FIRMWARE_VERSION = (2, 0, 0)
+SIMULATED_DEVICE_NAME = 'igt-mujoco-controller'
 
 
 def _per_joint(value, model: RobotModel, name: str, default=None, positive=False) -> np.ndarray:
@@ -199,6 +205,9 @@ class MujocoHardware(HardwareInterface):
         watchdog_timeout: host silence (s, simulated time) that latches WATCHDOG while enabled;
             None (default) = off, as a simulation driven by advance() has no host heartbeat.
         buffer_capacity, max_lookahead: the controller's trajectory buffer (points, s).
+        trigger_port_link: path at which to offer the controller's trigger port (docs/serial_protocol.md §9)
+            as a symlink to a pty served by a thread of this backend; None (default): no trigger port.
+            Its silence limit is the watchdog timeout, or 0.3 s without one (simulated time).
 
     After :meth:`connect`, ``servo_gains`` holds the derived (kp, kv) per joint.
     """
@@ -207,7 +216,7 @@ class MujocoHardware(HardwareInterface):
                  counts_per_unit=None, noise_std=0.0, backlash=0.0, seed: Optional[int] = None,
                  accel_limits=None, initial_positions=None, following_error_limit=None,
                  watchdog_timeout: Optional[float] = None, buffer_capacity: int = DEFAULT_BUFFER_CAPACITY,
-                 max_lookahead: float = DEFAULT_MAX_LOOKAHEAD):
+                 max_lookahead: float = DEFAULT_MAX_LOOKAHEAD, trigger_port_link: Optional[str] = None):
         self.robot = load_robot_model(urdf_path)
         self.urdf_path = self.robot.urdf_path
         self.joint_names = self.robot.joint_names
@@ -247,6 +256,9 @@ class MujocoHardware(HardwareInterface):
         self._connected = False
         self.core: Optional[ControllerCore] = None
         self.servo_gains = None   # (kp, kv) per joint, known after connect()
+        self.trigger_port_link = trigger_port_link or None
+        self.trigger_port: Optional[TriggerPortSession] = None
+        self._trigger_pty: Optional[TriggerPortPty] = None
 
     # ================================================================ model construction
 
@@ -332,10 +344,32 @@ class MujocoHardware(HardwareInterface):
             self._counters = {'physics_steps': 0, 'writes': 0, 'refused_writes': 0, 'dropped_time': 0.0}
             self._t0 = time.monotonic()
             self._connected = True
+            if self.trigger_port_link:
+                self.trigger_port = TriggerPortSession(self.core, self._hello_reply)
+                self._trigger_pty = TriggerPortPty(self._on_trigger_port_bytes, self.trigger_port_link)
+                self._trigger_pty.open()
+
+    def _hello_reply(self) -> protocol.HelloReply:
+        return protocol.HelloReply(protocol.PROTOCOL_VERSION, SIMULATED_FIRMWARE_VERSION, self.robot.n_joints,
+                                   int(round(self.core.trigger_port_timeout * 1000)), SIMULATED_DEVICE_NAME)
+
+    def _on_trigger_port_bytes(self, data: bytes) -> list:
+        """The trigger port's bytes (its own thread): the physics and the controller catch up first, as for
+        a host call, so the level acts at the simulated instant it arrived."""
+        with self._lock:
+            if not self._connected or self.trigger_port is None:
+                return []
+            self._sync()
+            return self.trigger_port.receive(data)
 
     def close(self) -> None:
         """Hold position and release the simulation (idempotent)."""
+        pty = self._trigger_pty
+        if pty is not None:
+            pty.close()                        # outside the lock: its thread may be waiting for it
         with self._lock:
+            self._trigger_pty = None
+            self.trigger_port = None
             if not self._connected:
                 return
             if self._render is not None:

@@ -100,6 +100,8 @@ PARAMS = [
     Param('mujoco_backlash_m', 0.0, 'mujoco: lost motion of prismatic axes, m', 0.0, 0.001),
     Param('mujoco_backlash_rad', 0.0, 'mujoco: lost motion of revolute axes, rad', 0.0, 0.01),
     Param('mujoco_seed', -1, 'mujoco: seed of the encoder noise; -1 = not reproducible', -1, 2147483647),
+    Param('mujoco_trigger_port_link', '', "mujoco: offer the simulated controller's trigger port (docs/"
+          "serial_protocol.md §9) as a pty linked at this path, for scanner_trigger; '' = none"),
     Param('publish_rate', 25.0, '/joint_states and /robot/state rate, Hz', 1.0, 500.0),
     Param('diagnostics_rate', 2.0, '/diagnostics rate, Hz (also published at once on a new fault)', 0.1, 50.0),
     Param('heartbeat_rate', 10.0, '/heartbeat rate while active, Hz', 1.0, 100.0),
@@ -328,7 +330,7 @@ class HardwareNode(common.LeanQosEvents, LifecycleNode):
                 counts_per_unit={'prismatic': cpm, 'revolute': cpr},
                 noise_std={'prismatic': self.p['mujoco_noise_std_m'], 'revolute': self.p['mujoco_noise_std_rad']},
                 backlash={'prismatic': self.p['mujoco_backlash_m'], 'revolute': self.p['mujoco_backlash_rad']},
-                seed=None if seed < 0 else seed)
+                seed=None if seed < 0 else seed, trigger_port_link=self.p['mujoco_trigger_port_link'] or None)
         else:
             try:
                 create_backend(kind)            # the factory's own message lists the valid names

@@ -90,6 +90,7 @@ class ScannerTriggerNode(common.LeanQosEvents, Node):
         self._next_graph_check = -math.inf
         self._next_diagnostics = -math.inf
         self._shut_down = False
+        self._ever_connected = False
         self.sent = 0
         self.failures = 0
         self.changes = collections.deque(maxlen=100)     # (monotonic, level, reason)
@@ -149,8 +150,12 @@ class ScannerTriggerNode(common.LeanQosEvents, Node):
             self.link.connect()
         except HardwareError as exc:
             self.reason = f'trigger port not open: {exc}'
-            self.get_logger().error(self.reason, throttle_duration_sec=5.0)
+            if self._ever_connected:
+                self.get_logger().error(self.reason, throttle_duration_sec=5.0)
+            else:   # at start-up the controller (or the simulation offering the port) may come up after us
+                self.get_logger().info(f'waiting for the trigger port ({exc})', throttle_duration_sec=5.0)
             return
+        self._ever_connected = True
         # Re-send well inside the port's silence limit (the watchdog period): a third of it, at most 50 ms.
         self._keepalive = min(0.05, self.link.watchdog_ms / 3000.0) if self.link.watchdog_ms else 0.05
         self.level = None
