@@ -19,8 +19,8 @@ def generate_launch_description():
     share = get_package_share_directory('igt_robot')
     arg = LaunchConfiguration
     stack = os.path.join(share, 'launch', 'igt_stack.launch.py')
-    passed_on = ('serial_port', 'serial_connect_timeout', 'trigger_port', 'igtl_port', 'scanner_igtl_port', 'use_rviz', 'log_level',
-                 'acquisition')
+    passed_on = ('serial_port', 'serial_connect_timeout', 'trigger_port', 'igtl_port', 'scanner_igtl_port', 'use_rviz',
+                 'log_level', 'acquisition')
     return LaunchDescription([
         DeclareLaunchArgument('serial_port', default_value='/dev/ttyUSB0', description='motor controller port'),
         DeclareLaunchArgument('serial_connect_timeout', default_value='5.0',
