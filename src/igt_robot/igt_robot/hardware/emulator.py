@@ -67,6 +67,7 @@ from igt_robot.hardware.axis_model import AxisConfig, default_axis_configs
 from igt_robot.hardware.controller_core import DEFAULT_BUFFER_CAPACITY, AxisLimits, ControllerCore
 from igt_robot.hardware.interface import PvtPoint
 from igt_robot.hardware.port_session import PortSession, TriggerPortSession
+from igt_robot.hardware.trigger_port_pty import open_raw_pty, send_replies
 from igt_robot.hardware.protocol import Fault, MsgType, NakReason, StatusFlag
 
 DEFAULT_FIRMWARE_VERSION = (2, 0, 0)
@@ -449,10 +450,7 @@ class EmulatorServer:
         os.set_blocking(self.master, False)
         # Keep our slave fd open: the pty stays valid while hosts open/close the port.
         self.pty_path = os.ttyname(self.slave)
-        self.trigger_master, self.trigger_slave = os.openpty()
-        tty.setraw(self.trigger_slave)
-        os.set_blocking(self.trigger_master, False)
-        self.trigger_pty_path = os.ttyname(self.trigger_slave)
+        self.trigger_master, self.trigger_slave, self.trigger_pty_path = open_raw_pty()
         if self.control_path:
             try:
                 os.unlink(self.control_path)
@@ -615,17 +613,7 @@ class EmulatorServer:
         frames = self._read_trigger_frames()
         with self._lock:
             replies = self.fw.trigger_port.respond(frames)
-        self._trigger_tx += b''.join(replies)
-        if self._trigger_tx:
-            try:
-                sent = os.write(self.trigger_master, bytes(self._trigger_tx))
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = len(self._trigger_tx)   # nobody listening: the replies are lost, as on a cable
-            del self._trigger_tx[:sent]
-            if len(self._trigger_tx) > 4096:    # a relay that never reads: keep the newest replies only
-                del self._trigger_tx[:-4096]
+        send_replies(self.trigger_master, self._trigger_tx, replies)
 
     def _transmit(self, frame: bytes) -> None:
         self.tx_frames += 1
