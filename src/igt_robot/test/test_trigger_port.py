@@ -55,29 +55,34 @@ def test_a_port_that_never_spoke_is_not_armed_and_its_silence_changes_nothing():
     assert not core.trigger and not core.trigger_port_armed and core.trigger_port_timeouts == 0
 
 
-def test_an_armed_port_that_falls_silent_reads_as_imaging_once_and_only_its_level_0_lowers_it():
+def test_an_armed_port_that_falls_silent_reads_as_imaging_and_latches_a_fault_the_operator_resets():
     core = core_with_armed_port(timeout=0.1)
     core.enable()
     ticks(core, 0.09)
-    assert not core.trigger                              # within the timeout
+    assert not core.trigger and not core.faults          # within the timeout
     ticks(core, 0.02)
     assert core.trigger and core.trigger_inputs['PORT'] and core.trigger_port_silent
+    assert core.faults == ['TRIGGER_PORT']
     ticks(core, 0.3)
-    assert core.trigger_port_timeouts == 1 and core.trigger_edges == 1
+    assert core.trigger_port_timeouts == 1 and core.trigger_edges == 1 and not core.enabled
     core.trigger_port_seen()                             # the relay is back: speaking alone lowers nothing
     assert core.trigger and not core.trigger_port_silent
     core.set_trigger(False, source='PORT')
     assert not core.trigger and core.trigger_latch       # the host still has to release
+    assert core.faults == ['TRIGGER_PORT']               # and the operator to acknowledge
+    core.reset_faults()
+    assert not core.faults and core.trigger_port_armed   # a relay that speaks stays armed
     core.set_inhibit(False)
+    core.enable()
     assert not core.inhibited
 
 
 def test_reset_faults_disarms_a_silent_port_so_the_operator_is_never_stuck_behind_a_dead_relay():
     core = core_with_armed_port(timeout=0.1)
     ticks(core, 0.2)
-    assert core.trigger and core.trigger_port_silent
+    assert core.trigger and core.trigger_port_silent and core.faults == ['TRIGGER_PORT']
     core.reset_faults()
-    assert not core.trigger and not core.trigger_port_armed
+    assert not core.trigger and not core.trigger_port_armed and not core.faults
     core.set_inhibit(False)
     ticks(core, 0.5)
     assert not core.inhibited and core.trigger_port_timeouts == 1   # disarmed: silence means nothing now
@@ -182,14 +187,18 @@ def test_the_relay_stops_the_drive_through_the_trigger_port_and_its_death_keeps_
             hw.set_motion_inhibit(False)
             assert not hw.read().motion_inhibited
             link.close()                                  # the relay dies without a word
-            wait_for(lambda: hw.read().motion_inhibited, 5.0, 'the silent trigger port to read as imaging')
+            state = wait_for(lambda: (s := hw.read()).motion_inhibited and s, 5.0,
+                             'the silent trigger port to read as imaging')
             truth = emu.state()
             assert truth['trigger_port']['silent'] and truth['trigger_port']['timeouts'] == 1
+            assert 'TRIGGER_PORT' in wait_for(lambda: hw.read().faults, 5.0, 'the TRIGGER_PORT fault')
             with pytest.raises(CommandRefused):
                 hw.set_motion_inhibit(False)
-            hw.reset_faults()                             # the operator's way out: the dead relay is disarmed
+            hw.reset_faults()                             # the operator's acknowledge: the dead relay is disarmed
             hw.set_motion_inhibit(False)
-            assert not hw.read().motion_inhibited
+            hw.enable()
+            state = hw.read()
+            assert not state.motion_inhibited and not state.faults and state.enabled
             spare = TriggerLink(emu.trigger_pty_path)
             spare.connect()
             with pytest.raises(CommandRefused) as wrong:
@@ -226,7 +235,8 @@ def test_the_simulated_controller_offers_the_same_trigger_port(tmp_path):
         sim.set_motion_inhibit(False)
         assert not sim.read().motion_inhibited
         sim.advance(0.5)                               # simulated time passes without a word from the relay
-        assert sim.read().motion_inhibited and sim.core.trigger_port_silent
+        state = sim.read()
+        assert state.motion_inhibited and 'TRIGGER_PORT' in state.faults and sim.core.trigger_port_silent
     finally:
         link.close()
         sim.close()

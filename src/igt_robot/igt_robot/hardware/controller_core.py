@@ -28,7 +28,8 @@ What the core decides (the host only asks):
   (:class:`Refusal` ``TRIGGER_ACTIVE``). After the trigger has fallen the inhibit stays until
   the host releases it explicitly: motion never resumes by itself. The trigger is the OR of two
   inputs: the cable from the scanner and the trigger port's level, which a silent relay turns into
-  imaging (``trigger_port_timeout``, the watchdog period); RESET_FAULTS disarms a silent port.
+  imaging and a latched TRIGGER_PORT fault (``trigger_port_timeout``, the watchdog period); RESET_FAULTS
+  clears it and disarms a silent port.
 * **Watchdog**: enabled and no host frame for ``watchdog_timeout`` -> WATCHDOG fault,
   controlled ramp, then the axes are de-energised.
 
@@ -281,10 +282,13 @@ class ControllerCore:
             self.latch_fault('WATCHDOG')
         if (self.trigger_port_armed and not self.trigger_port_silent
                 and now - self.trigger_port_last > self.trigger_port_timeout):
-            # The relay stopped talking: we cannot know the scanner is idle, so it is imaging.
+            # The relay stopped talking: we cannot know the scanner is idle, so it is imaging; and the relay's
+            # loss is latched as a fault, which the operator sees and acknowledges (RESET_FAULTS), not something
+            # that clears itself when a relay speaks again.
             self.trigger_port_silent = True
             self.trigger_port_timeouts += 1
             self.set_trigger(True, source='PORT')
+            self.latch_fault('TRIGGER_PORT')
         if not self.enabled:
             return
         if self.mode == STREAM:
@@ -456,9 +460,9 @@ class ControllerCore:
         self.fault_axes.clear()
         self.estop = False
         if self.trigger_port_silent:
-            # The operator's way out when the relay is gone for good: the port is disarmed and its level
-            # dropped (the host's own interlock still stops motion for imaging). A relay that comes back
-            # arms it again.
+            # Acknowledging the TRIGGER_PORT fault is also the operator's way out when the relay is gone for
+            # good: the port is disarmed and its level dropped (the host's own interlock still stops motion for
+            # imaging). A relay that comes back arms it again.
             self.trigger_port_armed = self.trigger_port_silent = False
             self.set_trigger(False, source='PORT')
 

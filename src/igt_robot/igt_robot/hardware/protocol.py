@@ -197,6 +197,7 @@ class Fault(enum.IntFlag):
     OVERTEMP = 0x0020
     SUPPLY = 0x0040            # motor supply under/over-voltage
     INTERNAL = 0x0080
+    TRIGGER_PORT = 0x0100      # the trigger port's relay fell silent after it had spoken (§9)
 
 
 def fault_names(bits: int) -> Tuple[str, ...]:
