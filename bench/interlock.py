@@ -6,7 +6,8 @@ Setup (each an OS process, real DDS, loopback, an isolated ROS domain):
 * the firmware emulator on a pty -- the stock ``Firmware`` and ``EmulatorServer`` with one
   addition made here (the stock emulator has no receive timestamps): it records
   CLOCK_MONOTONIC when each MOTION_INHIBIT frame is read off the pty, and each TRIGGER_LEVEL frame off
-  the trigger port's pty, read back through the control-socket commands ``inhibit_log`` / ``trigger_log``;
+  the trigger port's pty, read back through the control-socket commands ``inhibit_log`` / ``trigger_log``.
+  It stands in for the controller's microcontroller: SCHED_FIFO where permitted (else nice -15);
 * the scanner_trigger relay in a process of its own (``igt-bringup --profile trigger``, SCHED_FIFO where
   permitted) on the emulator's trigger port (docs/serial_protocol.md §9); ``--no-trigger-port`` leaves it out;
 * the control process (``igt-bringup --profile control``: hardware_node + motion_controller,
@@ -14,8 +15,8 @@ Setup (each an OS process, real DDS, loopback, an isolated ROS domain):
   EventsExecutor instead of the MultiThreadedExecutor (the loop-jitter phase is then skipped: the
   motion controller's blocking goal callbacks need a multi-threaded executor). The hardware node is told
   that this process is the scanner source and the supervisor (its authority check names publishers);
-* this process: the scanner (``/scanner/state`` at 10 Hz and at once on change, as
-  scanner_interface publishes it) and the supervisor's permission (``/safety/motion_permitted``
+* this process (nice -10 where permitted, as scanner_interface's supervision process in ``make demo``): the
+  scanner (``/scanner/state`` at 10 Hz and at once on change, as scanner_interface publishes it) and the supervisor's permission (``/safety/motion_permitted``
   true, latched). Neither the scanner_interface nor the safety_supervisor is on the measured path
   (scanner state -> hardware_node -> serial -> drive), so they are not started.
 
@@ -393,6 +394,30 @@ def raise_priority(proc, nice: int = -10) -> None:
         print(f'# note: priority of {proc.name} not raised ({why})', flush=True)
 
 
+EMULATOR_RT_PRIORITY = 30           # above the relay's 20: the controller answers before the host goes on
+
+
+def emulator_as_controller(proc) -> None:
+    """The emulator stands in for the controller's microcontroller, whose servo timer and UART interrupt no load
+    on the host can delay: SCHED_FIFO for its threads where permitted (``--rt-priority`` of the stock emulator),
+    else nice -15. Called once its line thread exists (after the PTY line)."""
+    from igt_robot import cpu_priority, testing
+    testing.wait_for(lambda: len(os.listdir(f'/proc/{proc.proc.pid}/task')) >= 2, 10, "the emulator's line thread")
+    why = cpu_priority.set_realtime(proc.proc.pid, EMULATOR_RT_PRIORITY)
+    if why:
+        print(f'# note: emulator not real-time ({why}); nice -15 instead', flush=True)
+        raise_priority(proc, -15)
+
+
+def scanner_stand_in_priority() -> None:
+    """This process publishes the scanner state in scanner_interface's place, which runs at nice -10 in the
+    supervision process (igt_robot/demo.py): the same here, where permitted. Threads started later inherit it."""
+    from igt_robot import cpu_priority
+    why = cpu_priority.raise_priority(0, -10)
+    if why:
+        print(f'# note: the scanner stand-in keeps its priority ({why})', flush=True)
+
+
 def control_process(pty: str, env, work_dir, executor: str = 'multi', source_node: str = '/interlock_bench'):
     """The control process (hardware_node + motion_controller) on the emulator's pty; ``source_node`` is
     configured as both the scanner source and the supervisor (this bench plays both), and the bench
@@ -497,11 +522,12 @@ def main() -> int:
                                                      str(args.watchdog_ms)], env, work_dir / 'emulator.log',
                                           name='emulator')
         processes.append(emu_proc)
-        raise_priority(emu_proc, -15)
         line = testing.wait_for(lambda: next((ln for ln in emu_proc.output().splitlines() if ln.startswith('PTY ')),
                                              None) or (not emu_proc.alive() and 'exited'), 20, 'the PTY line')
         if line == 'exited':
             raise RuntimeError(f'emulator failed: {emu_proc.output()}')
+        emulator_as_controller(emu_proc)
+        scanner_stand_in_priority()
         pty = line.split(' ', 1)[1].strip()
         emulator = EmulatorControl(control_path)
         log = InhibitLog(emulator)

@@ -110,21 +110,23 @@ def measure_interlock_stressed(events: int, work_dir: pathlib.Path):
     from igt_robot import testing
     from igt_robot.nodes import qos
     from igt_robot_msgs.msg import ScannerState
+    from igt_robot import cpu_priority
     bench = _load_module('interlock')
     env = testing.isolated_ros_env(work_dir / 'ros_log')
     testing.apply_env(env)
     control_path = str(work_dir / 'ctl')
     processes, graph, emulator, scanner = [], None, None, None
+    bench.scanner_stand_in_priority()        # for this phase only: the procedures' workflow nodes run at 0
     try:
         emu = testing.python_process(str(pathlib.Path(__file__).parent / 'interlock.py'),
                                      ['--emulator', '--control', control_path], env, work_dir / 'emulator.log',
                                      name='emulator')
         processes.append(emu)
-        bench.raise_priority(emu, -15)
         line = testing.wait_for(lambda: next((ln for ln in emu.output().splitlines() if ln.startswith('PTY ')),
                                              None) or (not emu.alive() and 'exited'), 30, 'the PTY line')
         if line == 'exited':
             raise RuntimeError(f'emulator failed: {emu.output()}')
+        bench.emulator_as_controller(emu)
         emulator = bench.EmulatorControl(control_path)
         log = bench.InhibitLog(emulator)
         processes.append(bench.control_process(line.split(' ', 1)[1].strip(), env, work_dir))
@@ -161,6 +163,7 @@ def measure_interlock_stressed(events: int, work_dir: pathlib.Path):
         return latencies, gaps
     finally:
         bench.close_rig(scanner, graph, processes, emulator)
+        cpu_priority.raise_priority(0, 0)
 
 
 def record_findings(record_dir: pathlib.Path):

@@ -6,6 +6,7 @@ The stack runs as it does on the robot, one OS process each, over real DDS:
   control socket injects faults and reports the true axis state;
 * ``motion_controller`` (hardware_node + motion_controller in one process, serial backend);
 * ``scanner_interface`` and ``safety_supervisor`` (config/safety.yaml);
+* ``scanner_trigger``, the relay on the emulator's trigger port (docs/serial_protocol.md §9);
 * a probe node in this process (operator console stand-in).
 
 Every scenario checks four things: the robot stopped (the emulator's true axis state shows zero
@@ -67,7 +68,10 @@ TIGHT_TRACKING = ['-p', 'motion_controller:tracking_tolerance:=[0.0015, 0.0015, 
                   '-p', 'motion_controller:tracking_cycles:=1']
 
 
-def _node_commands(pty: str, extra_controller_args=()):
+NODE_PROCESSES = ('motion_controller', 'scanner_interface', 'safety_supervisor', 'scanner_trigger')
+
+
+def _node_commands(pty: str, trigger_pty: str, extra_controller_args=()):
     return {
         'motion_controller': ('igt_robot.nodes.motion_controller_node', [
             '--ros-args', '--params-file', str(CONFIG / 'robot.yaml'), '--params-file', str(CONFIG / 'motion.yaml'),
@@ -80,6 +84,11 @@ def _node_commands(pty: str, extra_controller_args=()):
         'safety_supervisor': ('igt_robot.nodes.safety_supervisor_node', [
             '--ros-args', '--params-file', str(CONFIG / 'safety.yaml'),
             '-p', 'safety_supervisor:scanner_timeout_s:=1.0', '-p', 'safety_supervisor:heartbeat_timeout_s:=1.5']),
+        # The relay decides by the hardware node's staleness values (the same test-only ones).
+        'scanner_trigger': ('igt_robot.nodes.scanner_trigger_node', [
+            '--ros-args', '--params-file', str(CONFIG / 'robot.yaml'),
+            '-p', f'scanner_trigger:trigger_port:={trigger_pty}',
+            '-p', 'scanner_trigger:scanner_timeout:=1.0', '-p', 'scanner_trigger:scanner_period:=0.34']),
     }
 
 
@@ -145,7 +154,7 @@ class Stack:
         self._dead_servers = set()
         self.graph = None
         try:
-            for name in ('motion_controller', 'scanner_interface', 'safety_supervisor'):
+            for name in NODE_PROCESSES:
                 self.start(name)
             self.graph = testing.SpinningGraph()
             self.probe = FaultProbe(self.graph.context, self.graph.executor)
@@ -155,7 +164,8 @@ class Stack:
 
     # ------------------------------------------------------------------ processes
     def start(self, name: str):
-        module, args = _node_commands(self.emulator.pty_path, self.controller_args)[name]
+        module, args = _node_commands(self.emulator.pty_path, self.emulator.trigger_pty_path,
+                                      self.controller_args)[name]
         self.starts[name] += 1
         self.started_at[name] = time.monotonic()
         proc = testing.python_process(module, args, self.env, self.run_dir / f'{name}-{self.starts[name]}.log',
@@ -377,7 +387,7 @@ class Stack:
                 proc.stop()
             self.emulator.control('power_cycle')
             self.controller_args = ()
-            for name in ('motion_controller', 'scanner_interface', 'safety_supervisor'):
+            for name in NODE_PROCESSES:
                 self.start(name)
             self.probe.status = None
             self.probe.wait_status(lambda st: st.state != 'INIT', 'the supervisor out of INIT', 60)
@@ -385,7 +395,7 @@ class Stack:
 
     def _recover(self):
         probe = self.probe
-        for name in ('scanner_interface', 'safety_supervisor'):
+        for name in ('scanner_interface', 'safety_supervisor', 'scanner_trigger'):
             if not self.procs[name].alive():
                 self.start(name)
         emu = self.emu_state()
@@ -533,6 +543,42 @@ def test_scanner_process_killed_latches_scanner_silent_until_restart_and_acknowl
     assert probe.acknowledge().success
     probe.wait_status(lambda s: s.state == 'HOLD', 'HOLD after the acknowledge', WAIT)
     stack.assert_goal_refused()
+    stack.resume()
+    done = stack.insert_to(0.0)
+    assert done.error_code == InsertNeedle.Result.SUCCEEDED, done.message
+
+
+# ================================================================ b2. the trigger-port relay dies
+
+def test_trigger_relay_killed_mid_motion_latches_trigger_port_until_the_operator_acknowledges(ready):
+    """The relay's silence reads as imaging in the controller and latches TRIGGER_PORT there: the axes stop and go
+    off by the controller's own decision; the operator sees a drive fault; a restarted relay clears nothing by
+    itself; the acknowledge resets the drive and the resume lets motion go on."""
+    stack, mark = ready
+    probe = stack.probe
+    stack.wait_emu(lambda s: s['trigger_port']['armed'], 'the relay to have armed the trigger port')
+    handle = stack.start_insertion()
+    stack.kill('scanner_trigger')
+
+    result = probe.result(handle, WAIT)
+    assert result.error_code != InsertNeedle.Result.SUCCEEDED, result.message
+    stack.assert_held_still()
+    emu = stack.wait_emu(lambda s: 'TRIGGER_PORT' in s['faults'] and not s['enabled'], 'TRIGGER_PORT latched')
+    assert emu['trigger_port']['silent'] and emu['trigger_inputs']['PORT']
+    status = probe.wait_status(lambda s: 'TRIGGER_PORT' in fault_codes(s), 'TRIGGER_PORT reported', WAIT)
+    assert status.state == 'FAULT' and not status.motion_permitted
+    stack.wait_event(mark, 'safety_fault', code='TRIGGER_PORT')
+    stack.assert_goal_refused()
+
+    stack.start('scanner_trigger')                   # the relay is back and says idle ...
+    stack.wait_emu(lambda s: not s['trigger_inputs']['PORT'], 'the restarted relay to lower its level')
+    assert 'TRIGGER_PORT' in stack.emu_state()['faults']   # ... which clears nothing by itself
+    stack.assert_goal_refused()
+    reply = probe.acknowledge()
+    assert reply.success, reply.message
+    emu = stack.emu_state()
+    assert emu['faults'] == [] and emu['enabled'] and emu['trigger_port']['armed'], emu
+    probe.wait_status(lambda s: s.state == 'HOLD', 'HOLD after the acknowledge', WAIT)
     stack.resume()
     done = stack.insert_to(0.0)
     assert done.error_code == InsertNeedle.Result.SUCCEEDED, done.message
