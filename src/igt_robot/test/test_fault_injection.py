@@ -458,7 +458,7 @@ def test_controller_start_does_not_trip_the_drive_watchdog(ros_env):
     run_dir = pathlib.Path(ros_env['ROS_LOG_DIR']).parent / 'test_fault_injection'
     env = dict(ros_env, ROS_DOMAIN_ID=str(testing.pick_domain_id()))   # free, so never the stack's
     with EmulatorProcess() as emulator:
-        module, args = _node_commands(emulator.pty_path)['motion_controller']
+        module, args = _node_commands(emulator.pty_path, emulator.trigger_pty_path)['motion_controller']
         proc = testing.python_process(module, args, env, run_dir / 'startup_motion_controller.log',
                                       name='startup_motion_controller')
         try:

@@ -225,3 +225,7 @@ class ScannerTriggerNode(common.LeanQosEvents, Node):
 def main(args=None) -> int:
     """Console script ``scanner_trigger``."""
     return common.run_node(ScannerTriggerNode, args=args, threads=1)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
