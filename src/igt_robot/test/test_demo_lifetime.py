@@ -32,10 +32,10 @@ def start_demo(ros_env, tmp_path, name):
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
     def child_pids():
-        m = re.search(r'control process pid (\d+), supervision process pid (\d+)',
+        m = re.search(r'control process pid (\d+), supervision process pid (\d+), trigger process pid (\d+)',
                       log_path.read_text(errors='replace'))
-        return (int(m.group(1)), int(m.group(2))) if m else (proc.poll() is not None and (-1, -1))
-    pids = testing.wait_for(child_pids, 120, 'the demo to start its control and supervision processes')
+        return tuple(int(g) for g in m.groups()) if m else (proc.poll() is not None and (-1, -1, -1))
+    pids = testing.wait_for(child_pids, 120, 'the demo to start its control, supervision and trigger processes')
     assert min(pids) > 0, log_path.read_text()
     testing.wait_for(lambda: (record_dir / 'events.jsonl').exists() and len(read_entries(str(record_dir))) >= 3,
                      120, 'the record to start')
@@ -61,7 +61,8 @@ def test_ctrl_c_stops_everything(ros_env, tmp_path):
         os.kill(proc.pid, signal.SIGINT)      # what the terminal sends to the foreground process
         code = proc.wait(10)
         took = time.monotonic() - sent
-        testing.wait_for(lambda: not any(map(pid_alive, pids)), 5, 'the control and supervision processes to end')
+        testing.wait_for(lambda: not any(map(pid_alive, pids)), 5, 'the control, supervision and trigger processes '
+                         'to end')
         output = log_path.read_text(errors='replace')
         assert 'Traceback' not in output, output[-3000:]
         assert code == 130, output[-2000:]
@@ -82,7 +83,7 @@ def test_killed_demo_leaves_no_orphan_and_a_closable_record(ros_env, tmp_path, v
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         testing.wait_for(lambda: not any(map(pid_alive, pids)), 10,
-                         'the control and supervision processes to die with their parent')
+                         'the control, supervision and trigger processes to die with their parent')
         closed = close_all_unfinished(str(record_dir.parent), detected_by='test')
         assert [c['folder'] for c in closed] == [str(record_dir)]
         assert read_entries(str(record_dir))[-1].kind == 'ended_abnormally'
