@@ -91,7 +91,7 @@ class SerialLink:
     :param retries: retransmissions after the first attempt.
     """
 
-    axes: List[AxisConfig] = []
+    axes: Sequence[AxisConfig] = ()      # the main port reads them from the controller (SerialHardware)
 
     def __init__(self, port: str, baudrate: int = 1_000_000, timeout: float = 0.05, retries: int = 2):
         if not port:
