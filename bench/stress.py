@@ -106,11 +106,11 @@ def _load_module(name):
 def measure_interlock_stressed(events: int, work_dir: pathlib.Path):
     """(latencies s, scanner gaps s) with the stamping emulator and the control process under the load."""
     import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
 
-    from igt_robot import testing
+    from igt_robot import cpu_priority, testing
     from igt_robot.nodes import qos
     from igt_robot_msgs.msg import ScannerState
-    from igt_robot import cpu_priority
     bench = _load_module('interlock')
     env = testing.isolated_ros_env(work_dir / 'ros_log')
     testing.apply_env(env)
@@ -142,8 +142,16 @@ def measure_interlock_stressed(events: int, work_dir: pathlib.Path):
             if last[0] is not None:
                 gaps.append(now - last[0])
             last[0] = now
+        relay_late = []                      # the relay's worst late check so far (s), from its /diagnostics
+
+        def on_diagnostics(msg):
+            for status in msg.status:
+                values = {kv.key: kv.value for kv in status.values}
+                if status.name.startswith('scanner_trigger') and 'check_late_max_s' in values:
+                    relay_late.append(float(values['check_late_max_s']))
         scanner = bench.ScannerSource(node)
         node.create_subscription(ScannerState, '/scanner/state', on_state, qos.SCANNER_STATE)
+        node.create_subscription(DiagnosticArray, '/diagnostics', on_diagnostics, 10)
         log.recover = bench.drive_reset(node, work_dir)
         graph.add(node)
         bench.permit_motion(node)
@@ -158,6 +166,10 @@ def measure_interlock_stressed(events: int, work_dir: pathlib.Path):
                 info(f'interlock_latency_{name}_path_stressed p50', q50 * 1e3, 'ms')
                 info(f'interlock_latency_{name}_path_stressed_p99', q99 * 1e3, 'ms')
                 info(f'interlock_latency_{name}_path_stressed_max', qmax * 1e3, 'ms')
+        seen = len(relay_late)
+        testing.wait_for(lambda: len(relay_late) > seen, 10, "the relay's diagnostics after the measurement")
+        # How late the relay's staleness check and re-send ran at worst: its margin to the trigger port's 300 ms.
+        info('scanner_trigger_check_late_max_stressed', relay_late[-1] * 1e3, 'ms')
         info('interlock events skipped under load (inhibit already asserted)', skipped, 'events')
         info('drive fault resets needed under load', log.recoveries, 'resets')
         return latencies, gaps

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 import threading
 import time
 
@@ -105,8 +104,11 @@ class ScannerTriggerNode(common.LeanQosEvents, Node):
         self._check = SteadyPeriodicThread(1.0 / self.p['check_rate'], self._tick, 'scanner-trigger-check',
                                            on_error=self._on_error)
         if self.p['realtime_priority']:
-            # The executor's threads, made later by the main thread, keep normal scheduling.
-            why = cpu_priority.set_realtime(0, self.p['realtime_priority'], skip=(os.getpid(),))
+            # Every thread of the process, the main thread too (the executor's threads it makes later inherit
+            # it): a real-time thread that needs the interpreter lock while a normal-priority thread of this
+            # process holds it waits until the load lets that thread run (the check ran 24 ms late under
+            # bench/stress.py load when the executor's threads were left at normal priority).
+            why = cpu_priority.set_realtime(0, self.p['realtime_priority'])
             if why:
                 self.get_logger().warning(f"real-time priority {self.p['realtime_priority']} not applied ({why}); "
                                           'normal scheduling')
