@@ -224,10 +224,10 @@ class ControllerCore:
         self.faults: List[str] = []              # latched, in order of occurrence
         self.fault_axes: set = set()
         self.host_inhibit = False
-        self.trigger = False                     # scanner-trigger input level (True = imaging)
         self.trigger_latch = False               # set by a rising edge, released by the host
         self.trigger_edges = 0
-        # The trigger has two inputs, OR-ed: the wired one and the trigger port's level (serial protocol §9).
+        # The trigger has two inputs, OR-ed (``trigger``): the wired one and the trigger port's level
+        # (serial protocol §9).
         self.trigger_inputs = {source: False for source in TRIGGER_SOURCES}
         self.trigger_port_timeout = float(watchdog_timeout if watchdog_timeout is not None
                                           else DEFAULT_TRIGGER_PORT_TIMEOUT)
@@ -319,6 +319,11 @@ class ControllerCore:
         self.trigger_port_last = self.time
 
     # ================================================================ state queries
+
+    @property
+    def trigger(self) -> bool:
+        """The scanner trigger's level (True = imaging): the OR of its inputs."""
+        return any(self.trigger_inputs.values())
 
     @property
     def inhibited(self) -> bool:
@@ -639,15 +644,14 @@ class ControllerCore:
         edge."""
         if source not in self.trigger_inputs:
             raise ValueError(f'trigger source must be one of {", ".join(TRIGGER_SOURCES)}, got {source!r}')
+        was = self.trigger
         self.trigger_inputs[source] = bool(level)
-        level = any(self.trigger_inputs.values())
-        if level and not self.trigger:
+        if self.trigger and not was:
             self.trigger_edges += 1
             self.trigger_latch = True
             if self.enabled and self.moving:
                 self._begin_ramp('TRIGGER')
             self._end_open_stream('TRIGGER')
-        self.trigger = level
 
     def set_estop_input(self, pressed: bool) -> None:
         self.estop_input = bool(pressed)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import errno
 import json
 import os
 import select
@@ -56,7 +55,6 @@ import sys
 import tempfile
 import threading
 import time
-import tty
 from pathlib import Path
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
@@ -67,7 +65,7 @@ from igt_robot.hardware.axis_model import AxisConfig, default_axis_configs
 from igt_robot.hardware.controller_core import DEFAULT_BUFFER_CAPACITY, AxisLimits, ControllerCore
 from igt_robot.hardware.interface import PvtPoint
 from igt_robot.hardware.port_session import PortSession, TriggerPortSession
-from igt_robot.hardware.trigger_port_pty import open_raw_pty, send_replies
+from igt_robot.hardware.trigger_port_pty import open_raw_pty, read_pty, send_replies
 from igt_robot.hardware.protocol import Fault, MsgType, NakReason, StatusFlag
 
 DEFAULT_FIRMWARE_VERSION = (2, 0, 0)
@@ -206,7 +204,6 @@ class Firmware(PortSession):
     def moving(self) -> bool:
         return self.core.moving or any(self.actual_velocity)
 
-    # ------------------------------------------------------------------ line side
     # ------------------------------------------------------------------ the main port
     accepts = frozenset(protocol.REPLY_TYPE) - {MsgType.TRIGGER_LEVEL}
     pre_handshake = _PRE_HANDSHAKE
@@ -444,12 +441,8 @@ class EmulatorServer:
 
     # ------------------------------------------------------------------ setup / teardown
     def open(self) -> str:
-        self.master, self.slave = os.openpty()
-        # Raw mode: no echo, no line editing, no CR/LF translation -- a plain byte pipe like a UART.
-        tty.setraw(self.slave)
-        os.set_blocking(self.master, False)
-        # Keep our slave fd open: the pty stays valid while hosts open/close the port.
-        self.pty_path = os.ttyname(self.slave)
+        # Keep our slave fds open: the ptys stay valid while hosts open/close the ports.
+        self.master, self.slave, self.pty_path = open_raw_pty()
         self.trigger_master, self.trigger_slave, self.trigger_pty_path = open_raw_pty()
         if self.control_path:
             try:
@@ -583,14 +576,7 @@ class EmulatorServer:
         """Decode whatever the host has sent (non-blocking); [] when nothing or silenced."""
         if self.master < 0:
             return []
-        try:
-            data = os.read(self.master, 4096)
-        except BlockingIOError:
-            return []
-        except OSError as exc:
-            if exc.errno == errno.EIO:         # no slave side open at the moment
-                return []
-            raise
+        data = read_pty(self.master)
         if self.silenced or not data:
             return []
         with self._lock:
@@ -598,14 +584,9 @@ class EmulatorServer:
 
     def _read_trigger_frames(self) -> List[protocol.Frame]:
         """Decode what the relay sent on the trigger port (non-blocking)."""
-        try:
-            data = os.read(self.trigger_master, 4096)
-        except (BlockingIOError, InterruptedError):
+        data = read_pty(self.trigger_master)
+        if not data:
             return []
-        except OSError as exc:
-            if exc.errno == errno.EIO:         # no relay has the port open
-                return []
-            raise
         with self._lock:
             return self.fw.trigger_port.decode(data)
 

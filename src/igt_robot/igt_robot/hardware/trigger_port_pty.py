@@ -19,11 +19,25 @@ MAX_PENDING = 4096
 
 
 def open_raw_pty():
-    """(master fd, non-blocking; slave fd; slave path): a raw byte pipe like a UART."""
+    """(master fd, non-blocking; slave fd; slave path): a raw byte pipe like a UART (no echo, no line
+    editing, no CR/LF translation)."""
     master, slave = os.openpty()
     tty.setraw(slave)
     os.set_blocking(master, False)
     return master, slave, os.ttyname(slave)
+
+
+def read_pty(master: int) -> bytes:
+    """What the host has sent on a controller pty (non-blocking); b'' when nothing has, or when no host has
+    the port open (EIO). Any other failure is raised."""
+    try:
+        return os.read(master, 4096)
+    except (BlockingIOError, InterruptedError):
+        return b''
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            return b''
+        raise
 
 
 def send_replies(master: int, pending: bytearray, replies: List[bytes]) -> None:
@@ -75,14 +89,12 @@ class TriggerPortPty:
             if not ready:
                 continue
             try:
-                data = os.read(self.master, 4096)
-            except (BlockingIOError, InterruptedError):
+                data = read_pty(self.master)
+            except OSError:
+                return                         # the pty is gone
+            if not data:                       # readable but empty: no relay has the port open
+                self._stop.wait(0.05)
                 continue
-            except OSError as exc:
-                if exc.errno == errno.EIO:     # no relay has the port open
-                    self._stop.wait(0.05)
-                    continue
-                return
             send_replies(self.master, self._pending, self._receive(data))
 
     def close(self) -> None:
