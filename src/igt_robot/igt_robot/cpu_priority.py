@@ -26,11 +26,7 @@ def raise_priority(pid: int = 0, nice: int = -10) -> str:
     autogroup. Returns '' on success, else why it could not (the process then runs as it was)."""
     pid = pid or os.getpid()
     problems = []
-    try:
-        tids = [int(t) for t in os.listdir(f'/proc/{pid}/task')]
-    except OSError:
-        tids = [pid]
-    for tid in tids:
+    for tid in _thread_ids(pid):
         try:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
         except OSError as exc:
@@ -56,12 +52,7 @@ def set_realtime(pid: int = 0, priority: int = 10, skip: tuple = ()) -> str:
     or an rtprio limit; returns '' on success, else why not (the threads then keep their policy)."""
     if not 1 <= int(priority) <= 99:
         return f'real-time priority must be 1..99, got {priority}'
-    pid = pid or os.getpid()
-    try:
-        tids = [int(t) for t in os.listdir(f'/proc/{pid}/task')]
-    except OSError:
-        tids = [pid]
-    for tid in tids:
+    for tid in _thread_ids(pid or os.getpid()):
         if tid in skip:
             continue
         try:
@@ -69,3 +60,11 @@ def set_realtime(pid: int = 0, priority: int = 10, skip: tuple = ()) -> str:
         except (OSError, AttributeError) as exc:
             return f'thread {tid}: {getattr(exc, "strerror", None) or exc}'
     return ''
+
+
+def _thread_ids(pid: int) -> list:
+    """The thread ids of ``pid`` now (just ``pid`` where /proc cannot be read)."""
+    try:
+        return [int(t) for t in os.listdir(f'/proc/{pid}/task')]
+    except OSError:
+        return [pid]

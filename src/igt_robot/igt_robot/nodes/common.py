@@ -72,6 +72,12 @@ def monotonic_from_stamp(node, stamp: Time) -> Optional[float]:
     return time.monotonic() - age_s
 
 
+def stamp_age(node, stamp: Time, now: float) -> Optional[float]:
+    """``now`` (``time.monotonic()``) minus a message stamp, s; None for an unset stamp (not checked)."""
+    stamp_time = monotonic_from_stamp(node, stamp)
+    return None if stamp_time is None else now - stamp_time
+
+
 # ------------------------------------------------------------------ steady time
 
 def steady_clock() -> Clock:

@@ -486,9 +486,8 @@ class HardwareNode(common.LeanQosEvents, LifecycleNode):
         """Decide and command in this callback: one hop from the scanner message to the inhibit frame."""
         now = time.monotonic()
         phase = common.phase_from_msg(msg.phase)
-        stamp_time = common.monotonic_from_stamp(self, msg.header.stamp)
         publisher, name = self._scanner_names.lookup(info)
-        stamp_age = None if stamp_time is None else now - stamp_time
+        stamp_age = common.stamp_age(self, msg.header.stamp, now)
         self._note_scanner_gap(now, stamp_age)
         with self._interlock_lock:
             self._scanner_heartbeat = msg.heartbeat

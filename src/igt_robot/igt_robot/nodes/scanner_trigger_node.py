@@ -117,11 +117,10 @@ class ScannerTriggerNode(common.LeanQosEvents, Node):
     def _on_scanner(self, msg: ScannerState, info) -> None:
         now = time.monotonic()
         phase = common.phase_from_msg(msg.phase)
-        stamp_time = common.monotonic_from_stamp(self, msg.header.stamp)
+        stamp_age = common.stamp_age(self, msg.header.stamp, now)
         publisher, name = self._names.lookup(info)
         with self._lock:
-            findings = self.interlock.on_scanner(publisher, name, phase, msg.heartbeat, now,
-                                                 stamp_age=None if stamp_time is None else now - stamp_time)
+            findings = self.interlock.on_scanner(publisher, name, phase, msg.heartbeat, now, stamp_age=stamp_age)
             self._apply(now, keepalive=False)
         self._report(findings)
 
@@ -195,9 +194,9 @@ class ScannerTriggerNode(common.LeanQosEvents, Node):
 
     def publish_diagnostics(self) -> None:
         connected = self.link.connected
-        level = DiagnosticStatus.OK if connected and self.level is not None else DiagnosticStatus.ERROR
-        text = (f"level {'IMAGING' if self.level else 'idle'}: {self.reason}" if connected and self.level is not None
-                else self.reason)
+        sending = connected and self.level is not None
+        level = DiagnosticStatus.OK if sending else DiagnosticStatus.ERROR
+        text = f"level {'IMAGING' if self.level else 'idle'}: {self.reason}" if sending else self.reason
         self.diagnostics_pub.publish(common.diagnostic_array(self, [common.diagnostic_status(
             self, 'scanner trigger', level, text,
             {'port': self.p['trigger_port'], 'connected': connected, 'level': self.level, 'frames_sent': self.sent,

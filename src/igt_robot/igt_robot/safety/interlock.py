@@ -247,8 +247,9 @@ class Interlock:
         """(inhibit, reason) at ``now``; the reason names the first thing that stops motion."""
         if not self._active:
             return Decision(True, 'not active')
-        for publisher, phase in self._foreign_imaging.items():
-            return Decision(True, f"scanner {phase.value} (from foreign node '{self._foreign[publisher][0]}')")
+        foreign = self._foreign_imaging_decision()
+        if foreign is not None:
+            return foreign
         if self._foreign:
             nodes = ', '.join(sorted({node or 'unknown' for node, _ in self._foreign.values()}))
             return Decision(True, f'foreign publisher on a safety topic: {nodes}')
@@ -274,10 +275,17 @@ class Interlock:
         reason). Imaging from any publisher, one not yet named, a stale or absent configured source: imaging.
         A foreign publisher that says nothing, permission, the supervisor and the drive are not inputs of the
         trigger (the hardware node's :meth:`decide` weighs them)."""
-        for publisher, phase in self._foreign_imaging.items():
-            return Decision(True, f"scanner {phase.value} (from foreign node '{self._foreign[publisher][0]}')")
+        foreign = self._foreign_imaging_decision()
+        if foreign is not None:
+            return foreign
         scanner = self._scanner_decision(now)
         return scanner if scanner.inhibit else Decision(False, 'scanner idle')
+
+    def _foreign_imaging_decision(self) -> Optional[Decision]:
+        """Imaging said by a foreign publisher (None: none says it)."""
+        for publisher, phase in self._foreign_imaging.items():
+            return Decision(True, f"scanner {phase.value} (from foreign node '{self._foreign[publisher][0]}')")
+        return None
 
     def _scanner_decision(self, now: float) -> Decision:
         """The configured source's part of the decision (and imaging from a publisher not yet named)."""
