@@ -16,9 +16,10 @@ Setup (each an OS process, real DDS, loopback, an isolated ROS domain):
   motion controller's blocking goal callbacks need a multi-threaded executor). The hardware node is told
   that this process is the scanner source and the supervisor (its authority check names publishers);
 * this process (nice -10 where permitted, as scanner_interface's supervision process in ``make demo``): the
-  scanner (``/scanner/state`` at 10 Hz and at once on change, as scanner_interface publishes it) and the supervisor's permission (``/safety/motion_permitted``
-  true, latched). Neither the scanner_interface nor the safety_supervisor is on the measured path
-  (scanner state -> hardware_node -> serial -> drive), so they are not started.
+  scanner (``/scanner/state`` at 10 Hz and at once on change, as scanner_interface publishes it) and the
+  supervisor's permission (``/safety/motion_permitted`` true, latched). Neither the scanner_interface nor the
+  safety_supervisor is on the measured paths (scanner state -> hardware_node or scanner_trigger -> serial ->
+  drive), so they are not started.
 
 CLOCK_MONOTONIC is system-wide, so the publication stamp (this process, just before
 ``publish()``) and the receive stamp (emulator) are on the same clock.
@@ -76,6 +77,17 @@ def run_stamping_emulator(control_path: str, watchdog_ms: int) -> int:
     from igt_robot.hardware.axis_model import default_axis_configs
     from igt_robot.hardware.emulator import EmulatorServer, Firmware
 
+    def stamp(frames, msg_type, decode, log) -> None:
+        """Append (monotonic ns right after os.read() + decode, value) for each ``msg_type`` frame; a frame whose
+        value does not decode is left out (the firmware NAKs it: it changes nothing)."""
+        now = time.monotonic_ns()
+        for frame in frames:
+            if frame.type == msg_type:
+                try:
+                    log.append((now, bool(decode(frame.payload))))
+                except protocol.ProtocolError:
+                    continue
+
     class StampingEmulatorServer(EmulatorServer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -84,27 +96,12 @@ def run_stamping_emulator(control_path: str, watchdog_ms: int) -> int:
 
         def _read_trigger_frames(self):
             frames = super()._read_trigger_frames()
-            if frames:
-                stamp = time.monotonic_ns()
-                for frame in frames:
-                    if frame.type == protocol.MsgType.TRIGGER_LEVEL:
-                        try:
-                            self.trigger_log.append((stamp, protocol.decode_trigger_level(frame.payload)))
-                        except protocol.ProtocolError:
-                            continue
+            stamp(frames, protocol.MsgType.TRIGGER_LEVEL, protocol.decode_trigger_level, self.trigger_log)
             return frames
 
         def _read_frames(self):
             frames = super()._read_frames()
-            if frames:
-                stamp = time.monotonic_ns()  # right after os.read() + decode
-                for frame in frames:
-                    if frame.type == protocol.MsgType.MOTION_INHIBIT:
-                        try:
-                            value = protocol.decode_motion_inhibit(frame.payload)
-                        except protocol.ProtocolError:
-                            continue         # the firmware NAKs it; not an inhibit
-                        self.inhibit_log.append((stamp, bool(value)))
+            stamp(frames, protocol.MsgType.MOTION_INHIBIT, protocol.decode_motion_inhibit, self.inhibit_log)
             return frames
 
         def control(self, line: str) -> str:
@@ -318,6 +315,16 @@ def measure_interlock(scanner: ScannerSource, log: InhibitLog, events: int, warm
                 for name, arrived in zip(('host', 'trigger'), arrivals):
                     paths.setdefault(name, []).append((arrived - start) / 1e9)
     return latencies, skipped
+
+
+def report_paths(paths: dict, suffix: str = '') -> None:
+    """Each path's own figures (``measure_interlock``'s ``paths``) beside the first-stop-frame figure."""
+    for name, what in (('trigger', 'scanner_trigger -> trigger port'), ('host', 'hardware_node -> main port')):
+        if paths.get(name):
+            q50, q99, qmax = percentiles(paths[name])
+            info(f'interlock_latency_{name}_path{suffix}_p50 ({what})', q50 * 1e3, 'ms')
+            info(f'interlock_latency_{name}_path{suffix}_p99', q99 * 1e3, 'ms')
+            info(f'interlock_latency_{name}_path{suffix}_max', qmax * 1e3, 'ms')
 
 
 def measure_silence(scanner: ScannerSource, log: InhibitLog, trials: int, seed: int = 1,
@@ -585,12 +592,7 @@ def main() -> int:
         print('# interlock latency: to the first frame that stops the drive, '
               + ('MOTION_INHIBIT(1) or TRIGGER_LEVEL(1)' if trigger_log else 'MOTION_INHIBIT(1) (no trigger port)'),
               flush=True)
-        for name, what in (('trigger', 'scanner_trigger -> trigger port'), ('host', 'hardware_node -> main port')):
-            if paths.get(name):
-                q50, q99, qmax = percentiles(paths[name])
-                info(f'interlock_latency_{name}_path_p50 ({what})', q50 * 1e3, 'ms')
-                info(f'interlock_latency_{name}_path_p99', q99 * 1e3, 'ms')
-                info(f'interlock_latency_{name}_path_max', qmax * 1e3, 'ms')
+        report_paths(paths)
         info('interlock events skipped (inhibit already asserted before the scan)', skipped, 'events')
         info('drive fault resets needed (watchdog trips of a starved host)', log.recoveries, 'resets')
 

@@ -160,12 +160,7 @@ def measure_interlock_stressed(events: int, work_dir: pathlib.Path):
         trigger_log.wait_released(90)
         paths = {}
         latencies, skipped = bench.measure_interlock(scanner, log, events, trigger_log=trigger_log, paths=paths)
-        for name in ('trigger', 'host'):
-            if paths.get(name):
-                q50, q99, qmax = percentiles(paths[name])
-                info(f'interlock_latency_{name}_path_stressed p50', q50 * 1e3, 'ms')
-                info(f'interlock_latency_{name}_path_stressed_p99', q99 * 1e3, 'ms')
-                info(f'interlock_latency_{name}_path_stressed_max', qmax * 1e3, 'ms')
+        bench.report_paths(paths, '_stressed')
         seen = len(relay_late)
         testing.wait_for(lambda: len(relay_late) > seen, 10, "the relay's diagnostics after the measurement")
         # How late the relay's staleness check and re-send ran at worst: its margin to the trigger port's 300 ms.
