@@ -7,7 +7,11 @@ Setup (each an OS process, real DDS, loopback, an isolated ROS domain):
   addition made here (the stock emulator has no receive timestamps): it records
   CLOCK_MONOTONIC when each MOTION_INHIBIT frame is read off the pty, and each TRIGGER_LEVEL frame off
   the trigger port's pty, read back through the control-socket commands ``inhibit_log`` / ``trigger_log``.
-  It stands in for the controller's microcontroller: SCHED_FIFO where permitted (else nice -15);
+  It stands in for the controller's microcontroller: SCHED_FIFO where permitted (else nice -15). The kernel
+  workers that carry bytes across a pty (the tty layer's flip-buffer work, normal priority) stand in for its
+  UART and run at SCHED_FIFO 1 while the bench runs, where permitted (``--pty-workers-normal``: left alone).
+  Measured under bench/stress.py load, the relay's frame waited up to 10 ms for such a worker after its write
+  (cpu_priority.UnboundKernelWorkers); a real UART write has no such stage;
 * the scanner_trigger relay in a process of its own (``igt-bringup --profile trigger``, SCHED_FIFO where
   permitted) on the emulator's trigger port (docs/serial_protocol.md §9); ``--no-trigger-port`` leaves it out;
 * the control process (``igt-bringup --profile control``: hardware_node + motion_controller,
@@ -416,6 +420,24 @@ def emulator_as_controller(proc) -> None:
         raise_priority(proc, -15)
 
 
+def pty_workers_as_uart(enabled: bool = True):
+    """The kernel workers that carry bytes across the emulator's ptys, at SCHED_FIFO 1 while the bench runs
+    (cpu_priority.UnboundKernelWorkers has the measurement): with the emulator they stand in for the
+    controller's UART, which no load on the host delays. Returns the object to ``stop()``, or None (not
+    ``enabled``, or not permitted: a note says the figures then include the pty's normal-priority worker)."""
+    from igt_robot import cpu_priority
+    if not enabled:
+        print('# pty kernel workers left at normal priority (--pty-workers-normal)', flush=True)
+        return None
+    workers = cpu_priority.UnboundKernelWorkers()
+    why = workers.start()
+    if why:
+        print(f"# note: the pty's kernel workers keep normal priority ({why}); the figures include them",
+              flush=True)
+        return None
+    return workers
+
+
 def scanner_stand_in_priority() -> None:
     """This process publishes the scanner state in scanner_interface's place, which runs at nice -10 in the
     supervision process (igt_robot/demo.py): the same here, where permitted. Threads started later inherit it."""
@@ -452,8 +474,10 @@ def trigger_process(trigger_pty: str, env, work_dir, source_node: str = '/interl
     return proc
 
 
-def close_rig(scanner, graph, processes, emulator) -> None:
+def close_rig(scanner, graph, processes, emulator, workers=None) -> None:
     """Stop what a bench started, newest first (each may be None / empty when start-up failed early)."""
+    if workers is not None:
+        workers.stop()
     if scanner is not None:
         scanner.stop()
     if graph is not None:
@@ -511,6 +535,8 @@ def main() -> int:
                         help='without the scanner_trigger relay: only the hardware node commands the drive')
     parser.add_argument('--executor', choices=['multi', 'events'], default='multi',
                         help='rclpy executor of the control process')
+    parser.add_argument('--pty-workers-normal', action='store_true',
+                        help="leave the kernel workers that carry the ptys' bytes at normal priority")
     args = parser.parse_args()
     if args.emulator:
         return run_stamping_emulator(args.control, args.watchdog_ms)
@@ -523,7 +549,7 @@ def main() -> int:
     testing.apply_env(env)
     shm_before = testing.fastdds_shm_entries()
     control_path = str(work_dir / 'ctl')
-    processes, graph, emulator, scanner = [], None, None, None
+    processes, graph, emulator, scanner, workers = [], None, None, None, None
     try:
         emu_proc = testing.python_process(__file__, ['--emulator', '--control', control_path, '--watchdog-ms',
                                                      str(args.watchdog_ms)], env, work_dir / 'emulator.log',
@@ -534,6 +560,7 @@ def main() -> int:
         if line == 'exited':
             raise RuntimeError(f'emulator failed: {emu_proc.output()}')
         emulator_as_controller(emu_proc)
+        workers = pty_workers_as_uart(not args.pty_workers_normal)
         scanner_stand_in_priority()
         pty = line.split(' ', 1)[1].strip()
         emulator = EmulatorControl(control_path)
@@ -650,7 +677,7 @@ def main() -> int:
               f"overruns {end['overruns']}")
         return 0
     finally:
-        close_rig(scanner, graph, processes, emulator)
+        close_rig(scanner, graph, processes, emulator, workers)
         testing.remove_stale_fastdds_shm(shm_before, ignore_pids=[os.getpid()])
 
 

@@ -68,3 +68,102 @@ def _thread_ids(pid: int) -> list:
         return [int(t) for t in os.listdir(f'/proc/{pid}/task')]
     except OSError:
         return [pid]
+
+
+UNBOUND_WORKER_PREFIX = 'kworker/u'
+
+
+class UnboundKernelWorkers:
+    """SCHED_FIFO at ``priority`` for the kernel's unbound workqueue workers while started; SCHED_OTHER again
+    (their nice value unchanged) once stopped. For benches whose firmware emulator stands in for a
+    microcontroller behind a pty.
+
+    Why: a pty hands the bytes written on one side to the other in a kernel worker (the tty layer's
+    flip-buffer work on the unbound workqueue), which runs at normal priority. Under bench/stress.py load the
+    scanner_trigger relay's frame was written 0.2 ms after the scan start at worst, and then waited up to
+    10 ms for that worker before the real-time emulator could read it (p99 5.0 ms of a 9.0 ms total); with
+    the workers at SCHED_FIFO 1 the same stage took at most 0.28 ms. A real controller's UART has no such
+    stage: a USB-serial or native UART write is submitted from the writer's own context and received by the
+    microcontroller's interrupt. Priority 1 puts the workers above every normal task and below every
+    real-time thread of the stack.
+
+    The kernel starts and retires such workers as it needs: ``refresh()`` (called every ``refresh_s`` by
+    the thread ``start()`` runs) raises the ones that appeared meanwhile. Only workers found at SCHED_OTHER
+    are changed, and only those are put back. Needs CAP_SYS_NICE.
+    """
+
+    def __init__(self, priority: int = 1, refresh_s: float = 0.5, proc: str = '/proc',
+                 get_policy=os.sched_getscheduler, set_policy=os.sched_setscheduler):
+        import threading
+        self.priority = int(priority)
+        self.refresh_s = refresh_s
+        self._proc = proc
+        self._get_policy = get_policy
+        self._set_policy = set_policy
+        self._raised = set()              # pids this object set to SCHED_FIFO
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def workers(self) -> list:
+        """Pids of the unbound workqueue workers now (their names start with ``kworker/u``)."""
+        found = []
+        for entry in os.listdir(self._proc):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(os.path.join(self._proc, entry, 'comm')) as comm:
+                    name = comm.read()
+            except OSError:
+                continue              # gone meanwhile
+            if name.startswith(UNBOUND_WORKER_PREFIX):
+                found.append(int(entry))
+        return found
+
+    def refresh(self) -> str:
+        """Raise the workers at SCHED_OTHER not raised yet. '' on success, else why not."""
+        with self._lock:
+            for pid in self.workers():
+                if pid in self._raised:
+                    continue
+                try:
+                    if self._get_policy(pid) != os.SCHED_OTHER:
+                        continue      # someone else's choice (or a worker already real-time): left alone
+                    self._set_policy(pid, os.SCHED_FIFO, os.sched_param(self.priority))
+                except ProcessLookupError:
+                    continue
+                except OSError as exc:
+                    return f'kernel worker {pid}: {exc.strerror}'
+                self._raised.add(pid)
+            return ''
+
+    def start(self) -> str:
+        """Raise the workers now and keep raising new ones until ``stop()``. '' on success, else why not
+        (then nothing was started and nothing stays changed)."""
+        import threading
+        why = self.refresh()
+        if why:
+            self.stop()
+            return why
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name='kernel-worker-priority', daemon=True)
+        self._thread.start()
+        return ''
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            self.refresh()
+
+    def stop(self) -> None:
+        """Stop refreshing and put every worker this object raised back to SCHED_OTHER. Idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+            self._thread = None
+        with self._lock:
+            for pid in sorted(self._raised):
+                try:
+                    self._set_policy(pid, os.SCHED_OTHER, os.sched_param(0))
+                except OSError:
+                    pass              # gone: nothing to put back
+            self._raised.clear()

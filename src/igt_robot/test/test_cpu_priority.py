@@ -72,3 +72,65 @@ def test_real_time_scheduling_for_every_thread_but_the_ones_skipped():
 def test_a_real_time_priority_out_of_range_is_refused_with_the_range():
     assert '1..99' in cpu_priority.set_realtime(0, 0)
     assert '1..99' in cpu_priority.set_realtime(0, 100)
+
+
+class _FakeScheduler:
+    """os.sched_getscheduler / sched_setscheduler over a dict of pid -> policy."""
+
+    def __init__(self, policies, refuse=()):
+        self.policies = dict(policies)
+        self.refuse = set(refuse)
+
+    def get(self, pid):
+        if pid not in self.policies:
+            raise ProcessLookupError(pid)
+        return self.policies[pid]
+
+    def set(self, pid, policy, param):
+        if pid in self.refuse:
+            raise PermissionError(1, 'Operation not permitted')
+        if pid not in self.policies:
+            raise ProcessLookupError(pid)
+        self.policies[pid] = policy
+
+
+def _fake_proc(root, tasks):
+    for pid, name in tasks.items():
+        (root / str(pid)).mkdir()
+        (root / str(pid) / 'comm').write_text(name + '\n')
+    (root / 'self').mkdir()
+
+
+def test_unbound_kernel_workers_are_raised_then_put_back(tmp_path):
+    """The pty's flip-buffer work runs in the unbound workers: they, and only they, go real-time while a
+    bench runs, the ones the kernel adds meanwhile too; a worker another tool made real-time is left alone."""
+    _fake_proc(tmp_path, {11: 'kworker/u8:1-events_unbound', 12: 'kworker/0:1-events', 13: 'python3',
+                          14: 'kworker/u8:2', 15: 'kworker/u8:3'})
+    scheduler = _FakeScheduler({11: os.SCHED_OTHER, 12: os.SCHED_OTHER, 13: os.SCHED_OTHER, 14: os.SCHED_OTHER,
+                                15: os.SCHED_RR})
+    workers = cpu_priority.UnboundKernelWorkers(proc=str(tmp_path), get_policy=scheduler.get,
+                                                set_policy=scheduler.set, refresh_s=60.0)
+    assert sorted(workers.workers()) == [11, 14, 15]
+    assert workers.start() == ''
+    assert scheduler.policies == {11: os.SCHED_FIFO, 12: os.SCHED_OTHER, 13: os.SCHED_OTHER, 14: os.SCHED_FIFO,
+                                  15: os.SCHED_RR}
+    (tmp_path / '16').mkdir()                        # a worker the kernel started meanwhile
+    (tmp_path / '16' / 'comm').write_text('kworker/u8:4\n')
+    scheduler.policies[16] = os.SCHED_OTHER
+    assert workers.refresh() == ''
+    assert scheduler.policies[16] == os.SCHED_FIFO
+    del scheduler.policies[14]                       # retired by the kernel meanwhile
+    workers.stop()
+    assert scheduler.policies == {11: os.SCHED_OTHER, 12: os.SCHED_OTHER, 13: os.SCHED_OTHER, 15: os.SCHED_RR,
+                                  16: os.SCHED_OTHER}
+    workers.stop()                                   # idempotent
+
+
+def test_unbound_kernel_workers_refused_leave_nothing_changed(tmp_path):
+    _fake_proc(tmp_path, {21: 'kworker/u8:1', 22: 'kworker/u8:2'})
+    scheduler = _FakeScheduler({21: os.SCHED_OTHER, 22: os.SCHED_OTHER}, refuse={22})
+    workers = cpu_priority.UnboundKernelWorkers(proc=str(tmp_path), get_policy=scheduler.get,
+                                                set_policy=scheduler.set)
+    why = workers.start()
+    assert 'kernel worker 22' in why and 'not permitted' in why
+    assert scheduler.policies == {21: os.SCHED_OTHER, 22: os.SCHED_OTHER}
