@@ -7,6 +7,7 @@ from rclpy.parameter import Parameter
 from igt_robot.nodes.hardware_node import HardwareNode
 from igt_robot.nodes.safety_supervisor_node import SafetySupervisorNode
 from igt_robot.nodes.scanner_interface_node import ScannerInterfaceNode
+from igt_robot.nodes.scanner_trigger_node import ScannerTriggerNode
 
 # rclpy's own parameter, applied live by rclpy itself (the node clock follows it).
 RCLPY_OWN = {'use_sim_time'}
@@ -39,7 +40,9 @@ def in_force_checks(node):
     (HardwareNode, ['-p', 'autostart:=false']),
     (SafetySupervisorNode, ['-p', 'max_insertion_depth:=0.1']),
     (ScannerInterfaceNode, ['-p', 'sources:=[service]']),
-], ids=['hardware_node', 'safety_supervisor', 'scanner_interface'])
+    # No controller here: the relay waits for its port (reconnect_period) and its parameters are what is tested.
+    (ScannerTriggerNode, ['-p', 'trigger_port:=/nonexistent/igt-trigger-port']),
+], ids=['hardware_node', 'safety_supervisor', 'scanner_interface', 'scanner_trigger'])
 def test_each_parameter_is_refused_or_in_force(graph, make, args):
     node = graph.add(make(context=graph.context, cli_args=['--ros-args', *args]))
     checks = in_force_checks(node)
