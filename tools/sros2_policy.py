@@ -21,7 +21,9 @@ import argparse
 import dataclasses
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from typing import Dict, Iterable, List, Mapping, Set
@@ -41,7 +43,7 @@ PROCESSES: Dict[str, List[str]] = {
     'igtl_bridge': ['igtl_bridge'],
     'recorder_node': ['recorder_node'],
     'procedure_node': ['procedure_node'],
-    # Only where the controller has a trigger port: its profile comes from a stack run that has it.
+    # Only where the controller has a trigger port (the policy's stack run uses the simulated controller's).
     'scanner_trigger': ['scanner_trigger'],
 }
 
@@ -61,6 +63,24 @@ class Endpoints:
 def _common_node_endpoints() -> Endpoints:
     """What every rclpy node has: /rosout, /parameter_events (its own parameter services are read)."""
     return Endpoints(publish={'/rosout', '/parameter_events'}, subscribe={'/parameter_events'})
+
+
+def merged(parts: Iterable[Endpoints]) -> Endpoints:
+    """One profile for what several rclpy nodes of one stack node use together."""
+    out = Endpoints()
+    for part in parts:
+        for field in dataclasses.fields(Endpoints):
+            getattr(out, field.name).update(getattr(part, field.name))
+    return out
+
+
+def stack_node_endpoints(probe, node) -> Endpoints:
+    """Endpoints of a stack node together with its helper nodes (``node.helper_nodes()``: the rclpy nodes it
+    creates in its context for a thread of its own, e.g. the scanner subscription that no executor serves).
+    DDS-Security grants per participant, so the enclave must allow what the helpers use too."""
+    helpers = getattr(node, 'helper_nodes', None)
+    members = [node] + (list(helpers()) if callable(helpers) else [])
+    return merged(endpoints_from_graph(probe, n.get_name(), n.get_namespace()) for n in members)
 
 
 def fold_actions(e: Endpoints) -> Endpoints:
@@ -157,8 +177,7 @@ def enclaves_from_running_stack(nodes: Mapping[str, object], probe, settle_s: fl
     deadline = time.monotonic() + timeout_s
     last, stable_since = None, time.monotonic()
     while time.monotonic() < deadline:
-        snapshot = {name: endpoints_from_graph(probe, node.get_name(), node.get_namespace())
-                    for name, node in nodes.items()}
+        snapshot = {name: stack_node_endpoints(probe, node) for name, node in nodes.items()}
         if snapshot != last:
             last, stable_since = snapshot, time.monotonic()
         elif time.monotonic() - stable_since >= settle_s:
@@ -184,7 +203,13 @@ def main(argv=None) -> int:
     from igt_robot import bringup
     names = bringup.available_nodes([n for members in PROCESSES.values() for n in members
                                      if n in bringup.NODES or n == 'motion_controller'])
-    overrides = {'igtl_bridge': {'port': 0}, 'procedure_node': {'demo': False}}
+    run_dir = tempfile.mkdtemp(prefix='sros2_policy_')
+    trigger_link = os.path.join(run_dir, 'trigger_port')
+    overrides = {'igtl_bridge': {'port': 0}, 'procedure_node': {'demo': False},
+                 # The simulated controller offers its trigger port, so the relay runs and gets its profile.
+                 'hardware_node': {'backend': 'mujoco', 'mujoco_trigger_port_link': trigger_link},
+                 # Normal scheduling: here it shares one process with the whole stack, not a process of its own.
+                 'scanner_trigger': {'trigger_port': trigger_link, 'realtime_priority': 0}}
     stack = bringup.Bringup(names, overrides=overrides).start()
     try:
         probe = rclpy.create_node('sros2_policy_probe', context=stack.context)
@@ -194,6 +219,7 @@ def main(argv=None) -> int:
         probe.destroy_node()
     finally:
         stack.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(policy_xml(enclaves))

@@ -84,3 +84,22 @@ def test_keystore_script_refuses_clearly_without_ros2_security(tmp_path, fake_ro
     assert "'ros2 security'" in result.stderr or "'ros2' is not on PATH" in result.stderr
     assert 'cannot be enforced' in result.stderr and 'PyPI' in result.stderr
     assert not keystore.exists()
+
+
+def test_the_policy_tool_runs_the_whole_stack_and_gives_the_relay_its_own_enclave(tmp_path):
+    """`tools/sros2_policy.py` as an installer runs it: every process of the launch files gets its enclave, the
+    scanner_trigger relay's too (it needs a controller's trigger port: the tool offers the simulated one's)."""
+    from igt_robot import testing
+    env = testing.isolated_ros_env(tmp_path / 'ros_log')
+    out = tmp_path / 'policy.xml'
+    result = subprocess.run([sys.executable, str(REPO / 'tools' / 'sros2_policy.py'), '--out', str(out),
+                             '--settle', '1.0'], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    policy = sros2_policy.read_policy(out.read_text())
+    assert set(sros2_policy.PROCESSES) <= set(policy)
+    relay = policy['scanner_trigger']['scanner_trigger']
+    assert topics.SCANNER_STATE in relay.subscribe
+    assert not {topics.SCANNER_STATE, topics.SAFETY_MOTION_PERMITTED} & relay.publish
+    assert set(policy['motion_controller']) == {'hardware_node', 'motion_controller'}
+    # Both scanner subscriptions are on helper nodes served by threads of their own: still in the profiles.
+    assert topics.SCANNER_STATE in policy['motion_controller']['hardware_node'].subscribe

@@ -909,6 +909,11 @@ class HardwareNode(common.LeanQosEvents, LifecycleNode):
         if self.lifecycle_state() in ('unconfigured', 'inactive', 'active'):
             self.trigger_shutdown()
 
+    def helper_nodes(self) -> list:
+        """The rclpy nodes this node creates besides itself (its endpoints belong to this node's SROS2 profile:
+        tools/sros2_policy.py)."""
+        return [self._fast_node]
+
     def destroy_node(self):
         if self.shared is not None:
             self.on_bringup_shutdown()

@@ -218,6 +218,11 @@ class ScannerTriggerNode(common.LeanQosEvents, Node):
     def on_bringup_shutdown(self) -> None:
         self.shutdown()
 
+    def helper_nodes(self) -> list:
+        """The rclpy nodes this node creates besides itself (its endpoints belong to this node's SROS2 profile:
+        tools/sros2_policy.py)."""
+        return [self._scanner_node]
+
     def destroy_node(self):
         self.shutdown()
         return super().destroy_node()
