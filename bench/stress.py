@@ -146,12 +146,16 @@ def measure_interlock_stressed(events: int, work_dir: pathlib.Path, pty_workers:
                 gaps.append(now - last[0])
             last[0] = now
         relay_late = []                      # the relay's worst late check so far (s), from its /diagnostics
+        reply_max = {}                       # node -> its serial link's longest wait for a reply so far (s)
 
         def on_diagnostics(msg):
             for status in msg.status:
                 values = {kv.key: kv.value for kv in status.values}
                 if status.name.startswith('scanner_trigger') and 'check_late_max_s' in values:
                     relay_late.append(float(values['check_late_max_s']))
+                for who in ('scanner_trigger', 'hardware_node'):
+                    if status.name.startswith(who) and 'reply_time_max_s' in values:
+                        reply_max[who] = float(values['reply_time_max_s'])
         scanner = bench.ScannerSource(node)
         node.create_subscription(ScannerState, '/scanner/state', on_state, qos.SCANNER_STATE)
         node.create_subscription(DiagnosticArray, '/diagnostics', on_diagnostics, 10)
@@ -168,6 +172,9 @@ def measure_interlock_stressed(events: int, work_dir: pathlib.Path, pty_workers:
         testing.wait_for(lambda: len(relay_late) > seen, 10, "the relay's diagnostics after the measurement")
         # How late the relay's staleness check and re-send ran at worst: its margin to the trigger port's 300 ms.
         info('scanner_trigger_check_late_max_stressed', relay_late[-1] * 1e3, 'ms')
+        # The longest write -> reply wait of each serial link: what the 50 ms reply timeout must cover.
+        for who, worst in sorted(reply_max.items()):
+            info(f'serial_reply_time_max_stressed ({who})', worst * 1e3, 'ms')
         info('interlock events skipped under load (inhibit already asserted)', skipped, 'events')
         info('drive fault resets needed under load', log.recoveries, 'resets')
         return latencies, gaps

@@ -507,6 +507,19 @@ def test_silent_controller_raises_timeout_after_retries(hw, emulator):
     assert not hw.faulted
 
 
+def test_longest_reply_wait_is_reported_and_timeouts_do_not_count_as_replies(hw, emulator):
+    """The figure the reply timeout is sized against (docs/safety.md): the longest write -> reply wait."""
+    hw.read()
+    first = hw.counters['reply_time_max_s']
+    assert 0.0 < first < hw.timeout
+    emulator.control('silence')
+    with pytest.raises(HardwareTimeout):
+        hw.read()
+    emulator.control('talk')
+    hw.read()
+    assert first <= hw.counters['reply_time_max_s'] < hw.timeout     # the three unanswered waits are not in it
+
+
 def test_unplugged_mid_motion_faults_the_driver(request, own_emulator):
     emulator = own_emulator
     hw = SerialHardware(emulator.pty_path, timeout=REPLY_TIMEOUT)

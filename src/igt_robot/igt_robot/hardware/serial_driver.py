@@ -115,6 +115,8 @@ class SerialLink:
         self._fault_reason: Optional[str] = None
         self._ever_connected = False
         self._counters: Dict[str, int] = {k: 0 for k in _COUNTER_NAMES}
+        # Longest wait from a request's write to its reply, s: what the reply timeout has to cover (docs/safety.md).
+        self._reply_time_max = 0.0
 
     # ------------------------------------------------------------------ properties
     @property
@@ -131,11 +133,13 @@ class SerialLink:
         return self._fault_reason
 
     @property
-    def counters(self) -> Dict[str, int]:
+    def counters(self) -> Dict[str, float]:
         """Link diagnostics: transactions, timeouts, naks, retries, reconnects,
-        stale_frames, crc_errors, header_errors, resyncs, discarded_bytes."""
+        stale_frames, crc_errors, header_errors, resyncs, discarded_bytes, rx_timeouts (counts), and
+        reply_time_max_s (the longest wait for a reply so far, s)."""
         with self._lock:
-            out = dict(self._counters)
+            out: Dict[str, float] = dict(self._counters)
+            out['reply_time_max_s'] = round(self._reply_time_max, 6)
             d = self._decoder
             out.update(crc_errors=d.crc_errors, header_errors=d.header_errors, resyncs=d.resyncs,
                        discarded_bytes=d.discarded_bytes, rx_timeouts=d.timeouts)
@@ -310,7 +314,8 @@ class SerialLink:
 
     def _await_reply(self, seq: int, msg_type: int, expected: int, name: str):
         """-> ('reply', frame) | ('timeout', None) | ('corrupted reply', None)."""
-        deadline = time.monotonic() + self.timeout
+        sent = time.monotonic()
+        deadline = sent + self.timeout
         d = self._decoder
         damaged_before = d.crc_errors + d.header_errors
         while True:
@@ -328,6 +333,7 @@ class SerialLink:
                 else:
                     self._counters['stale_frames'] += 1
             if match is not None:
+                self._reply_time_max = max(self._reply_time_max, time.monotonic() - sent)
                 return 'reply', match
             if d.crc_errors + d.header_errors > damaged_before:
                 # Our reply was probably the damaged frame: retransmit now rather than

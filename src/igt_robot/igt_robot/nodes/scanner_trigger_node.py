@@ -195,13 +195,15 @@ class ScannerTriggerNode(common.LeanQosEvents, Node):
     def publish_diagnostics(self) -> None:
         connected = self.link.connected
         sending = connected and self.level is not None
+        link = self.link.counters
         level = DiagnosticStatus.OK if sending else DiagnosticStatus.ERROR
         text = f"level {'IMAGING' if self.level else 'idle'}: {self.reason}" if sending else self.reason
         self.diagnostics_pub.publish(common.diagnostic_array(self, [common.diagnostic_status(
             self, 'scanner trigger', level, text,
             {'port': self.p['trigger_port'], 'connected': connected, 'level': self.level, 'frames_sent': self.sent,
              'failures': self.failures, 'scanner_messages': self._subscription.messages,
-             'check_late_max_s': round(self._check.late_max, 6)})]))
+             'check_late_max_s': round(self._check.late_max, 6),
+             **{key: link[key] for key in ('reply_time_max_s', 'retries', 'timeouts')}})]))
 
     def shutdown(self) -> None:
         """Stop both threads, then release the port (its silence then reads as imaging in the controller).
