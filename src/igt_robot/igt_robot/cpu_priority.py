@@ -11,12 +11,16 @@ Two things decide how much CPU a process gets on Linux, and both must be raised:
   (measured with /proc/<pid>/task/*/schedstat under ``bench/stress.py``). The autogroup is raised only
   when the process leads its session, so nothing else shares the raise.
 
+Benches also raise the kernel's unbound workqueue workers, which carry a pty's bytes to the firmware
+emulator (``UnboundKernelWorkers``).
+
 Negative values need CAP_SYS_NICE (root on the robot's workstation); without it nothing changes and
 the caller is told so.
 """
 from __future__ import annotations
 
 import os
+import threading
 
 AUTOGROUP = '/proc/{pid}/autogroup'
 
@@ -94,7 +98,6 @@ class UnboundKernelWorkers:
 
     def __init__(self, priority: int = 1, refresh_s: float = 0.5, proc: str = '/proc',
                  get_policy=os.sched_getscheduler, set_policy=os.sched_setscheduler):
-        import threading
         self.priority = int(priority)
         self.refresh_s = refresh_s
         self._proc = proc
@@ -140,7 +143,6 @@ class UnboundKernelWorkers:
     def start(self) -> str:
         """Raise the workers now and keep raising new ones until ``stop()``. '' on success, else why not
         (then nothing was started and nothing stays changed)."""
-        import threading
         why = self.refresh()
         if why:
             self.stop()
