@@ -29,6 +29,24 @@ RUN_ENV[testing.RUN_MARKER_ENV] = f'{os.getpid()}-{RUN_DIR.name}'
 os.environ[testing.RUN_MARKER_ENV] = RUN_ENV[testing.RUN_MARKER_ENV]
 testing.apply_env(RUN_ENV)
 os.environ.setdefault('MUJOCO_GL', 'egl')
+
+# This process hosts several DDS participants at once (each test graph is an rclpy context of its own, beside the
+# nodes a test makes). Fast DDS's intraprocess shortcut between participants of one process can deadlock when one
+# destroys an endpoint while another's event thread delivers to it (eProsima/Fast-DDS#6193): a full run hung in a
+# graph's teardown, the main thread in ~DataWriterImpl waiting for the event thread, which was in
+# WriterProxy::perform_initial_ack_nack waiting for the writer's mutex. With the shortcut off, the participants of
+# this process talk through shared memory as separate processes do. Only this process: the stack's processes
+# host one participant each and keep their defaults.
+FASTDDS_PROFILE = RUN_DIR / 'fastdds_no_intraprocess.xml'
+if 'FASTDDS_DEFAULT_PROFILES_FILE' not in os.environ:
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    FASTDDS_PROFILE.write_text('<?xml version="1.0" encoding="UTF-8" ?>\n'
+                               '<dds xmlns="http://www.eprosima.com">\n'
+                               '  <library_settings>\n'
+                               '    <intraprocess_delivery>OFF</intraprocess_delivery>\n'
+                               '  </library_settings>\n'
+                               '</dds>\n')
+    os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(FASTDDS_PROFILE)
 SHM_AT_START = testing.fastdds_shm_entries()
 
 
