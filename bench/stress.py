@@ -32,6 +32,7 @@ buffer_underruns_stressed = 0, interlock_latency_p99_stressed <= 10 ms.
     python bench/stress.py [--procedures 20] [--interlock-events 300] [--seed 2000]
 """
 import argparse
+import functools
 import importlib.util
 import os
 import pathlib
@@ -98,7 +99,9 @@ class Load:
                 p.wait()
 
 
+@functools.lru_cache(maxsize=None)
 def _load_module(name):
+    """A sibling bench as a module, loaded once (the interlock phase and the report both use bench/interlock.py)."""
     spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parent / f'{name}.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
