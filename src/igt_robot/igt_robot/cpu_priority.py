@@ -49,16 +49,16 @@ def raise_priority(pid: int = 0, nice: int = -10) -> str:
     return '; '.join(problems)
 
 
-def set_realtime(pid: int = 0, priority: int = 10, skip: tuple = ()) -> str:
-    """SCHED_FIFO at ``priority`` (1..99) for every thread of ``pid`` (0: this process) except the thread ids
-    in ``skip``. For a process with one short job per event (the scanner-trigger relay): such a thread runs
-    the moment it wakes, whatever else the machine does, and gives the CPU back at once. Needs CAP_SYS_NICE
-    or an rtprio limit; returns '' on success, else why not (the threads then keep their policy)."""
+def set_realtime(pid: int = 0, priority: int = 10) -> str:
+    """SCHED_FIFO at ``priority`` (1..99) for every thread of ``pid`` (0: this process); threads it starts
+    later inherit it. For a process with one short job per event (the scanner-trigger relay): such a thread
+    runs the moment it wakes, whatever else the machine does, and gives the CPU back at once. Every thread,
+    because a real-time thread waiting for the interpreter lock held by a normal-priority thread of its
+    process waits as long as the load keeps that thread off the CPU. Needs CAP_SYS_NICE or an rtprio limit;
+    returns '' on success, else why not (the threads then keep their policy)."""
     if not 1 <= int(priority) <= 99:
         return f'real-time priority must be 1..99, got {priority}'
     for tid in _thread_ids(pid or os.getpid()):
-        if tid in skip:
-            continue
         try:
             os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(int(priority)))
         except (OSError, AttributeError) as exc:
